@@ -1,0 +1,3 @@
+from alldetect.cli import main
+
+raise SystemExit(main())

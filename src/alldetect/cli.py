@@ -1,0 +1,121 @@
+"""The `alldetect` command: parses arguments, then calls one function. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _index(a):
+    from alldetect.data.index import index_command
+
+    print(index_command(a.data_root))
+
+
+def _split(a):
+    from alldetect.data.index import split_command
+
+    print(split_command(a.data_root, a.k, a.seed, a.by, a.out, a.folds_dir, a.skip_bad))
+
+
+def _demo_data(a):
+    from alldetect.data.demo import make_demo_data
+
+    out = make_demo_data(a.out, a.subjects, a.per_subject, a.seed)
+    print(f"wrote {a.subjects * a.per_subject} synthetic images to {out} (see {out}/README.md)")
+
+
+def _train(a):
+    from alldetect.engine.train import train_command
+
+    train_command(a.arch, a.fold, a.overrides, a.config)
+
+
+def _models(a):
+    from alldetect.models.table import models_table
+
+    print(models_table(a.names or None).to_string(index=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
+    p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("index", help="show what a data folder holds: layout, classes, subjects, image sizes")
+    s.add_argument("data_root")
+    s.set_defaults(func=_index)
+
+    s = sub.add_parser("split", help="write a stratified, subject-grouped k-fold file to folds/")
+    s.add_argument("data_root")
+    s.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--by", choices=["subject", "official", "image"], default="subject",
+                   help="subject (default): no subject in two folds; official: C-NMC fold_0..2; "
+                        "image: the report's leaky random split")
+    s.add_argument("--out", help="fold file to write (default folds/<dataset>_k<k>_s<seed>.csv)")
+    s.add_argument("--folds-dir", default="folds")
+    s.add_argument("--skip-bad", action="store_true", help="leave out unreadable images and list them")
+    s.set_defaults(func=_split)
+
+    s = sub.add_parser("demo-data", help="write the synthetic demo data set (C-NMC layout and names)")
+    s.add_argument("out")
+    s.add_argument("--subjects", type=int, default=24)
+    s.add_argument("--per-subject", type=int, default=25)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_demo_data)
+
+    s = sub.add_parser("train", help="train ARCH on FOLD (fold0..fold<k-1> or all) into runs/<arch>/fold<k>")
+    s.add_argument("arch", help="proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name")
+    s.add_argument("fold", help="fold0, fold1, ... or all")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 epochs=20")
+    s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("models", help="list the architectures with input sizes and parameter counts")
+    s.add_argument("names", nargs="*", help="architectures to list (default: the report's five)")
+    s.set_defaults(func=_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may come before or after --config FILE: collect the ones argparse leaves over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _configure_logging(args.verbose)
+    from alldetect.errors import UserError
+
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    class Prefix(logging.Formatter):
+        def format(self, record):
+            msg = super().format(record)
+            return f"warning: {msg}" if record.levelno >= logging.WARNING else msg
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Prefix("%(message)s"))
+    logger = logging.getLogger("alldetect")
+    logger.handlers = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

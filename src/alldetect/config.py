@@ -1,0 +1,203 @@
+"""Typed configuration: YAML layers (base -> architecture -> profile -> files) plus `key=value` overrides.
+
+Every setting of a run lives here; the resolved config is written next to the run's checkpoints and
+carried inside them, so a later step can rebuild the model without being told anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from alldetect.errors import UserError
+
+DATA_ENV = "ALLDETECT_DATA"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: Optional[str] = None  # dataset folder; else $ALLDETECT_DATA; else the built-in demo data
+    fold_file: Optional[str] = None  # made on first use when unset
+    k: int = Field(5, ge=2)
+    split_by: Literal["subject", "official", "image"] = "subject"
+    crop: int = Field(400, ge=0)  # centre crop (px) before resizing: the report's 450 -> 400; 0 = none
+    num_workers: int = Field(2, ge=0)
+    skip_bad: bool = False
+
+
+class AugConfig(_Section):
+    """Probabilities of the training-only augmentations (the report: rot90, rot270, flips at 0.5)."""
+
+    rot90: float = Field(0.5, ge=0, le=1)
+    rot270: float = Field(0.5, ge=0, le=1)
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotate: float = Field(0.0, ge=0, le=1)  # rotation by any angle (safe for a round cell)
+    color_jitter: float = Field(0.0, ge=0, le=1)
+
+
+class Config(_Section):
+    arch: str = "proposed"
+    seed: int = 42
+    runs_dir: str = "runs"
+    folds_dir: str = "folds"
+    study: str = "alldetect"  # W&B group and tune study name
+    # model
+    input_size: Optional[int] = Field(None, ge=32)  # None: the architecture's natural size
+    dropout: float = Field(0.5, ge=0, lt=1)
+    pretrained: bool = False
+    pretrained_path: Optional[str] = None
+    # optimisation
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(30, ge=1)
+    scheduler: Literal["none", "cosine", "step"] = "cosine"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    patience: int = Field(10, ge=0)  # early stopping after this many epochs without improvement; 0 = off
+    monitor: Literal["f1", "accuracy", "roc_auc", "loss"] = "f1"
+    class_balance: Literal["none", "loss", "sampler"] = "loss"
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported); always fp32 on the CPU
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile on CUDA
+    max_batches: int = Field(0, ge=0)  # cap on training batches per epoch (smoke tests); 0 = all
+    wandb: Literal["auto", "offline", "online", "off"] = "auto"  # auto: $WANDB_MODE, else offline
+    resume: bool = False
+    overwrite: bool = False
+    data: DataConfig = DataConfig()
+    aug: AugConfig = AugConfig()
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML reads a bare `off` / `on` as a boolean.
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def configs_dir() -> Path:
+    """The project's configs/ folder: $ALLDETECT_CONFIGS, ./configs, or the one beside src/."""
+    env = os.environ.get("ALLDETECT_CONFIGS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"]
+    for c in candidates:
+        if (c / "base.yaml").is_file():
+            return c
+    raise UserError(
+        "cannot find configs/base.yaml; run from the project folder or set ALLDETECT_CONFIGS=/path/to/configs"
+    )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['lr=3e-4', 'data.root=/x'] -> {'lr': '3e-4', 'data': {'root': '/x'}}; types are checked later."""
+    out: dict[str, Any] = {}
+    keys = set(valid_keys())
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"'{item}' is not a key=value override (e.g. lr=3e-4 or data.root=/data/C-NMC)")
+        if key not in keys:
+            raise UserError(f"unknown config key '{key}'. Valid keys: {', '.join(sorted(keys))}")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def validate(raw: dict[str, Any], where: str = "the configuration") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{key}'")
+            else:
+                lines.append(f"{key}={err.get('input')!r}: {err['msg']}")
+        raise UserError(
+            f"invalid settings in {where}:\n  " + "\n  ".join(lines)
+            + f"\nValid keys: {', '.join(sorted(valid_keys()))}"
+        ) from None
+
+
+def load_config(
+    arch: str,
+    overrides: list[str] | None = None,
+    files: list[str | Path] | None = None,
+    profile: str | None = None,
+) -> Config:
+    """base.yaml -> <arch>.yaml (if any) -> <profile>.yaml -> each of `files` -> overrides -> $ALLDETECT_DATA."""
+    cdir = configs_dir()
+    raw = read_yaml(cdir / "base.yaml")
+    if (cdir / f"{arch}.yaml").is_file():
+        raw = deep_merge(raw, read_yaml(cdir / f"{arch}.yaml"))
+    if profile:
+        raw = deep_merge(raw, read_yaml(cdir / f"{profile}.yaml"))
+    for f in files or []:
+        raw = deep_merge(raw, read_yaml(f))
+    over = parse_overrides(overrides or [])
+    raw = deep_merge(raw, over)
+    raw["arch"] = arch
+    env_root = os.environ.get(DATA_ENV)
+    if env_root and "root" not in over.get("data", {}):
+        raw.setdefault("data", {})["root"] = env_root
+    return validate(raw, where="the config files and overrides")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from alldetect.atomic import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,203 @@
+"""Fold files: label-stratified, subject-grouped k-fold splits, written with a sidecar that makes them
+traceable, and checked against the data on disk whenever they are loaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from alldetect import __version__
+from alldetect.atomic import write_csv, write_text
+from alldetect.data.images import drop_bad_images, fingerprint
+from alldetect.data.layouts import build_manifest, dataset_name
+from alldetect.errors import UserError, short_list
+
+log = logging.getLogger("alldetect")
+
+FOLD_COLUMNS = ["path", "label", "subject", "fold", "bytes"]
+
+
+@dataclass
+class FoldFile:
+    """A loaded, verified fold file: the table, its sidecar, and the data root it was checked against."""
+
+    path: Path
+    table: pd.DataFrame
+    meta: dict
+    data_root: Path
+
+    @property
+    def k(self) -> int:
+        return int(self.table["fold"].max()) + 1
+
+    @property
+    def leaky(self) -> bool:
+        return self.meta.get("by") == "image"
+
+
+def assign_folds(manifest: pd.DataFrame, k: int, seed: int, by: str = "subject") -> np.ndarray:
+    """Fold index per manifest row. by: subject (StratifiedGroupKFold), official (C-NMC fold_0..2), image."""
+    labels = manifest["label"].to_numpy()
+    if (labels < 0).any():
+        raise UserError("cannot split unlabelled images into folds: the data set needs labels (all/hem)")
+    if by == "official":
+        if not (manifest["official_fold"] >= 0).all():
+            raise UserError("--by official needs the C-NMC training layout (fold_0, fold_1, fold_2 folders)")
+        return manifest["official_fold"].to_numpy()
+    if by == "image":
+        _check_k(manifest.assign(subject=manifest["path"]), k)
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        groups = None
+    elif by == "subject":
+        _check_k(manifest, k)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        groups = manifest["subject"].to_numpy()
+    else:
+        raise UserError(f"unknown split '--by {by}'; choose subject, official or image")
+    folds = np.full(len(manifest), -1, dtype=int)
+    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[val_idx] = fold
+    return folds
+
+
+def _check_k(manifest: pd.DataFrame, k: int) -> None:
+    if k < 2:
+        raise UserError(f"--k {k}: a k-fold split needs k >= 2")
+    per_class = manifest.groupby("label_name")["subject"].nunique()
+    if len(per_class) < 2:
+        raise UserError(f"only one class ({per_class.index[0]}) in the data: a split needs two or more")
+    small = per_class[per_class < k]
+    if len(small):
+        detail = ", ".join(f"{name}: {n}" for name, n in small.items())
+        raise UserError(f"--k {k} is larger than the number of subjects in a class ({detail}); "
+                        f"every fold needs each class, so use --k {int(per_class.min())} or fewer")
+
+
+def default_fold_path(folds_dir: str | Path, data_root: str | Path, k: int, seed: int, by: str) -> Path:
+    name = dataset_name(data_root)
+    stem = f"{name}_official" if by == "official" else f"{name}_k{k}_s{seed}" + ("_byimage" if by == "image" else "")
+    return Path(folds_dir) / f"{stem}.csv"
+
+
+def make_fold_file(data_root: str | Path, out: str | Path, k: int, seed: int, by: str = "subject",
+                   skip_bad: bool = False) -> FoldFile:
+    """Scan, check and split the data; write the fold CSV and its JSON sidecar atomically."""
+    data_root = Path(data_root).resolve()
+    manifest = build_manifest(data_root)
+    manifest, bad = drop_bad_images(manifest, data_root, skip_bad)
+    if len(bad):
+        log.warning("left out %d unreadable image(s): %s", len(bad),
+                    short_list(f"{r.path} ({r.problem})" for r in bad.itertuples()))
+    folds = assign_folds(manifest, k, seed, by)
+    digest, sizes = fingerprint(data_root, manifest["path"].tolist())
+    table = manifest.assign(fold=folds, bytes=sizes)[FOLD_COLUMNS].sort_values("path").reset_index(drop=True)
+    if by == "image" and _subjects_crossing(table):
+        log.warning("--by image reproduces the report's leaky split: %d subject(s) have images in more than one "
+                    "fold, so validation scores are optimistic", _subjects_crossing(table))
+    meta = {
+        "dataset": dataset_name(data_root),
+        "data_root": str(data_root),
+        "layout": str(manifest["source_layout"].iloc[0]),
+        "by": by,
+        "k": int(table["fold"].max()) + 1,
+        "seed": seed,
+        "images": len(table),
+        "subjects": int(table["subject"].nunique()),
+        "fingerprint": digest,
+        "skipped": [f"{r.path}: {r.problem}" for r in bad.itertuples()],
+        "made_by": f"alldetect {__version__}",
+    }
+    out = Path(out)
+    write_csv(out, table)
+    write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
+    return FoldFile(out, table, meta, data_root)
+
+
+def sidecar_path(fold_file: str | Path) -> Path:
+    return Path(fold_file).with_suffix(".json")
+
+
+def _subjects_crossing(table: pd.DataFrame) -> int:
+    return int((table.groupby("subject")["fold"].nunique() > 1).sum())
+
+
+def fold_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-fold images, subjects and share of `all`, as `alldetect split` prints it."""
+    g = table.groupby("fold")
+    return pd.DataFrame({
+        "images": g.size(),
+        "subjects": g["subject"].nunique(),
+        "all": g["label"].sum(),
+        "share_all": g["label"].mean().round(3),
+    })
+
+
+def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_leaky: bool = True) -> FoldFile:
+    """Read a fold file and verify it against the data on disk; mismatches are errors that name the files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"fold file {path} does not exist; make one with `alldetect split DATA_ROOT`")
+    meta_file = sidecar_path(path)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "path": str})
+    except Exception as e:
+        raise UserError(f"cannot read fold file {path}: {e}") from None
+    missing_cols = set(FOLD_COLUMNS[:4]) - set(table.columns)
+    if missing_cols:
+        raise UserError(f"fold file {path} lacks column(s) {', '.join(sorted(missing_cols))}; "
+                        f"expected {','.join(FOLD_COLUMNS)}")
+    root = Path(data_root or meta.get("data_root") or "")
+    if not data_root and not meta.get("data_root"):
+        raise UserError(f"fold file {path} has no sidecar {meta_file.name}: say where its data are (data.root=...)")
+    _check_paths_stay_inside(table, path)
+    _check_against_disk(table, root.resolve(), path, meta)
+    crossing = _subjects_crossing(table)
+    if crossing and meta.get("by") != "image":
+        raise UserError(f"fold file {path}: {crossing} subject(s) appear in more than one fold. Subjects must not "
+                        "cross folds; make the file with `alldetect split` (or --by image for the leaky protocol)")
+    if crossing and not allow_leaky:
+        raise UserError(f"fold file {path} is a leaky split by image; this step needs a subject-grouped one")
+    return FoldFile(path, table, meta, root.resolve())
+
+
+def _check_paths_stay_inside(table: pd.DataFrame, path: Path) -> None:
+    bad = [p for p in table["path"] if p.startswith(("/", "\\")) or ".." in Path(p).parts or ":" in p]
+    if bad:
+        raise UserError(f"fold file {path} has paths that leave the data folder (absolute or with '..'): "
+                        f"{short_list(bad)}; paths must be relative to the data root")
+
+
+def _check_against_disk(table: pd.DataFrame, root: Path, path: Path, meta: dict) -> None:
+    if not root.is_dir():
+        raise UserError(f"fold file {path} refers to data folder {root}, which does not exist; "
+                        "pass data.root=PATH (or set ALLDETECT_DATA) to where the data are now")
+    on_disk = build_manifest(root)
+    skipped = {s.split(": ", 1)[0] for s in meta.get("skipped", [])}
+    disk = on_disk[~on_disk["path"].isin(skipped)].set_index("path")
+    listed = table.set_index("path")
+    missing = sorted(set(listed.index) - set(disk.index))
+    extra = sorted(set(disk.index) - set(listed.index))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} listed image(s) are missing: {short_list(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} image(s) on disk are not in it: {short_list(extra)}")
+    common = listed.index.intersection(disk.index)
+    relabelled = [p for p in common if int(listed.at[p, "label"]) != int(disk.at[p, "label"])]
+    if relabelled:
+        problems.append(f"{len(relabelled)} image(s) changed class: {short_list(relabelled)}")
+    if "bytes" in listed.columns and len(common):
+        _, sizes = fingerprint(root, list(common))
+        changed = [p for p, s in zip(common, sizes) if int(listed.at[p, "bytes"]) != s]
+        if changed:
+            problems.append(f"{len(changed)} image(s) changed on disk since the split: {short_list(changed)}")
+    if problems:
+        raise UserError(f"fold file {path} does not match the data in {root}: " + "; ".join(problems)
+                        + ". Re-make it with `alldetect split` (or point data.root at the data it was made from)")

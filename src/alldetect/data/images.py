@@ -1,0 +1,110 @@
+"""Reading images, checking them up front, and the fixed (deterministic) preprocessing: crop and resize."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from alldetect.errors import UserError, short_list
+
+# Read 24-bit RGB only: C-NMC images are 24-bit BMPs; anything else would be silently converted otherwise.
+ACCEPTED_MODES = {"RGB"}
+
+
+def check_image(path: Path) -> tuple[int, int, str, str]:
+    """(width, height, mode, problem); problem is '' for an image the pipeline reads correctly."""
+    try:
+        if path.stat().st_size == 0:
+            return 0, 0, "", "empty file"
+        with Image.open(path) as im:
+            width, height, mode = im.width, im.height, im.mode
+            if mode not in ACCEPTED_MODES:
+                return width, height, mode, f"{_describe_mode(mode)}, not 24-bit RGB"
+            if im.format == "BMP" and im.tile and im.tile[0][0] == "raw":
+                # Uncompressed BMP: the file must hold every row the header promises.
+                offset, args = im.tile[0][2], im.tile[0][3]
+                stride = args[1] if isinstance(args, tuple) and len(args) > 1 else ((width * 24 + 31) // 32) * 4
+                if path.stat().st_size < offset + stride * height:
+                    return width, height, mode, "truncated (the file is shorter than its header says)"
+            else:
+                im.load()
+    except Image.DecompressionBombError:
+        return 0, 0, "", "too large to decode safely"
+    except (OSError, ValueError, SyntaxError) as e:
+        return 0, 0, "", f"not a readable image ({e})"
+    if width < 8 or height < 8:
+        return width, height, mode, f"too small ({width}x{height})"
+    return width, height, mode, ""
+
+
+def _describe_mode(mode: str) -> str:
+    return {"L": "greyscale", "LA": "greyscale with alpha", "RGBA": "RGBA (has an alpha channel)",
+            "I;16": "16-bit greyscale", "I;16B": "16-bit greyscale", "I": "32-bit integer", "F": "32-bit float",
+            "1": "1-bit", "P": "palette (8-bit)", "CMYK": "CMYK"}.get(mode, f"mode {mode}")
+
+
+def inspect_images(root: Path, paths: list[str], workers: int = 8) -> pd.DataFrame:
+    """One row per path: width, height, mode, problem. Threads, because this is I/O."""
+    root = Path(root)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda p: check_image(root / p), paths))
+    return pd.DataFrame(results, columns=["width", "height", "mode", "problem"]).assign(path=paths)
+
+
+def drop_bad_images(manifest: pd.DataFrame, root: Path, skip_bad: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check every image; raise a clear error for bad ones, or (skip_bad) leave them out and list them."""
+    info = inspect_images(root, manifest["path"].tolist())
+    bad = info[info["problem"] != ""]
+    if len(bad) and not skip_bad:
+        listing = "; ".join(f"{r.path}: {r.problem}" for r in bad.head(5).itertuples())
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise UserError(
+            f"{len(bad)} image(s) under {root} cannot be used: {listing}{more}. Fix or remove them, "
+            "or pass --skip-bad (data.skip_bad=true) to leave them out and list them"
+        )
+    keep = manifest[~manifest["path"].isin(bad["path"])].reset_index(drop=True)
+    sizes = info[info["problem"] == ""].set_index("path")[["width", "height"]]
+    keep = keep.join(sizes, on="path")
+    return keep, bad[["path", "problem"]].reset_index(drop=True)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """HxWx3 uint8 RGB; a clear error naming the file when it cannot be read."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f"cannot read image {path}: missing, unreadable or not an image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def center_crop(img: np.ndarray, crop: int) -> np.ndarray:
+    """Square centre crop of side `crop` px (clamped to the image); 0 keeps the largest centred square."""
+    h, w = img.shape[:2]
+    side = min(h, w) if crop <= 0 else min(crop, h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return img[top:top + side, left:left + side]
+
+
+def preprocess(img: np.ndarray, crop: int, size: int) -> np.ndarray:
+    """The report's fixed steps: crop the border (450 -> 400), then resize to the network's input."""
+    img = center_crop(img, crop)
+    if img.shape[0] != size:
+        interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    return np.ascontiguousarray(img)
+
+
+def fingerprint(root: Path, paths: list[str]) -> tuple[str, list[int]]:
+    """sha256 over sorted (relative path, file size): cheap, and changes when files are added, removed,
+    renamed or rewritten with another size. Returns the digest and the sizes in the order given."""
+    root = Path(root)
+    sizes = [(root / p).stat().st_size for p in paths]
+    h = hashlib.sha256()
+    for p, s in sorted(zip(paths, sizes)):
+        h.update(f"{p}\t{s}\n".encode())
+    return h.hexdigest()[:16], sizes

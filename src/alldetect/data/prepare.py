@@ -1,0 +1,46 @@
+"""From a config to verified training data: the data root (or the built-in demo set) and its fold file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alldetect.config import Config
+from alldetect.data.demo import is_demo_data, make_demo_data
+from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
+
+log = logging.getLogger("alldetect")
+
+DEMO_ROOT = Path("data/demo")
+DEMO_BANNER = """\
+==============================================================================
+ No data set configured (data.root= or ALLDETECT_DATA): using the built-in
+ SYNTHETIC demo data in {root}. Scores on it say nothing about real cells.
+ For C-NMC: ./train.sh ARCH FOLD data.root=/path/to/C-NMC_training_data
+=============================================================================="""
+
+
+def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
+    """Build the demo set once; later calls reuse it."""
+    if not is_demo_data(root):
+        log.info("building the synthetic demo data in %s (once) ...", root)
+        make_demo_data(root)
+    return root
+
+
+def demo_banner(root: Path = DEMO_ROOT) -> str:
+    return DEMO_BANNER.format(root=root)
+
+
+def resolve_folds(cfg: Config) -> FoldFile:
+    """Load the configured fold file (checked against the data), or make the default one on first use."""
+    root = Path(cfg.data.root)
+    if cfg.data.fold_file:
+        return load_fold_file(cfg.data.fold_file, root)
+    path = default_fold_path(cfg.folds_dir, root, cfg.data.k, cfg.seed, cfg.data.split_by)
+    if path.is_file():
+        return load_fold_file(path, root)
+    log.info("making fold file %s (%s-grouped, k=%d, seed=%d)", path, cfg.data.split_by, cfg.data.k, cfg.seed)
+    folds = make_fold_file(root, path, cfg.data.k, cfg.seed, cfg.data.split_by, cfg.data.skip_bad)
+    log.info("folds:\n%s", fold_summary(folds.table).to_string())
+    return folds

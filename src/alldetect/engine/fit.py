@@ -1,0 +1,273 @@
+"""Fit one fold: everything a later step needs ends up in the run folder.
+
+runs/<arch>/fold<k>/
+  config.yaml   the resolved config          history.csv  one row per epoch
+  best.pt       best weights by `monitor`     last.pt      the latest epoch, for resume=true
+  oof.csv       validation predictions of best.pt (path, subject, label, prob_all, pred, fold)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from alldetect.atomic import write_csv
+from alldetect.config import Config, save_config
+from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
+from alldetect.data.folds import FoldFile
+from alldetect.data.transforms import create_transform
+from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
+from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, predict_probs, resolve_device, train_one_epoch
+from alldetect.errors import UserError
+from alldetect.metrics import score
+from alldetect.models import create_model, default_input_size
+from alldetect.tracking import start_tracker
+
+log = logging.getLogger("alldetect")
+
+# Keys that may change when a run is resumed; any other difference means a different experiment.
+RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "device", "data.num_workers",
+                     "data.root", "max_batches", "compile"}
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "config.yaml")
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_epoch: int
+    best_score: float
+    metrics: dict
+    epochs_run: int
+    stopped_early: bool = False
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def run_dir_for(cfg: Config, fold: int) -> Path:
+    return Path(cfg.runs_dir) / cfg.arch / f"fold{fold}"
+
+
+def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+    """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` may raise
+    to stop early (Optuna pruning)."""
+    if not 0 <= fold < folds.k:
+        raise UserError(f"fold{fold} does not exist: {folds.path} has folds fold0..fold{folds.k - 1}")
+    run_dir = Path(run_dir or run_dir_for(cfg, fold))
+    resume_state = _prepare_run_dir(cfg, run_dir)
+    if resume_state is not None:
+        cfg = _config_for_resume(cfg, resume_state, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+
+    device = resolve_device(cfg.device)
+    dev = DeviceBatch(device, cfg.channels_last, cfg.amp)
+    size = cfg.input_size or default_input_size(cfg.arch)
+    train_rows = folds.table[folds.table["fold"] != fold].reset_index(drop=True)
+    val_rows = folds.table[folds.table["fold"] == fold].reset_index(drop=True)
+    train_loader, val_loader, class_weights = _loaders(cfg, folds, train_rows, val_rows, size, device)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.arch, num_classes=2, dropout=cfg.dropout, pretrained=cfg.pretrained,
+                         pretrained_path=cfg.pretrained_path, input_size=size).to(device)
+    if dev.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(cfg, model)
+    scheduler = _scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler("cuda") if dev.needs_scaler else None
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None)
+    forward_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+
+    start_epoch, best, best_epoch, stale, wandb_id = 0, None, -1, 0, None
+    history = pd.DataFrame()
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scheduler is not None and resume_state.get("scheduler"):
+            scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        start_epoch, best, best_epoch = resume_state["epoch"] + 1, resume_state["best"], resume_state["best_epoch"]
+        stale, wandb_id = resume_state["stale"], resume_state.get("wandb_id")
+        if (run_dir / "history.csv").is_file():
+            history = pd.read_csv(run_dir / "history.csv").query("epoch < @start_epoch")
+        log.info("resuming %s from epoch %d (best %s %.4f at epoch %d)", run_dir, start_epoch, cfg.monitor,
+                 best, best_epoch + 1)
+
+    tracker = start_tracker(cfg.wandb, run_dir, name=f"{cfg.arch}-fold{fold}", group=cfg.study,
+                            config=cfg.to_dict(), resume_id=wandb_id)
+    stopped_early, exit_code = False, 1
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if stale >= cfg.patience > 0:
+                stopped_early = True
+                break
+            train_loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(forward_model, train_loader, optimizer, scaler, loss_fn, dev, epoch=epoch,
+                                    seed=cfg.seed, max_batches=cfg.max_batches,
+                                    desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
+            probs, val_loss = predict_probs(forward_model, val_loader, dev, loss_fn, desc="validate")
+            metrics = score(val_rows["label"], probs[:, 1])
+            metrics["loss"] = val_loss
+            value = -val_loss if cfg.monitor == "loss" else metrics[cfg.monitor]
+            improved = best is None or value > best
+            if improved:
+                best, best_epoch, stale = value, epoch, 0
+            else:
+                stale += 1
+            row = _history_row(epoch, stats, metrics, optimizer)
+            history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+            write_csv(run_dir / "history.csv", history)
+            state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale,
+                                tracker.run_id, metrics, folds)
+            if improved:
+                save_checkpoint(run_dir / "best.pt", state)
+                _write_oof(run_dir, val_rows, probs, fold)
+            save_checkpoint(run_dir / "last.pt", state)
+            if scheduler is not None:
+                scheduler.step()
+            tracker.log({**{f"val/{k}": v for k, v in metrics.items() if k != "confusion"},
+                         "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
+                         "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
+            tqdm.write(_epoch_line(cfg, fold, epoch, stats, metrics, improved))
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+        if best is None:
+            raise UserError(f"{run_dir} finished without a completed epoch")
+        best_state = load_checkpoint(run_dir / "best.pt")
+        tracker.summary({"best_epoch": best_epoch + 1, **{f"best/{k}": v for k, v in best_state["metrics"].items()
+                                                          if k != "confusion"}})
+        exit_code = 0
+    except NonFiniteLoss as e:
+        raise UserError(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
+                        "Try a lower lr (e.g. lr=1e-4) or class_balance=none") from None
+    finally:
+        tracker.finish(exit_code)
+    return FitResult(run_dir, best_epoch, abs(best) if cfg.monitor == "loss" else best,
+                     best_state["metrics"], len(history), stopped_early, history)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> dict | None:
+    """Refuse to overwrite a run by accident; return the last.pt state when resuming."""
+    last = run_dir / "last.pt"
+    if cfg.overwrite and run_dir.exists():
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+    elif last.is_file() and not cfg.resume:
+        raise UserError(f"{run_dir} already holds a run. Continue it with resume=true, or start over with "
+                        "overwrite=true (or choose another runs_dir=)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another runs_dir=") from None
+    if cfg.resume and last.is_file():
+        return load_checkpoint(last)
+    if cfg.resume:
+        log.warning("resume=true but %s has no last.pt: starting a new run", run_dir)
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
+    saved, now = _flatten(state["config"]), _flatten(cfg.to_dict())
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise UserError(f"cannot resume {run_dir} with different settings ({detail}). Resume with the run's own "
+                        "settings, or start over with overwrite=true")
+    return cfg
+
+
+def _loaders(cfg: Config, folds: FoldFile, train_rows, val_rows, size: int, device: torch.device):
+    labels = train_rows["label"].to_numpy()
+    if len(np.unique(labels)) < 2 or val_rows.empty:
+        raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
+    counts = np.bincount(labels, minlength=2).astype(float)
+    class_weights = None
+    sample_weights = None
+    if cfg.class_balance == "loss":
+        class_weights = torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32)
+    elif cfg.class_balance == "sampler":
+        sample_weights = 1.0 / counts[labels]
+    transform = create_transform(cfg.aug)
+    train_ds = CellDataset(folds.data_root, train_rows["path"], labels, cfg.data.crop, size, transform, cfg.seed)
+    val_ds = CellDataset(folds.data_root, val_rows["path"], val_rows["label"], cfg.data.crop, size, None, cfg.seed)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, cfg.batch_size, EpochSampler(len(train_ds), cfg.seed, True, sample_weights),
+                               cfg.data.num_workers, pin, drop_last=len(train_ds) > cfg.batch_size)
+    val_loader = make_loader(val_ds, cfg.batch_size, EpochSampler(len(val_ds), cfg.seed, shuffle=False),
+                             cfg.data.num_workers, pin)
+    return train_loader, val_loader, class_weights
+
+
+def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(cfg: Config, optimizer):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+def _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale, wandb_id, metrics, folds):
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale,
+        "metrics": metrics, "config": cfg.to_dict(), "wandb_id": wandb_id,
+        "fold_file": str(folds.path), "fold_fingerprint": folds.meta.get("fingerprint", ""),
+        "leaky_split": folds.leaky, "saved_at": time.time(),
+    }
+
+
+def _write_oof(run_dir: Path, val_rows: pd.DataFrame, probs: np.ndarray, fold: int) -> None:
+    oof = val_rows[["path", "subject", "label"]].assign(
+        prob_all=probs[:, 1].round(6), pred=(probs[:, 1] >= 0.5).astype(int), fold=fold)
+    write_csv(run_dir / "oof.csv", oof)
+
+
+def _history_row(epoch: int, stats: dict, metrics: dict, optimizer) -> dict:
+    return {
+        "epoch": epoch, "train_loss": round(stats["loss"], 6), "val_loss": round(metrics["loss"], 6),
+        **{k: round(metrics[k], 6) for k in ("f1", "accuracy", "precision", "recall", "roc_auc")},
+        "lr": optimizer.param_groups[0]["lr"], "seconds": round(stats["seconds"], 2),
+        "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 1),
+        "data_wait": round(stats["data_wait"], 4),
+    }
+
+
+def _epoch_line(cfg: Config, fold: int, epoch: int, stats: dict, m: dict, improved: bool) -> str:
+    star = " *" if improved else ""
+    return (f"{cfg.arch} fold{fold} epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['loss']:.4f}  "
+            f"val_loss {m['loss']:.4f}  f1 {m['f1']:.4f}  acc {m['accuracy']:.4f}  auc {m['roc_auc']:.4f}  "
+            f"{stats['images'] / max(stats['seconds'], 1e-9):.0f} img/s{star}")

@@ -1,0 +1,127 @@
+"""One training epoch and batched inference: device placement, normalisation, AMP, progress bars."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_seed
+from alldetect.errors import UserError
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise UserError(f"device={setting} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={setting} but no CUDA GPU is available here; use device=cpu or device=auto")
+    return device
+
+
+class DeviceBatch:
+    """Moves uint8 NCHW batches to the device and normalises them there (4x fewer bytes to copy)."""
+
+    def __init__(self, device: torch.device, channels_last: bool, amp: bool):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.channels_last = channels_last and self.cuda
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.amp_dtype = None
+        if amp and self.cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x.float() - self.mean) / self.std
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+
+def logits_of(output) -> torch.Tensor:
+    """Some models (Inception with aux heads) return a tuple in training mode; the first is the logits."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: DeviceBatch, *, epoch: int,
+                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None) -> dict:
+    """Returns mean loss, images, seconds and the fraction of time spent waiting for data."""
+    model.train()
+    total_loss, images, wait = 0.0, 0, 0.0
+    n_batches = min(len(loader), max_batches) if max_batches else len(loader)
+    start = tick = time.perf_counter()
+    bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    for step, (x, y, _) in enumerate(loader):
+        if step >= n_batches:
+            break
+        wait += time.perf_counter() - tick
+        torch.manual_seed(sample_seed(seed, epoch, step))  # dropout is a function of (seed, epoch, step)
+        x, y = dev.images(x), y.to(dev.device, non_blocking=True)
+        if augment_batch is not None:
+            x = augment_batch(x, sample_seed(seed, epoch, step))
+        with dev.autocast():
+            loss = loss_fn(logits_of(model(x)), y)
+        if not math.isfinite(loss.item()):
+            bar.close()
+            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += loss.item() * len(y)
+        images += len(y)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / elapsed:.1f}")
+        bar.update()
+        tick = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds,
+            "data_wait": wait / seconds if seconds else 0.0}
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, loader, dev: DeviceBatch, loss_fn=None, desc: str = "predict",
+                  views=None) -> tuple[np.ndarray, float]:
+    """Softmax probabilities (N x classes) in loader order, and the mean loss when labels and loss_fn are
+    given. `views` (test-time augmentation) maps a batch to a list of views whose softmax outputs are averaged."""
+    model.eval()
+    probs, total_loss, n = [], 0.0, 0
+    for x, y, _ in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
+        x = dev.images(x)
+        with dev.autocast():
+            batch_views = views(x) if views is not None else [x]
+            logits = [logits_of(model(v)).float() for v in batch_views]
+        p = torch.stack([torch.softmax(lg, dim=1) for lg in logits]).mean(0)
+        if loss_fn is not None:
+            total_loss += loss_fn(logits[0], y.to(dev.device)).item() * len(y)
+        n += len(x)
+        probs.append(p.cpu())
+    out = torch.cat(probs).numpy() if probs else np.zeros((0, 2), np.float32)
+    return out, total_loss / max(n, 1)

@@ -1,0 +1,122 @@
+"""One factory for every architecture, by name: the report's five, and any timm model."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alldetect.errors import UserError
+from alldetect.models.proposed import ProposedCNN
+
+# The report's five and their natural input sizes (the report resized all of them to fit its GPU).
+REPORT_ARCHS = {"proposed": 300, "alexnet": 224, "vgg16": 224, "resnet50": 224, "inception_v3": 299}
+MIN_INPUT = {"inception_v3": 75, "alexnet": 63}
+
+
+def default_input_size(name: str) -> int:
+    if name in REPORT_ARCHS:
+        return REPORT_ARCHS[name]
+    import timm
+
+    _check_timm_name(name)
+    cfg = timm.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
+def create_model(name: str, num_classes: int = 2, dropout: float = 0.5, pretrained: bool = False,
+                 pretrained_path: str | None = None, input_size: int | None = None) -> nn.Module:
+    """Build `name` with a `num_classes` head. pretrained loads ImageNet weights (from a hub, or from
+    `pretrained_path` when given); without a network that fails with a message saying what to do."""
+    size = input_size or default_input_size(name)
+    if size < MIN_INPUT.get(name, 32):
+        raise UserError(f"input_size={size} is too small for {name}; use at least {MIN_INPUT.get(name, 32)}")
+    if name == "proposed":
+        if pretrained or pretrained_path:
+            raise UserError("the proposed network has no ImageNet weights; use pretrained=false")
+        return ProposedCNN(num_classes, dropout, size)
+    if name == "alexnet":
+        return _alexnet(num_classes, dropout, pretrained, pretrained_path)
+    return _timm(name, num_classes, dropout, pretrained, pretrained_path)
+
+
+def _alexnet(num_classes, dropout, pretrained, pretrained_path):
+    from torchvision.models import AlexNet_Weights, alexnet
+
+    model = alexnet(weights=None, dropout=dropout)
+    if pretrained_path:
+        state = _load_weights_file(pretrained_path)
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"classifier.6.weight", "classifier.6.bias"}:
+            raise UserError(f"{pretrained_path} does not hold torchvision AlexNet weights "
+                            f"(unexpected: {unexpected[:3]}, missing: {missing[:3]})")
+    elif pretrained:
+        try:
+            state = AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as e:  # urllib raises several kinds offline
+            raise _offline_error("alexnet", e) from None
+        model.load_state_dict(state)
+    model.classifier[6] = nn.Linear(4096, num_classes)
+    return model
+
+
+def _timm(name, num_classes, dropout, pretrained, pretrained_path):
+    import timm
+
+    _check_timm_name(name)
+    kwargs = dict(num_classes=num_classes, drop_rate=dropout)
+    if pretrained_path:
+        if not Path(pretrained_path).is_file():
+            raise UserError(f"pretrained_path={pretrained_path} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_path)))
+    else:
+        kwargs.update(pretrained=pretrained)
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if pretrained and not pretrained_path:
+            raise _offline_error(name, e) from None
+        raise UserError(f"cannot build {name}{' from ' + str(pretrained_path) if pretrained_path else ''}: {e}") from None
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if name not in REPORT_ARCHS and not timm.is_model(name):
+        close = difflib.get_close_matches(name, list(REPORT_ARCHS) + timm.list_models(), n=5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown architecture '{name}'. Use one of {', '.join(REPORT_ARCHS)} or any timm model "
+                        f"name (see `alldetect models`).{hint}")
+
+
+def _offline_error(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"cannot download ImageNet weights for {name} ({type(err).__name__}: {str(err)[:200]}). This machine may be "
+        f"offline. Train from scratch with pretrained=false, or download the weights elsewhere and pass "
+        f"pretrained_path=/path/to/weights (.pth or .safetensors)"
+    )
+
+
+def _load_weights_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"pretrained_path={path} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load weights from {path}: {e}") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, batch-norm running-statistic elements), as Keras counts the two."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    return trainable, stats

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated data sets, the real C-NMC sample (skipped where absent), fast configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(os.environ.get("ALLDETECT_SAMPLE", REPO.parent / "shared" / "data" / "cnmc-sample"))
+
+# Fast, quiet, offline: no W&B account, no hub downloads, no data set from the environment.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["ALLDETECT_CONFIGS"] = str(REPO / "configs")
+os.environ.pop("ALLDETECT_DATA", None)
+
+# Settings that make a training run take seconds on the CPU.
+FAST = ["input_size=32", "epochs=2", "batch_size=8", "data.num_workers=0", "wandb=off", "data.k=3"]
+
+
+@pytest.fixture
+def sample_root() -> Path:
+    if not (SAMPLE / "C-NMC_training_data").is_dir():
+        pytest.skip(f"the real C-NMC sample is not at {SAMPLE} (it lives in ../shared beside the repository)")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """9 subjects x 4 images of synthetic cells in the C-NMC training layout."""
+    from alldetect.data.demo import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo") / "demo", subjects=9, per_subject=4, seed=1)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a temporary folder so runs/, folds/ and data/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_image(path: Path, img: np.ndarray | None = None, size: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if img is None:
+        rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), img)
+    return path

@@ -1,0 +1,67 @@
+import pytest
+
+from alldetect.config import load_config, parse_overrides, valid_keys
+from alldetect.errors import UserError
+
+
+def test_layers_base_then_arch_then_overrides():
+    cfg = load_config("proposed", ["lr=3e-4", "epochs=20", "data.k=3"])
+    assert cfg.optimizer == "sgd" and cfg.batch_size == 30 and cfg.input_size == 300  # proposed.yaml
+    assert cfg.lr == pytest.approx(3e-4) and cfg.epochs == 20 and cfg.data.k == 3  # overrides, typed
+    assert cfg.data.crop == 400 and cfg.aug.rot90 == 0.5  # base.yaml
+
+
+def test_report_recipe_in_proposed_config():
+    cfg = load_config("proposed")
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.monitor) == ("sgd", 2e-4, 30, 100, "accuracy")
+    assert (cfg.aug.rot90, cfg.aug.rot270, cfg.aug.hflip, cfg.aug.vflip) == (0.5, 0.5, 0.5, 0.5)
+
+
+def test_demo_profile_applies_on_top():
+    cfg = load_config("resnet50", profile="demo")
+    assert cfg.input_size == 64 and cfg.epochs == 20 and cfg.optimizer == "adamw"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(UserError, match=r"unknown config key 'learning_rate'.*Valid keys:.*\blr\b"):
+        load_config("proposed", ["learning_rate=0.1"])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(UserError, match=r"epochs='many'"):
+        load_config("proposed", ["epochs=many"])
+    with pytest.raises(UserError, match=r"optimizer"):
+        load_config("proposed", ["optimizer=rmsprop"])
+
+
+def test_not_key_value():
+    with pytest.raises(UserError, match="not a key=value"):
+        parse_overrides(["lr"])
+
+
+def test_data_root_from_environment(monkeypatch):
+    monkeypatch.setenv("ALLDETECT_DATA", "/data/cnmc")
+    assert load_config("proposed").data.root == "/data/cnmc"
+    assert load_config("proposed", ["data.root=/elsewhere"]).data.root == "/elsewhere"  # the command line wins
+
+
+def test_config_file_layer(tmp_path):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("lr: 0.01\ndata:\n  crop: 0\n")
+    cfg = load_config("resnet50", files=[extra])
+    assert cfg.lr == 0.01 and cfg.data.crop == 0 and cfg.data.k == 5
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config("resnet50", files=[bad])
+    bad.write_text("nonsense: 1\n")
+    with pytest.raises(UserError, match="unknown key 'nonsense'"):
+        load_config("resnet50", files=[bad])
+
+
+def test_valid_keys_are_dotted():
+    keys = valid_keys()
+    assert "data.root" in keys and "aug.rot90" in keys and "lr" in keys and "data" not in keys

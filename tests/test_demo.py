@@ -1,0 +1,76 @@
+import hashlib
+import re
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from alldetect.cli import main
+from alldetect.data.demo import make_demo_data
+from alldetect.data.layouts import build_manifest
+
+
+@pytest.fixture(scope="module")
+def demo_full(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("full") / "demo")  # the defaults: 24 subjects x 25 images
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.bmp")):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_is_deterministic_and_in_cnmc_format(tmp_path):
+    a = make_demo_data(tmp_path / "a", subjects=6, per_subject=2, seed=3)
+    b = make_demo_data(tmp_path / "b", subjects=6, per_subject=2, seed=3)
+    c = make_demo_data(tmp_path / "c", subjects=6, per_subject=2, seed=4)
+    assert _digest(a) == _digest(b) != _digest(c)
+    m = build_manifest(a)
+    assert set(m["source_layout"]) == {"cnmc_train"} and len(m) == 12
+    img = cv2.imread(str(a / m["path"].iloc[0]), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (450, 450, 3) and img.dtype == np.uint8
+    assert (a / "README.md").read_text().startswith("# Synthetic demo data")
+
+
+def test_demo_layout_and_names(demo_full):
+    m = build_manifest(demo_full)
+    assert len(m) == 600 and m["subject"].nunique() == 24
+    assert m.groupby("label_name")["subject"].nunique().to_dict() == {"all": 14, "hem": 10}
+    assert all(re.match(r"UID_H?\d+_\d+_\d+_(all|hem)\.bmp$", p.split("/")[-1]) for p in m["path"])
+    assert (m.groupby("subject")["official_fold"].nunique() == 1).all()
+
+
+def test_simple_global_features_do_not_separate_the_classes(demo_full):
+    """Mean colour and cell area, logistic regression, held-out subjects: at most 0.80 accuracy."""
+    m = build_manifest(demo_full)
+    feats = []
+    for p in m["path"]:
+        img = cv2.imread(str(demo_full / p)).astype(float)
+        cell = img.sum(axis=2) > 30
+        feats.append([*img[cell].mean(axis=0), cell.sum()])
+    model = make_pipeline(StandardScaler(), LogisticRegression())
+    acc = cross_val_score(model, np.array(feats), m["label"], groups=m["subject"], cv=GroupKFold(4)).mean()
+    assert 0.5 < acc <= 0.80, acc
+
+
+def test_demo_data_command(tmp_path, capsys):
+    assert main(["demo-data", str(tmp_path / "d"), "--subjects", "6", "--per-subject", "1"]) == 0
+    assert "wrote 6 synthetic images" in capsys.readouterr().out
+    assert main(["demo-data", str(tmp_path / "e"), "--subjects", "2"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_profile_trains_the_proposed_network_to_f1_085(demo_full, workdir):
+    """What `./train.sh proposed fold0` does on a fresh clone, with the demo data built above."""
+    from alldetect.engine.train import train_command
+    from conftest import REPO
+
+    [result] = train_command("proposed", "fold0", ["wandb=off", f"data.root={demo_full}"],
+                             [str(REPO / "configs/demo.yaml")])
+    assert result.metrics["f1"] >= 0.85, result.metrics

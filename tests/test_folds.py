@@ -1,0 +1,118 @@
+import json
+import logging
+
+import pandas as pd
+import pytest
+
+from alldetect.cli import main
+from alldetect.data.folds import load_fold_file, make_fold_file
+from alldetect.errors import UserError
+from conftest import write_image
+
+
+def test_split_real_sample_no_subject_in_two_folds(sample_root, tmp_path):
+    ff = make_fold_file(sample_root, tmp_path / "f.csv", k=3, seed=42)
+    t = pd.read_csv(tmp_path / "f.csv", dtype={"subject": str})
+    assert list(t.columns) == ["path", "label", "subject", "fold", "bytes"]
+    assert len(t) == 60 and sorted(t["fold"].unique()) == [0, 1, 2]
+    assert (t.groupby("subject")["fold"].nunique() == 1).all()
+    for _, g in t.groupby("fold"):  # stratified: every fold holds both classes
+        assert set(g["label"]) == {0, 1}
+    meta = json.loads((tmp_path / "f.json").read_text())
+    assert meta["data_root"] == str(sample_root.resolve()) and meta["k"] == 3 and meta["seed"] == 42
+    assert meta["by"] == "subject" and len(meta["fingerprint"]) == 16 and ff.meta == meta
+
+
+def test_split_is_byte_identical_for_same_seed(sample_root, tmp_path):
+    make_fold_file(sample_root, tmp_path / "a.csv", k=3, seed=7)
+    make_fold_file(sample_root, tmp_path / "b.csv", k=3, seed=7)
+    make_fold_file(sample_root, tmp_path / "c.csv", k=3, seed=8)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.csv").read_bytes() != (tmp_path / "c.csv").read_bytes()
+
+
+def test_by_official_reproduces_cnmc_folds(sample_root, tmp_path):
+    ff = make_fold_file(sample_root, tmp_path / "o.csv", k=5, seed=0, by="official")
+    assert (ff.table["fold"] == ff.table["path"].str.extract(r"fold_(\d)")[0].astype(int)).all()
+
+
+def test_by_image_is_leaky_and_says_so(tiny_demo, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="alldetect"):
+        ff = make_fold_file(tiny_demo, tmp_path / "i.csv", k=3, seed=0, by="image")
+    assert (ff.table.groupby("subject")["fold"].nunique() > 1).any()
+    assert "leaky" in caplog.text
+    assert load_fold_file(tmp_path / "i.csv").leaky
+    with pytest.raises(UserError, match="leaky"):
+        load_fold_file(tmp_path / "i.csv", allow_leaky=False)
+
+
+def test_k_larger_than_subjects_in_a_class(tiny_demo, tmp_path):
+    with pytest.raises(UserError, match=r"--k 5 is larger than the number of subjects in a class \(hem: 4\)"):
+        make_fold_file(tiny_demo, tmp_path / "x.csv", k=5, seed=0)
+
+
+def test_cli_split_prints_table_and_exit_codes(sample_root, tmp_path, capsys):
+    assert main(["split", str(sample_root), "--k", "3", "--folds-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cnmc-sample_k3_s42.csv" in out and "share_all" in out and "no subject appears in more than one" in out
+    assert (tmp_path / "cnmc-sample_k3_s42.csv").is_file()
+    assert main(["split", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_loading_checks_files_on_disk(tiny_demo, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo, data)
+    make_fold_file(data, tmp_path / "f.csv", k=3, seed=0)
+    assert load_fold_file(tmp_path / "f.csv").k == 3
+    victim = next((data / "C-NMC_training_data/fold_0/all").iterdir())
+    victim.unlink()
+    write_image(data / "C-NMC_training_data/fold_1/hem/UID_H99_1_1_hem.bmp")
+    other = next((data / "C-NMC_training_data/fold_2/all").iterdir())
+    other.write_bytes(other.read_bytes() + b"\0")
+    with pytest.raises(UserError) as err:
+        load_fold_file(tmp_path / "f.csv")
+    msg = str(err.value)
+    assert f"missing: C-NMC_training_data/fold_0/all/{victim.name}" in msg
+    assert "not in it: C-NMC_training_data/fold_1/hem/UID_H99_1_1_hem.bmp" in msg
+    assert f"changed on disk since the split: C-NMC_training_data/fold_2/all/{other.name}" in msg
+
+
+def test_fold_file_paths_cannot_escape_data_root(tiny_demo, tmp_path):
+    make_fold_file(tiny_demo, tmp_path / "f.csv", k=3, seed=0)
+    t = pd.read_csv(tmp_path / "f.csv")
+    t.loc[0, "path"] = "../../etc/passwd"
+    t.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(UserError, match="leave the data folder"):
+        load_fold_file(tmp_path / "f.csv")
+
+
+def test_fold_file_with_subject_in_two_folds_is_refused(tiny_demo, tmp_path):
+    make_fold_file(tiny_demo, tmp_path / "f.csv", k=3, seed=0)
+    t = pd.read_csv(tmp_path / "f.csv")
+    t.loc[0, "fold"] = (t.loc[0, "fold"] + 1) % 3
+    t.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(UserError, match="appear in more than one fold"):
+        load_fold_file(tmp_path / "f.csv")
+
+
+def test_skip_bad_lists_skipped_images_in_sidecar(tiny_demo, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo, data)
+    (data / "C-NMC_training_data/fold_0/all/UID_1_9_9_all.bmp").write_text("junk")
+    with pytest.raises(UserError, match="UID_1_9_9_all.bmp: not a readable image"):
+        make_fold_file(data, tmp_path / "f.csv", k=3, seed=0)
+    ff = make_fold_file(data, tmp_path / "f.csv", k=3, seed=0, skip_bad=True)
+    assert "UID_1_9_9_all.bmp" not in " ".join(ff.table["path"])
+    assert ff.meta["skipped"][0].startswith("C-NMC_training_data/fold_0/all/UID_1_9_9_all.bmp")
+    assert load_fold_file(tmp_path / "f.csv").k == 3  # the skipped file is not an "extra" image
+
+
+def test_cli_index(sample_root, capsys):
+    assert main(["index", str(sample_root)]) == 0
+    out = capsys.readouterr().out
+    assert "layout:      cnmc_train" in out and "450x450" in out and "every image is readable" in out

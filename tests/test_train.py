@@ -1,0 +1,141 @@
+import glob
+
+import pandas as pd
+import pytest
+import torch
+
+from alldetect.cli import main
+from alldetect.config import load_config
+from alldetect.data.prepare import resolve_folds
+from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.fit import fit_fold
+from alldetect.engine.train import train_command
+from alldetect.errors import UserError
+from alldetect.models import create_model
+from conftest import FAST
+
+
+def _cfg(root, *extra):
+    return load_config("proposed", [*FAST, f"data.root={root}", *extra])
+
+
+def test_train_one_fold_writes_the_run_folder(tiny_demo, workdir, capsys):
+    [result] = train_command("proposed", "fold1", [*FAST, f"data.root={tiny_demo}"])
+    run = workdir / "runs/proposed/fold1"
+    assert result.run_dir == run.relative_to(workdir)
+    for name in ("config.yaml", "history.csv", "best.pt", "last.pt", "oof.csv"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == [0, 1] and {"f1", "accuracy", "roc_auc", "val_loss", "lr"} <= set(history)
+    folds = pd.read_csv(workdir / "folds/demo_k3_s42.csv", dtype={"subject": str})
+    oof = pd.read_csv(run / "oof.csv", dtype={"subject": str})
+    assert list(oof.columns) == ["path", "subject", "label", "prob_all", "pred", "fold"]
+    assert sorted(oof["path"]) == sorted(folds[folds["fold"] == 1]["path"])
+    assert ((oof["prob_all"] >= 0) & (oof["prob_all"] <= 1)).all()
+    assert (oof["pred"] == (oof["prob_all"] >= 0.5)).all()
+    out = capsys.readouterr().out
+    assert "runs/proposed/fold1" in out and "best_epoch" in out
+
+
+def test_checkpoint_alone_rebuilds_the_model(tiny_demo, workdir):
+    train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}"])
+    state = load_checkpoint(workdir / "runs/proposed/fold0/best.pt")
+    cfg = state["config"]
+    model = create_model(cfg["arch"], dropout=cfg["dropout"], input_size=cfg["input_size"])
+    model.load_state_dict(state["model"])
+    assert set(state) >= {"optimizer", "epoch", "metrics", "wandb_id", "fold_fingerprint"}
+    assert state["fold_fingerprint"] and state["metrics"]["f1"] >= 0
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after(epoch_index):
+    def on_epoch(epoch, metrics):
+        if epoch == epoch_index:
+            raise Interrupt
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("balance", ["loss", "sampler"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdir, balance):
+    extra = ["epochs=3", f"class_balance={balance}", "aug.rotate=0.5"]
+    full = _cfg(tiny_demo, "runs_dir=a", *extra)
+    folds = resolve_folds(full)
+    fit_fold(full, 0, folds)
+    cut = _cfg(tiny_demo, "runs_dir=b", *extra)
+    with pytest.raises(Interrupt):
+        fit_fold(cut, 0, folds, on_epoch=_stop_after(1))
+    assert load_checkpoint(workdir / "b/proposed/fold0/last.pt")["epoch"] == 1
+    with pytest.raises(UserError, match="resume=true"):
+        fit_fold(cut, 0, folds)
+    fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
+    a = load_checkpoint(workdir / "a/proposed/fold0/last.pt")["model"]
+    b = load_checkpoint(workdir / "b/proposed/fold0/last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ha = pd.read_csv(workdir / "a/proposed/fold0/history.csv")
+    hb = pd.read_csv(workdir / "b/proposed/fold0/history.csv")
+    pd.testing.assert_frame_equal(ha.drop(columns=["seconds", "images_per_s", "data_wait"]),
+                                  hb.drop(columns=["seconds", "images_per_s", "data_wait"]))
+
+
+def test_resume_with_other_settings_is_refused(tiny_demo, workdir):
+    folds = resolve_folds(_cfg(tiny_demo))
+    fit_fold(_cfg(tiny_demo, "epochs=1"), 0, folds)
+    with pytest.raises(UserError, match=r"lr: 0.0002 -> 0.1"):
+        fit_fold(_cfg(tiny_demo, "epochs=2", "resume=true", "lr=0.1"), 0, folds)
+
+
+def test_overwrite_starts_over(tiny_demo, workdir):
+    folds = resolve_folds(_cfg(tiny_demo))
+    fit_fold(_cfg(tiny_demo, "epochs=2"), 0, folds)
+    fit_fold(_cfg(tiny_demo, "epochs=1", "overwrite=true"), 0, folds)
+    assert len(pd.read_csv(workdir / "runs/proposed/fold0/history.csv")) == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_demo, workdir, monkeypatch):
+    import alldetect.engine.fit as fit
+
+    calls = {"n": 0}
+
+    class PoisonedLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            calls["n"] += 1 if self.training else 0
+            loss = super().forward(logits, target)
+            return loss * float("nan") if calls["n"] > 5 else loss  # epoch 1 has 3 batches
+
+    monkeypatch.setattr(fit.nn, "CrossEntropyLoss", PoisonedLoss)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last.pt keeps the last good epoch"):
+        fit_fold(_cfg(tiny_demo, "epochs=3"), 0, resolve_folds(_cfg(tiny_demo)))
+    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["epoch"] == 0
+
+
+def test_wandb_offline_writes_a_run(tiny_demo, workdir):
+    [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "wandb=offline", "epochs=1"])
+    runs = glob.glob(str(workdir / "runs/proposed/fold0/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["wandb_id"] in runs[0]
+
+
+def test_bad_fold_and_override_are_clear_errors(tiny_demo, workdir, capsys):
+    assert main(["train", "proposed", "fold7", *FAST, f"data.root={tiny_demo}"]) == 2
+    assert "'fold7' is not a fold: use fold0 .. fold2, or all" in capsys.readouterr().err
+    assert main(["train", "proposed", "fold0", "lr=fast", f"data.root={tiny_demo}"]) == 2
+    assert "lr='fast'" in capsys.readouterr().err
+
+
+def test_unwritable_run_folder_fails_at_start(tiny_demo, workdir):
+    (workdir / "a_file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write to the run folder"):
+        train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", f"runs_dir={workdir / 'a_file'}"])
+
+
+def test_no_data_configured_uses_the_demo_data(workdir, capsys):
+    [result] = train_command("proposed", "fold0", [*FAST, "epochs=1", "max_batches=2"])
+    out = capsys.readouterr().out
+    assert "SYNTHETIC demo data" in out
+    assert (workdir / "data/demo/README.md").read_text().startswith("# Synthetic demo data")
+    assert (workdir / "folds/demo_k3_s42.csv").is_file()
+    assert len(pd.read_csv(workdir / "folds/demo_k3_s42.csv")) == 600
