@@ -56,10 +56,15 @@ def run_dir_for(cfg: Config, fold: int) -> Path:
     return Path(cfg.runs_dir) / cfg.arch / f"fold{fold}"
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: a bad setting (a tuning trial fails, the study goes on)."""
+
+
 def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = None,
-             on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+             on_epoch: Callable[[int, dict], None] | None = None, run_name: str | None = None,
+             job_type: str = "train") -> FitResult:
     """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` may raise
-    to stop early (Optuna pruning)."""
+    to stop early (Optuna pruning). `run_name` names the W&B run (default <arch>-fold<k>)."""
     if not 0 <= fold < folds.k:
         raise UserError(f"fold{fold} does not exist: {folds.path} has folds fold0..fold{folds.k - 1}")
     run_dir = Path(run_dir or run_dir_for(cfg, fold))
@@ -102,8 +107,8 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         log.info("resuming %s from epoch %d (best %s %.4f at epoch %d)", run_dir, start_epoch, cfg.monitor,
                  best, best_epoch + 1)
 
-    tracker = start_tracker(cfg.wandb, run_dir, name=f"{cfg.arch}-fold{fold}", group=cfg.study,
-                            config=cfg.to_dict(), resume_id=wandb_id)
+    tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
+                            config=cfg.to_dict(), job_type=job_type, resume_id=wandb_id)
     stopped_early, exit_code = False, 1
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -147,7 +152,7 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
                                                           if k != "confusion"}})
         exit_code = 0
     except NonFiniteLoss as e:
-        raise UserError(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
+        raise TrainingDiverged(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
                         "Try a lower lr (e.g. lr=1e-4) or class_balance=none") from None
     finally:
         tracker.finish(exit_code)
