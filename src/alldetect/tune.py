@@ -35,7 +35,8 @@ log = logging.getLogger("alldetect")
 PRUNERS = ("median", "hyperband", "none")
 # Settings that may differ between the workers and the runs of one study: where things are, which device.
 RUNTIME_KEYS = {"arch", "study", "tuned", "runs_dir", "folds_dir", "resume", "overwrite", "wandb", "device", "amp",
-                "channels_last", "compile", "data.root", "data.fold_file", "data.num_workers", "data.skip_bad"}
+                "channels_last", "compile", "pretrained_path", "data.root", "data.fold_file", "data.num_workers",
+                "data.skip_bad"}
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -75,14 +76,7 @@ def tune_command(arch: str, overrides: list[str], files: list[str] | None = None
         raise UserError(f"--trials {trials}: give the number of trials to add (0 only reports the study)")
     if heartbeat < 1:
         raise UserError(f"--heartbeat {heartbeat}: give the seconds between heartbeats (1 or more)")
-    cfg, demo = resolve_config(arch, overrides, files or [])
-    if demo:  # shorter trials on the synthetic data: configs/demo-tune.yaml after the demo profile
-        demo_tune = configs_dir() / "demo-tune.yaml"
-        cfg = load_config(arch, [*overrides, f"data.root={cfg.data.root}"], [demo_tune, *(files or [])], "demo")
-        print(f"tuning on the demo data: {_shown(demo_tune)} after the demo profile (epochs={cfg.epochs})")
-    fold_file = resolve_folds(cfg)
-    if cfg.data.root is None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(fold_file.data_root)})})
+    cfg, demo, fold_file = _trial_base(arch, overrides, files or [])
     wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)})
     search = load_search_space(space_file(arch, space), cfg)
     name = study or (f"{arch}-demo" if demo else arch)
@@ -109,6 +103,19 @@ def tune_command(arch: str, overrides: list[str], files: list[str] | None = None
         hint = "tuned=true" if not out else f"--config {path}"
         print(f"wrote {path}; train with it: ./train.sh {arch} fold{wanted[0]} {hint}")
     return the_study
+
+
+def _trial_base(arch: str, overrides: list[str], files: list[str]) -> tuple[Config, bool, FoldFile]:
+    """The settings every trial starts from, whether they are the demo data's, and the verified fold file."""
+    cfg, demo = resolve_config(arch, overrides, files)
+    if demo:  # shorter trials on the synthetic data: configs/demo-tune.yaml after the demo profile
+        demo_tune = configs_dir() / "demo-tune.yaml"
+        cfg = load_config(arch, [*overrides, f"data.root={cfg.data.root}"], [demo_tune, *files], profile="demo")
+        print(f"tuning on the demo data: {_shown(demo_tune)} after the demo profile (epochs={cfg.epochs})")
+    fold_file = resolve_folds(cfg)
+    if cfg.data.root is None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(fold_file.data_root)})})
+    return cfg, demo, fold_file
 
 
 def _shown(path: str | Path) -> Path:
