@@ -101,7 +101,7 @@ def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_demo, workdir, conf
     history = pd.read_csv(workdir / "runs/tune/proposed/trial0/fold0/history.csv")
     assert len(history) == 1  # stopped after the first epoch's report
     out = capsys.readouterr().out
-    assert "trial 1 pruned" in out and "no trial has completed yet" in out
+    assert "trial 1 pruned" in out and "at fold0 epoch 1" in out and "no trial has completed yet" in out
     assert not (configs / "tuned/proposed.yaml").exists()
 
 

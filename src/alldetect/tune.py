@@ -287,7 +287,9 @@ def _objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[
             def report(epoch: int, metrics: dict, i: int = i, fold: int = fold) -> None:
                 trial.report(metrics["f1"], step=i * steps_per_fold + epoch)
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"weighted F1 {metrics['f1']:.4f} at fold{fold} epoch {epoch + 1}")
+                    where = f"weighted F1 {metrics['f1']:.4f} at fold{fold} epoch {epoch + 1}"
+                    trial.set_user_attr("pruned_at", where)
+                    raise optuna.TrialPruned(where)
 
             try:
                 result = fit_fold(cfg, fold, folds, run_dir, on_epoch=report, job_type="tune",
@@ -311,10 +313,7 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if best is not None:
             line += f"; best so far: trial {best.number} ({best.value:.4f})"
     elif trial.state == optuna.trial.TrialState.PRUNED:
-        last = trial.last_step
-        line = f"trial {trial.number} pruned ({params})"
-        if last is not None:
-            line += f": weighted F1 {trial.intermediate_values[last]:.4f} at step {last + 1}"
+        line = f"trial {trial.number} pruned ({params}): {trial.user_attrs.get('pruned_at', 'by the pruner')}"
     else:
         line = f"trial {trial.number} failed ({params}): {trial.user_attrs.get('error', 'see the log above')}"
     print(line, flush=True)
