@@ -38,6 +38,19 @@ def _models(a):
     print(models_table(a.names or None).to_string(index=False))
 
 
+def _cache(a):
+    from alldetect.engine.train import cache_command
+
+    print(cache_command(a.arch, a.overrides, a.config))
+
+
+def _bench(a):
+    from alldetect.bench import bench_command
+
+    print(bench_command(a.kind, a.data, a.images, a.workers, a.archs, a.steps, a.max_batch, a.compile, a.device,
+                        a.out, a.cache_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -76,6 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list the architectures with input sizes and parameter counts")
     s.add_argument("names", nargs="*", help="architectures to list (default: the report's five)")
     s.set_defaults(func=_models)
+
+    s = sub.add_parser("cache", help="decode, crop and resize every image once for ARCH's input size (data.cache)")
+    s.add_argument("arch")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input_size=224")
+    s.add_argument("--config", action="append", default=[], metavar="FILE")
+    s.set_defaults(func=_cache)
+
+    s = sub.add_parser("bench", help="benchmarks: data pipeline or models, ratios measured side by side")
+    s.add_argument("kind", choices=["pipeline", "models"])
+    s.add_argument("archs", nargs="*", help="models: architectures (default: the report's five)")
+    s.add_argument("--data", help="pipeline: data folder (default: the demo data)")
+    s.add_argument("--images", type=int, default=320, help="pipeline: images to use")
+    s.add_argument("--workers", type=int, default=2, help="pipeline: loader workers")
+    s.add_argument("--cache-dir", default="data/cache", help="pipeline: where the decoded-image cache goes")
+    s.add_argument("--steps", type=int, help="models: timed steps (default 20 on CUDA, 2 on the CPU)")
+    s.add_argument("--max-batch", type=int, help="models: cap on the config's batch size (default 8 on the CPU)")
+    s.add_argument("--compile", action="store_true", help="models: add torch.compile to the optimised settings")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", help="also append the table to this file")
+    s.set_defaults(func=_bench)
     return p
 
 

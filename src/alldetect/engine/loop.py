@@ -38,17 +38,22 @@ class DeviceBatch:
         self.device = device
         self.cuda = device.type == "cuda"
         self.channels_last = channels_last and self.cuda
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.amp_dtype = None
         if amp and self.cuda:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def images(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return (x.float() - self.mean) / self.std
+    def images(self, batch: torch.Tensor, augment=None, seed: int = 0) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> normalised float N x 3 x H x W on the device (channels_last in memory on
+        CUDA). `augment(x01, seed)` runs on [0, 1] values."""
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a view: NHWC memory = channels_last
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=layout)
+        if augment is not None:
+            x = augment(x.div_(255), seed)
+            return (x - self.mean) / self.std
+        return x.sub_(self.mean * 255).mul_(1 / (self.std * 255))
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -66,8 +71,9 @@ def logits_of(output) -> torch.Tensor:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: DeviceBatch, *, epoch: int,
-                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None) -> dict:
-    """Returns mean loss, images, seconds and the fraction of time spent waiting for data."""
+                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None, reduce=None) -> dict:
+    """Returns mean loss, images, seconds and the fraction of time spent waiting for data. `reduce` averages
+    a number over data-parallel ranks, so that every rank sees the same loss and stops together on NaN."""
     model.train()
     total_loss, images, wait = 0.0, 0, 0.0
     n_batches = min(len(loader), max_batches) if max_batches else len(loader)
@@ -77,15 +83,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
         if step >= n_batches:
             break
         wait += time.perf_counter() - tick
-        torch.manual_seed(sample_seed(seed, epoch, step))  # dropout is a function of (seed, epoch, step)
-        x, y = dev.images(x), y.to(dev.device, non_blocking=True)
-        if augment_batch is not None:
-            x = augment_batch(x, sample_seed(seed, epoch, step))
+        step_seed = sample_seed(seed, epoch, step)
+        torch.manual_seed(step_seed)  # dropout (and GPU augmentation) are functions of (seed, epoch, step)
+        x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
         with dev.autocast():
             loss = loss_fn(logits_of(model(x)), y)
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item() if reduce is None else reduce(loss.item())
+        if not math.isfinite(loss_value):
             bar.close()
-            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}")
+            raise NonFiniteLoss(f"the training loss became {loss_value} at epoch {epoch + 1}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -94,7 +100,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
         else:
             loss.backward()
             optimizer.step()
-        total_loss += loss.item() * len(y)
+        total_loss += loss_value * len(y)
         images += len(y)
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / elapsed:.1f}")
