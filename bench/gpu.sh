@@ -26,7 +26,7 @@ ad() { python3 -m alldetect "$@"; }
 
 start=$SECONDS
 # Smaller settings for a dry run on a CPU: PER_SUBJECT=4 IMAGES=64 MODELS=resnet18 EPOCHS=1 SIZE=64 bench/gpu.sh
-ad demo-data data/bench-demo --subjects 24 --per-subject "${PER_SUBJECT:-100}" --seed 0 >/dev/null  # 2,400 cells
+ad demo-data data/bench-demo --subjects 24 --per-subject "${PER_SUBJECT:-300}" --seed 0 >/dev/null  # 7,200 cells
 echo "[gpu.sh] demo data in $((SECONDS - start)) s" | tee -a "$log"
 
 for workers in 2 8; do

@@ -70,11 +70,17 @@ def logits_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+CHECK_EVERY = 20  # steps between reads of the loss on the host: each read makes the CPU wait for the GPU
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: DeviceBatch, *, epoch: int,
                     seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None, reduce=None) -> dict:
-    """Returns mean loss, images, seconds and the fraction of time spent waiting for data. `reduce` averages
-    a number over data-parallel ranks, so that every rank sees the same loss and stops together on NaN."""
+    """Returns mean loss, images, seconds and the fraction of time spent waiting for data. The loss is summed
+    on the device and read every CHECK_EVERY steps, so the CPU queues work ahead instead of syncing each step;
+    a NaN or infinite loss raises NonFiniteLoss then. `reduce` averages a number over data-parallel ranks, so
+    every rank sees the same loss and they stop together."""
     model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev.device)
     total_loss, images, wait = 0.0, 0, 0.0
     n_batches = min(len(loader), max_batches) if max_batches else len(loader)
     start = tick = time.perf_counter()
@@ -88,10 +94,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
         x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
         with dev.autocast():
             loss = loss_fn(logits_of(model(x)), y)
-        loss_value = loss.item() if reduce is None else reduce(loss.item())
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise NonFiniteLoss(f"the training loss became {loss_value} at epoch {epoch + 1}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -100,10 +102,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
         else:
             loss.backward()
             optimizer.step()
-        total_loss += loss_value * len(y)
+        loss_sum += loss.detach().double() * len(y)
         images += len(y)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / elapsed:.1f}")
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == n_batches:
+            total_loss = loss_sum.item() if reduce is None else reduce(loss_sum.item())
+            if not math.isfinite(total_loss):
+                bar.close()
+                raise NonFiniteLoss(f"the training loss became {total_loss} at epoch {epoch + 1} "
+                                    f"(by batch {step + 1})")
+            bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
         bar.update()
         tick = time.perf_counter()
     bar.close()
