@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(args.verbose)
+    from alldetect.engine.stopping import StopRequested
     from alldetect.errors import UserError
 
     try:
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        return 143  # 128 + SIGTERM, as schedulers expect of a job that was asked to stop
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

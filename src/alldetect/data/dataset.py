@@ -3,6 +3,7 @@ workers); the device permutes them to N x 3 x H x W (channels_last in memory) an
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,11 @@ class EpochSampler(Sampler[int]):
     def __init__(self, n: int, seed: int, shuffle: bool = True, weights: np.ndarray | None = None,
                  rank: int = 0, world: int = 1):
         self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
-        self.rank, self.world, self.epoch = rank, world, 0
+        self.rank, self.world, self.epoch, self.skip = rank, world, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start `epoch`, leaving out its first `skip` samples (those of a resumed, half-done epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def order(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -89,10 +91,17 @@ class EpochSampler(Sampler[int]):
         return idx
 
     def __iter__(self):
-        return iter((self.epoch * self.n + self.order()).tolist())
+        return iter((self.epoch * self.n + self.order()[self.skip:]).tolist())
 
     def __len__(self) -> int:
-        return -(-self.n // self.world)
+        return -(-self.n // self.world) - self.skip
+
+
+def _worker_init(_: int) -> None:
+    # The main process decides when to stop on SIGINT/SIGTERM (after the current step, with a checkpoint);
+    # workers that died first would break that step. They end with the main process anyway.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: CellDataset, batch_size: int, sampler: Sampler, num_workers: int,
@@ -100,5 +109,5 @@ def make_loader(dataset: CellDataset, batch_size: int, sampler: Sampler, num_wor
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         drop_last=drop_last, collate_fn=_batched, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init,
     )

@@ -4,6 +4,7 @@ and read with `weights_only=True` so that a file can never run code."""
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train the run first (./train.sh ARCH FOLD)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is truncated or foreign
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a checkpoint (not a PyTorch archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

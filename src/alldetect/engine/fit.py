@@ -31,6 +31,7 @@ from alldetect.data.transforms import create_transform
 from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
 from alldetect.engine.distributed import Dist, init_distributed
 from alldetect.engine.gpu_augment import BatchAugment
+from alldetect.engine.stopping import StopRequested, stop_on_signals
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, predict_probs, resolve_device, train_one_epoch
 from alldetect.errors import UserError
 from alldetect.metrics import score
@@ -90,6 +91,8 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     if dev.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
+    if d.main:
+        _check_free_space(cfg, model, run_dir)
     scheduler = _scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda") if dev.needs_scaler else None
     loss_fn = nn.CrossEntropyLoss(weight=data.class_weights.to(device) if data.class_weights is not None else None)
@@ -113,52 +116,68 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         stale, wandb_id = resume_state["stale"], resume_state.get("wandb_id")
         if (run_dir / "history.csv").is_file():
             history = pd.read_csv(run_dir / "history.csv").query("epoch < @start_epoch")
-        log.info("resuming %s from epoch %d (best %s %.4f at epoch %d)", run_dir, start_epoch + 1, cfg.monitor,
-                 best, best_epoch + 1)
+        partial = resume_state.get("partial")
+        where = f"epoch {start_epoch + 1}" + (f", batch {partial['steps'] + 1}" if partial else "")
+        so_far = f"best {cfg.monitor} {abs(best):.4f} at epoch {best_epoch + 1}" if best is not None else "no epoch done"
+        log.info("resuming %s from %s (%s)", run_dir, where, so_far)
 
+    partial = resume_state.get("partial") if resume_state is not None else None
     tracker = Tracker()
     if d.main:
         tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
                                 config=cfg.to_dict(), resume_id=wandb_id)
     stopped_early, exit_code = False, 1
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if stale >= cfg.patience > 0:
-                stopped_early = True
-                break
-            data.train_loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(forward_model, data.train_loader, optimizer, scaler, loss_fn, dev, epoch=epoch,
-                                    seed=cfg.seed, max_batches=cfg.max_batches, augment_batch=augment,
-                                    reduce=d.mean if d.enabled else None,
-                                    desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
-            probs, val_loss = predict_probs(forward_model, data.val_loader, dev, loss_fn, desc="validate")
-            probs = d.gather_rows(data.val_order, probs, len(data.val_rows))
-            metrics = score(data.val_rows["label"], probs[:, 1])
-            metrics["loss"] = d.mean(val_loss)
-            value = -metrics["loss"] if cfg.monitor == "loss" else metrics[cfg.monitor]
-            improved = best is None or value > best
-            if improved:
-                best, best_epoch, stale = value, epoch, 0
-            else:
-                stale += 1
-            row = _history_row(epoch, stats, metrics, optimizer, d.world)
-            history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-            if d.main:
-                write_csv(run_dir / "history.csv", history)
-                state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale,
-                                    tracker.run_id, metrics, folds)
+        with stop_on_signals() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                if stale >= cfg.patience > 0:
+                    stopped_early = True
+                    break
+                if stop:
+                    raise StopRequested(f"stopped by {stop.signal_name} after epoch {epoch}; {run_dir / 'last.pt'} "
+                                        "holds it: continue with the same command and resume=true")
+                carry = partial if partial is not None and partial["epoch"] == epoch else None
+                data.train_loader.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
+                stats = train_one_epoch(forward_model, data.train_loader, optimizer, scaler, loss_fn, dev,
+                                        epoch=epoch, seed=cfg.seed, max_batches=cfg.max_batches,
+                                        augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
+                                        carry=carry, desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
+                if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
+                    if d.main:
+                        state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch - 1, best, best_epoch,
+                                            stale, tracker.run_id, None, folds)
+                        save_checkpoint(run_dir / "last.pt", {**state, "partial": {"epoch": epoch, **stats["carry"]}})
+                    raise StopRequested(
+                        f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
+                        f"{run_dir / 'last.pt'} holds it: continue with the same command and resume=true")
+                probs, val_loss = predict_probs(forward_model, data.val_loader, dev, loss_fn, desc="validate")
+                probs = d.gather_rows(data.val_order, probs, len(data.val_rows))
+                metrics = score(data.val_rows["label"], probs[:, 1])
+                metrics["loss"] = d.mean(val_loss)
+                value = -metrics["loss"] if cfg.monitor == "loss" else metrics[cfg.monitor]
+                improved = best is None or value > best
                 if improved:
-                    save_checkpoint(run_dir / "best.pt", state)
-                    _write_oof(run_dir, data.val_rows, probs, fold)
-                save_checkpoint(run_dir / "last.pt", state)
-                tracker.log({**{f"val/{k}": v for k, v in metrics.items() if k != "confusion"},
-                             "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
-                             "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
-                tqdm.write(_epoch_line(cfg, fold, epoch, row, improved))
-            if scheduler is not None:
-                scheduler.step()
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+                    best, best_epoch, stale = value, epoch, 0
+                else:
+                    stale += 1
+                row = _history_row(epoch, stats, metrics, optimizer, d.world)
+                history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+                if scheduler is not None:
+                    scheduler.step()
+                if d.main:
+                    write_csv(run_dir / "history.csv", history)
+                    state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale,
+                                        tracker.run_id, metrics, folds)
+                    if improved:
+                        save_checkpoint(run_dir / "best.pt", state)
+                        _write_oof(run_dir, data.val_rows, probs, fold)
+                    save_checkpoint(run_dir / "last.pt", state)
+                    tracker.log({**{f"val/{k}": v for k, v in metrics.items() if k != "confusion"},
+                                 "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
+                                 "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
+                    tqdm.write(_epoch_line(cfg, fold, epoch, row, improved))
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
         if best is None:
             raise UserError(f"{run_dir} finished without a completed epoch")
         d.barrier()  # rank 0 has written best.pt
@@ -169,10 +188,31 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     except NonFiniteLoss as e:
         raise UserError(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
                         "Try a lower lr (e.g. lr=1e-4) or class_balance=none") from None
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(_out_of_memory(cfg, size)) from None
     finally:
         tracker.finish(exit_code)
     return FitResult(run_dir, best_epoch, abs(best) if cfg.monitor == "loss" else best,
                      best_state["metrics"], len(history), stopped_early, history)
+
+
+def _check_free_space(cfg: Config, model: nn.Module, run_dir: Path) -> None:
+    """Fail now, not after the first epoch, when best.pt + last.pt + a temporary copy would not fit."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = {"sgd": 1 if cfg.momentum else 0, "adam": 2, "adamw": 2}[cfg.optimizer]
+    needed = 3 * weights * (1 + slots)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UserError(f"only {free / 2**20:.0f} MiB free where {run_dir} lies; this run's checkpoints need about "
+                        f"{needed / 2**20:.0f} MiB (best.pt, last.pt and a temporary copy). Free some space or "
+                        "choose another runs_dir=")
+
+
+def _out_of_memory(cfg: Config, size: int) -> str:
+    smaller = max(1, cfg.batch_size // 2)
+    return (f"the GPU ran out of memory training {cfg.arch} at batch_size={cfg.batch_size}, input {size} x {size}. "
+            f"Try batch_size={smaller}" + ("" if cfg.amp else ", amp=true") + ", or a smaller input_size; "
+            "resume=true continues from the last completed epoch")
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:
@@ -198,6 +238,8 @@ def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
                         "overwrite=true (or choose another runs_dir=)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
+            stale_tmp.unlink()
         probe = run_dir / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -237,6 +279,7 @@ class FoldData:
     val_rows: pd.DataFrame
     val_order: np.ndarray  # dataset rows this rank validates, in loader order
     class_weights: torch.Tensor | None
+    batch: int  # per process
 
 
 def _fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch.device, d: Dist) -> FoldData:
@@ -273,7 +316,7 @@ def _fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch
     return FoldData(
         make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin, drop_last=len(train_ds) > cfg.batch_size),
         make_loader(val_ds, batch, val_sampler, cfg.data.num_workers, pin),
-        val_rows, val_sampler.order(), class_weights,
+        val_rows, val_sampler.order(), class_weights, batch,
     )
 
 

@@ -74,19 +74,29 @@ CHECK_EVERY = 20  # steps between reads of the loss on the host: each read makes
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: DeviceBatch, *, epoch: int,
-                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None, reduce=None) -> dict:
-    """Returns mean loss, images, seconds and the fraction of time spent waiting for data. The loss is summed
-    on the device and read every CHECK_EVERY steps, so the CPU queues work ahead instead of syncing each step;
-    a NaN or infinite loss raises NonFiniteLoss then. `reduce` averages a number over data-parallel ranks, so
-    every rank sees the same loss and they stop together."""
+                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None, reduce=None,
+                    stop=None, carry: dict | None = None) -> dict:
+    """Train one epoch (or, with `carry` from a stopped run, the rest of it: the loader already skips the
+    steps done). Returns the mean loss, images, seconds, the fraction of time spent waiting for data, and
+    `completed`; with `completed` False (a stop was requested) also the sums needed to carry on later.
+
+    The loss is summed on the device and read every CHECK_EVERY steps, so the CPU queues work ahead instead of
+    syncing each step; a NaN or infinite loss raises NonFiniteLoss then. `reduce` averages a number over
+    data-parallel ranks, so every rank sees the same loss and stop request and they act together."""
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev.device)
-    total_loss, images, wait = 0.0, 0, 0.0
-    n_batches = min(len(loader), max_batches) if max_batches else len(loader)
-    start = tick = time.perf_counter()
-    bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
-    for step, (x, y, _) in enumerate(loader):
+    carry = carry or {"steps": 0, "loss_sum": 0.0, "images": 0, "seconds": 0.0, "wait": 0.0}
+    first = carry["steps"]
+    loss_sum = torch.tensor(carry["loss_sum"], dtype=torch.float64, device=dev.device)
+    total_loss, images, wait = carry["loss_sum"], carry["images"], carry["wait"]
+    n_batches = first + len(loader)
+    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    start = tick = time.perf_counter() - carry["seconds"]
+    completed, step = True, first - 1
+    bar = tqdm(total=n_batches, initial=first, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               disable=None)
+    for step, (x, y, _) in enumerate(loader, start=first):
         if step >= n_batches:
+            step -= 1
             break
         wait += time.perf_counter() - tick
         step_seed = sample_seed(seed, epoch, step)
@@ -104,7 +114,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
             optimizer.step()
         loss_sum += loss.detach().double() * len(y)
         images += len(y)
-        if (step + 1) % CHECK_EVERY == 0 or step + 1 == n_batches:
+        check = (step + 1) % CHECK_EVERY == 0 or step + 1 == n_batches
+        stopping = stop is not None and (bool(stop) if reduce is None else check and reduce(float(bool(stop))) > 0)
+        if check or stopping:
             total_loss = loss_sum.item() if reduce is None else reduce(loss_sum.item())
             if not math.isfinite(total_loss):
                 bar.close()
@@ -113,10 +125,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
             bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
         bar.update()
         tick = time.perf_counter()
+        if stopping and step + 1 < n_batches:
+            completed = False
+            break
     bar.close()
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds,
-            "data_wait": wait / seconds if seconds else 0.0}
+            "data_wait": wait / seconds if seconds else 0.0, "completed": completed,
+            "carry": {"steps": step + 1, "loss_sum": total_loss, "images": images, "seconds": seconds, "wait": wait}}
 
 
 @torch.inference_mode()
