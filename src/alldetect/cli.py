@@ -51,6 +51,24 @@ def _bench(a):
                         a.out, a.cache_dir))
 
 
+def _predict(a):
+    from alldetect.engine.predict import predict_command
+
+    predict_command(a.runs, a.data, a.name, a.overrides)
+
+
+def _ensemble(a):
+    from alldetect.ensemble import ensemble_command
+
+    ensemble_command(a.runs, a.oof, a.name, a.overrides, a.out)
+
+
+def _evaluate(a):
+    from alldetect.engine.evaluate import evaluate_command
+
+    evaluate_command(a.submission, a.labels)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -109,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="also append the table to this file")
     s.set_defaults(func=_bench)
+
+    # key=value options (tta=d8, weights=oof, ...) may sit among the run folders; the command tells them apart.
+    s = sub.add_parser("predict", help="run trained models over a folder of images: runs/<arch>/fold<k>/pred_<NAME>.csv",
+                       epilog="options (key=value): tta=none|flip|d8 (default none; d8 = the 8 rotations and flips), "
+                              "batch_size=64, num_workers=2, device=auto|cpu|cuda|cuda:N")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
+                   "and key=value options")
+    s.add_argument("--data", required=True, metavar="DIR", help="images in any layout alldetect reads")
+    s.add_argument("--name", required=True, help="name of this prediction set, e.g. prelim (pred_<NAME>.csv)")
+    s.set_defaults(func=_predict, overrides=[])
+
+    s = sub.add_parser("ensemble", help="average runs' softmax outputs: score OOF (--oof) or write a submission (--name)",
+                       epilog="options (key=value): weights=equal|oof (default equal; oof: non-negative weights fitted "
+                              "on out-of-fold predictions), threshold=0.5|oof|NUMBER (default 0.5; oof: maximise "
+                              "weighted F1 on out-of-fold predictions)")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
+                   "and key=value options")
+    s.add_argument("--oof", action="store_true", help="score the out-of-fold predictions of members and ensemble")
+    s.add_argument("--name", help="combine the predictions `predict --name NAME` made into submissions/<NAME>.csv")
+    s.add_argument("--out", default="submissions", help="output folder (default submissions)")
+    s.set_defaults(func=_ensemble, overrides=[])
+
+    s = sub.add_parser("evaluate", help="score a submission CSV against a C-NMC labels file")
+    s.add_argument("submission", help="submissions/<NAME>.csv")
+    s.add_argument("--labels", required=True, help="C-NMC_test_prelim_phase_data_labels.csv (Patient_ID,new_names,labels)")
+    s.set_defaults(func=_evaluate)
     return p
 
 
