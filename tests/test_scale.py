@@ -103,3 +103,11 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_demo
     oof_b = pd.read_csv(workdir / "ddp/alexnet/fold0/oof.csv")
     assert list(oof_a["path"]) == list(oof_b["path"])
     np.testing.assert_allclose(oof_a["prob_all"], oof_b["prob_all"], atol=1e-3)
+
+
+def test_cache_command_builds_the_cache_training_reads(tiny_demo, workdir, capsys):
+    from alldetect.cli import main
+
+    assert main(["cache", "proposed", "input_size=40", "data.k=3", f"data.root={tiny_demo}"]) == 0
+    assert "cache ready" in capsys.readouterr().out
+    assert len(list((workdir / "data/cache").glob("demo-*-c400-s40.u8"))) == 1
