@@ -38,6 +38,37 @@ def _models(a):
     print(models_table(a.names or None).to_string(index=False))
 
 
+def _cache(a):
+    from alldetect.engine.train import cache_command
+
+    print(cache_command(a.arch, a.overrides, a.config))
+
+
+def _bench(a):
+    from alldetect.bench import bench_command
+
+    print(bench_command(a.kind, a.data, a.images, a.workers, a.archs, a.steps, a.max_batch, a.compile, a.device,
+                        a.out, a.cache_dir))
+
+
+def _predict(a):
+    from alldetect.engine.predict import predict_command
+
+    predict_command(a.runs, a.data, a.name, a.overrides)
+
+
+def _ensemble(a):
+    from alldetect.ensemble import ensemble_command
+
+    ensemble_command(a.runs, a.oof, a.name, a.overrides, a.out)
+
+
+def _evaluate(a):
+    from alldetect.engine.evaluate import evaluate_command
+
+    evaluate_command(a.submission, a.labels)
+
+
 def _tune(a):
     from alldetect.tune import tune_command
 
@@ -84,6 +115,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", help="architectures to list (default: the report's five)")
     s.set_defaults(func=_models)
 
+    s = sub.add_parser("cache", help="decode, crop and resize every image once for ARCH's input size (data.cache)")
+    s.add_argument("arch")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input_size=224")
+    s.add_argument("--config", action="append", default=[], metavar="FILE")
+    s.set_defaults(func=_cache)
+
+    s = sub.add_parser("bench", help="benchmarks: data pipeline or models, ratios measured side by side")
+    s.add_argument("kind", choices=["pipeline", "models"])
+    s.add_argument("archs", nargs="*", help="models: architectures (default: the report's five)")
+    s.add_argument("--data", help="pipeline: data folder (default: the demo data)")
+    s.add_argument("--images", type=int, default=320, help="pipeline: images to use")
+    s.add_argument("--workers", type=int, default=2, help="pipeline: loader workers")
+    s.add_argument("--cache-dir", default="data/cache", help="pipeline: where the decoded-image cache goes")
+    s.add_argument("--steps", type=int, help="models: timed steps (default 20 on CUDA, 2 on the CPU)")
+    s.add_argument("--max-batch", type=int, help="models: cap on the config's batch size (default 8 on the CPU)")
+    s.add_argument("--compile", action="store_true", help="models: add torch.compile to the optimised settings")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", help="also append the table to this file")
+    s.set_defaults(func=_bench)
+
+    # key=value options (tta=d8, weights=oof, ...) may sit among the run folders; the command tells them apart.
+    s = sub.add_parser("predict", help="run trained models over a folder of images: runs/<arch>/fold<k>/pred_<NAME>.csv",
+                       epilog="options (key=value): tta=none|flip|d8 (default none; d8 = the 8 rotations and flips), "
+                              "batch_size=64, num_workers=2, device=auto|cpu|cuda|cuda:N")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
+                   "and key=value options")
+    s.add_argument("--data", required=True, metavar="DIR", help="images in any layout alldetect reads")
+    s.add_argument("--name", required=True, help="name of this prediction set, e.g. prelim (pred_<NAME>.csv)")
+    s.set_defaults(func=_predict, overrides=[])
+
+    s = sub.add_parser("ensemble", help="average runs' softmax outputs: score OOF (--oof) or write a submission (--name)",
+                       epilog="options (key=value): weights=equal|oof (default equal; oof: non-negative weights fitted "
+                              "on out-of-fold predictions), threshold=0.5|oof|NUMBER (default 0.5; oof: maximise "
+                              "weighted F1 on out-of-fold predictions)")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
+                   "and key=value options")
+    s.add_argument("--oof", action="store_true", help="score the out-of-fold predictions of members and ensemble")
+    s.add_argument("--name", help="combine the predictions `predict --name NAME` made into submissions/<NAME>.csv")
+    s.add_argument("--out", default="submissions", help="output folder (default submissions)")
+    s.set_defaults(func=_ensemble, overrides=[])
+
+    s = sub.add_parser("evaluate", help="score a submission CSV against a C-NMC labels file")
+    s.add_argument("submission", help="submissions/<NAME>.csv")
+    s.add_argument("--labels", required=True, help="C-NMC_test_prelim_phase_data_labels.csv (Patient_ID,new_names,labels)")
+    s.set_defaults(func=_evaluate)
+
     s = sub.add_parser("tune", help="Optuna study of ARCH's hyperparameters; writes configs/tuned/<arch>.yaml")
     s.add_argument("arch", help="proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config overrides, e.g. epochs=20")
@@ -115,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(args.verbose)
+    from alldetect.engine.stopping import StopRequested
     from alldetect.errors import UserError
 
     try:
@@ -124,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        return 143  # 128 + SIGTERM, as schedulers expect of a job that was asked to stop
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,6 +30,8 @@ class DataConfig(_Section):
     crop: int = Field(400, ge=0)  # centre crop (px) before resizing: the report's 450 -> 400; 0 = none
     num_workers: int = Field(2, ge=0)
     skip_bad: bool = False
+    cache: bool = False  # decoded-image cache (crop + resize done once) shared by every run of that size
+    cache_dir: str = "data/cache"
 
 
 class AugConfig(_Section):
@@ -73,6 +75,7 @@ class Config(_Section):
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); always fp32 on the CPU
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile on CUDA
+    augment_on: Literal["cpu", "gpu"] = "cpu"  # gpu: flips/rotations/jitter on whole batches on the device
     max_batches: int = Field(0, ge=0)  # cap on training batches per epoch (smoke tests); 0 = all
     wandb: Literal["auto", "offline", "online", "off"] = "auto"  # auto: $WANDB_MODE, else offline
     resume: bool = False

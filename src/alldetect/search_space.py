@@ -23,7 +23,8 @@ from alldetect.errors import UserError
 
 # Keys that pick the data, the split, the run's place or bookkeeping: searching them compares nothing.
 NOT_SEARCHABLE = {"arch", "study", "runs_dir", "folds_dir", "resume", "overwrite", "wandb", "device", "tuned",
-                  "data.root", "data.fold_file", "data.k", "data.split_by", "data.skip_bad", "data.num_workers"}
+                  "data.root", "data.fold_file", "data.k", "data.split_by", "data.skip_bad", "data.num_workers",
+                  "data.cache", "data.cache_dir"}
 FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
           "categorical": {"choices"}}
 

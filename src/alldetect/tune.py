@@ -35,8 +35,8 @@ log = logging.getLogger("alldetect")
 PRUNERS = ("median", "hyperband", "none")
 # Settings that may differ between the workers and the runs of one study: where things are, which device.
 RUNTIME_KEYS = {"arch", "study", "tuned", "runs_dir", "folds_dir", "resume", "overwrite", "wandb", "device", "amp",
-                "channels_last", "compile", "pretrained_path", "data.root", "data.fold_file", "data.num_workers",
-                "data.skip_bad"}
+                "channels_last", "compile", "pretrained_path", "augment_on", "data.root", "data.fold_file",
+                "data.num_workers", "data.skip_bad", "data.cache", "data.cache_dir"}
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):

@@ -1,28 +1,32 @@
-"""Dataset, sampler and loaders. Images come out as uint8 CHW tensors; the device normalises them."""
+"""Dataset, sampler and loaders. Images come out as uint8 H x W x 3 tensors (no transposing copy in the
+workers); the device permutes them to N x 3 x H x W (channels_last in memory) and normalises them."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from alldetect.data.images import preprocess, read_rgb
-from alldetect.data.transforms import apply_transform, sample_seed
+from alldetect.data.transforms import sample_seed
 
 
 class CellDataset(Dataset):
-    """Reads, crops, resizes and (for training) augments one image.
+    """Reads, crops, resizes and (for training) augments images.
 
     The sampler passes `epoch * len(self) + i`, so each worker knows the epoch without shared state, and the
-    augmentation of image i in epoch e is the same in every run with this seed."""
+    augmentation of image i in epoch e is the same in every run with this seed. `__getitems__` builds a whole
+    batch in one buffer (shared memory inside a loader worker), so flipped views of cached rows are copied
+    once, straight into the batch."""
 
     def __init__(self, root: Path, paths: list[str], labels: list[int], crop: int, size: int,
                  transform=None, seed: int = 0, image_source=None):
         self.root, self.paths, self.labels = Path(root), list(paths), np.asarray(labels, dtype=np.int64)
         self.crop, self.size, self.transform, self.seed = crop, size, transform, seed
-        self.image_source = image_source  # optional decoded-image cache: index -> preprocessed uint8 HWC
+        self.image_source = image_source  # optional decoded-image cache: index -> preprocessed uint8 HWC view
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -32,11 +36,31 @@ class CellDataset(Dataset):
             return self.image_source(i)
         return preprocess(read_rgb(self.root / self.paths[i]), self.crop, self.size)
 
-    def __getitem__(self, item: int):
+    def _image(self, item: int) -> tuple[np.ndarray, int]:
         epoch, i = divmod(int(item), len(self.paths))
-        img = apply_transform(self.transform, self.load(i), sample_seed(self.seed, epoch, i))
-        tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-        return tensor, int(self.labels[i]), i
+        img = self.load(i)
+        if self.transform is not None:
+            img = self.transform.view(img, sample_seed(self.seed, epoch, i))
+        return img, i
+
+    def __getitem__(self, item: int):
+        images, labels, rows = self.__getitems__([item])
+        return images[0], int(labels[0]), int(rows[0])
+
+    def __getitems__(self, items: list[int]):
+        images = torch.empty((len(items), self.size, self.size, 3), dtype=torch.uint8)
+        if get_worker_info() is not None:  # what default_collate does: no copy when sent to the main process
+            images = images.share_memory_()
+        buffer = images.numpy()
+        rows = np.empty(len(items), dtype=np.int64)
+        for j, item in enumerate(items):
+            buffer[j], rows[j] = self._image(item)
+        return images, torch.from_numpy(self.labels[rows]), torch.from_numpy(rows)
+
+
+def _batched(batch):
+    """collate_fn for CellDataset.__getitems__, which already returns a whole batch."""
+    return batch
 
 
 class EpochSampler(Sampler[int]):
@@ -46,10 +70,11 @@ class EpochSampler(Sampler[int]):
     def __init__(self, n: int, seed: int, shuffle: bool = True, weights: np.ndarray | None = None,
                  rank: int = 0, world: int = 1):
         self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
-        self.rank, self.world, self.epoch = rank, world, 0
+        self.rank, self.world, self.epoch, self.skip = rank, world, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start `epoch`, leaving out its first `skip` samples (those of a resumed, half-done epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def order(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -66,16 +91,23 @@ class EpochSampler(Sampler[int]):
         return idx
 
     def __iter__(self):
-        return iter((self.epoch * self.n + self.order()).tolist())
+        return iter((self.epoch * self.n + self.order()[self.skip:]).tolist())
 
     def __len__(self) -> int:
-        return -(-self.n // self.world)
+        return -(-self.n // self.world) - self.skip
+
+
+def _worker_init(_: int) -> None:
+    # The main process decides when to stop on SIGINT/SIGTERM (after the current step, with a checkpoint);
+    # workers that died first would break that step. They end with the main process anyway.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: CellDataset, batch_size: int, sampler: Sampler, num_workers: int,
                 pin_memory: bool, drop_last: bool = False) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        drop_last=drop_last, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        drop_last=drop_last, collate_fn=_batched, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init,
     )

@@ -11,6 +11,7 @@ shape. The data are synthetic: they say nothing about real accuracy.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def subject_stain(rng: np.random.Generator) -> np.ndarray:
 
 
 def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, seed: int = 0,
-                   workers: int = 2) -> Path:
+                   workers: int | None = None) -> Path:
     """Write the demo set under out/C-NMC_training_data/fold_{0,1,2}/{all,hem}/ and a README; return `out`."""
     if subjects < 6:
         raise UserError(f"--subjects {subjects}: the demo data need at least 6 subjects (3 folds x 2 classes)")
@@ -129,7 +130,7 @@ def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, s
             name = f"UID_{subject}_{i // 3 + 1}_{i % 3 + 1}_{cls}.bmp"
             cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:  # each subject has its own generator
         list(pool.map(write_subject, jobs))
     write_text(out / "README.md", README.format(subjects=subjects, per_subject=per_subject, seed=seed))
     return out

@@ -69,6 +69,9 @@ def drop_bad_images(manifest: pd.DataFrame, root: Path, skip_bad: bool) -> tuple
             "or pass --skip-bad (data.skip_bad=true) to leave them out and list them"
         )
     keep = manifest[~manifest["path"].isin(bad["path"])].reset_index(drop=True)
+    if keep.empty:
+        raise UserError(f"none of the {len(manifest)} image(s) under {root} can be used (e.g. {bad['path'].iloc[0]}: "
+                        f"{bad['problem'].iloc[0]}); alldetect reads 24-bit RGB images")
     sizes = info[info["problem"] == ""].set_index("path")[["width", "height"]]
     keep = keep.join(sizes, on="path")
     return keep, bad[["path", "problem"]].reset_index(drop=True)

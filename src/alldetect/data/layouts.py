@@ -125,7 +125,12 @@ def _numbered_or_plain(root: Path, paths: list[str]) -> pd.DataFrame | None:
     return None  # a single class folder: let _class_folders say that one class is not enough
 
 
-def _with_labels(root: Path, paths: list[str], labels_file: Path) -> pd.DataFrame:
+def read_labels_file(labels_file: str | Path) -> pd.DataFrame:
+    """A C-NMC labels file (`Patient_ID,new_names,labels`) as new_names, label (0/1) and subject, checked:
+    readable, the three columns, labels 0 or 1, each image once."""
+    labels_file = Path(labels_file)
+    if not labels_file.is_file():
+        raise UserError(f"labels file {labels_file} does not exist")
     try:
         table = pd.read_csv(labels_file, dtype=str)
     except Exception as e:  # pandas raises many kinds for a broken CSV
@@ -138,6 +143,20 @@ def _with_labels(root: Path, paths: list[str], labels_file: Path) -> pd.DataFram
             f"expected the header Patient_ID,new_names,labels (found {','.join(table.columns)})"
         )
     table = table.dropna(how="all")
+    bad_labels = table.loc[~table["labels"].isin(["0", "1"]), "new_names"].tolist()
+    if bad_labels:
+        raise UserError(f"labels file {labels_file}: the labels column must be 0 (hem) or 1 (all); "
+                        f"rows for {short_list(bad_labels)} are not")
+    if table["new_names"].duplicated().any():
+        dup = table.loc[table["new_names"].duplicated(), "new_names"].tolist()
+        raise UserError(f"labels file {labels_file} lists {short_list(dup)} more than once")
+    subjects = [subject_of(str(p)) or str(p) for p in table["Patient_ID"]]
+    return pd.DataFrame({"new_names": table["new_names"].tolist(), "label": table["labels"].astype(int).tolist(),
+                         "subject": subjects})
+
+
+def _with_labels(root: Path, paths: list[str], labels_file: Path) -> pd.DataFrame:
+    table = read_labels_file(labels_file)
     by_name = {Path(p).name: p for p in paths}
     unknown = sorted(set(table["new_names"]) - set(by_name))
     if unknown:
@@ -146,19 +165,8 @@ def _with_labels(root: Path, paths: list[str], labels_file: Path) -> pd.DataFram
     unlabelled = sorted(set(by_name) - set(table["new_names"]), key=_numeric_key)
     if unlabelled:
         raise UserError(f"{len(unlabelled)} image(s) have no row in {labels_file}: {short_list(unlabelled)}")
-    bad_labels = table.loc[~table["labels"].isin(["0", "1"]), "new_names"].tolist()
-    if bad_labels:
-        raise UserError(f"labels file {labels_file}: the labels column must be 0 (hem) or 1 (all); "
-                        f"rows for {short_list(bad_labels)} are not")
-    if table["new_names"].duplicated().any():
-        dup = table.loc[table["new_names"].duplicated(), "new_names"].tolist()
-        raise UserError(f"labels file {labels_file} lists {short_list(dup)} more than once")
-    rows = []
-    for _, r in table.iterrows():
-        label = int(r["labels"])
-        rows.append(dict(path=by_name[r["new_names"]], label=label, label_name="all" if label else "hem",
-                         subject=subject_of(str(r["Patient_ID"])) or str(r["Patient_ID"]),
-                         source_layout="cnmc_prelim", official_fold=-1))
+    rows = [dict(path=by_name[r.new_names], label=r.label, label_name="all" if r.label else "hem",
+                 subject=r.subject, source_layout="cnmc_prelim", official_fold=-1) for r in table.itertuples()]
     return _frame(rows).sort_values("path", key=lambda s: s.map(_numeric_key))
 
 

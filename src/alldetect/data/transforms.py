@@ -1,5 +1,10 @@
-"""Training-only augmentations (albumentations), seeded per (run seed, epoch, image) so that a run is
-reproducible however many workers load it and whenever it is resumed."""
+"""Training-only augmentations, seeded per (run seed, epoch, image) so that a run is reproducible however many
+workers load it and whenever it is resumed.
+
+The report's rot90 / rot270 / flips are exact pixel permutations: composed as numpy views, then done in at
+most one OpenCV transpose and one flip (at 300 x 300 about 10x cheaper than four albumentations steps).
+Rotation by any angle and colour jitter, which resample, come from albumentations.
+"""
 
 from __future__ import annotations
 
@@ -16,34 +21,68 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def create_transform(aug: AugConfig) -> A.Compose | None:
-    """The report's rot90 / rot270 / flips (exact pixel permutations), plus optional any-angle rotation and
-    colour jitter. None when every probability is zero."""
-    steps: list[A.BasicTransform] = []
-    if aug.rot90:  # transpose + vertical flip = 90 degrees counter-clockwise
-        steps.append(A.Sequential([A.Transpose(p=1), A.VerticalFlip(p=1)], p=aug.rot90))
-    if aug.rot270:  # transpose + horizontal flip = 270 degrees counter-clockwise
-        steps.append(A.Sequential([A.Transpose(p=1), A.HorizontalFlip(p=1)], p=aug.rot270))
-    if aug.hflip:
-        steps.append(A.HorizontalFlip(p=aug.hflip))
-    if aug.vflip:
-        steps.append(A.VerticalFlip(p=aug.vflip))
-    if aug.rotate:  # the cell is round and sits on black, so any angle is safe
-        steps.append(A.Rotate(limit=180, border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.rotate))
-    if aug.color_jitter:
-        steps.append(A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.03, p=aug.color_jitter))
-    return A.Compose(steps, seed=0) if steps else None
+class Augment:
+    """image (H x W x 3 uint8), seed -> augmented image (contiguous)."""
+
+    def __init__(self, aug: AugConfig):
+        self.probs = np.array([aug.rot90, aug.rot270, aug.hflip, aug.vflip])
+        steps: list[A.BasicTransform] = []
+        if aug.rotate:  # the cell is round and sits on black, so any angle is safe
+            steps.append(A.Rotate(limit=180, border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.rotate))
+        if aug.color_jitter:
+            steps.append(A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.03, p=aug.color_jitter))
+        self.resampling = A.Compose(steps) if steps else None
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        return np.ascontiguousarray(self.view(image, seed))
+
+    def view(self, image: np.ndarray, seed: int) -> np.ndarray:
+        """The augmented image; `image` itself when nothing applies (so the caller copies it only once)."""
+        rng = np.random.default_rng(seed)
+        rot90, rot270, hflip, vflip = rng.random(4) < self.probs
+        if rot90:
+            image = np.rot90(image, 1)
+        if rot270:
+            image = np.rot90(image, 3)
+        if hflip:
+            image = image[:, ::-1]
+        if vflip:
+            image = image[::-1]
+        image = _materialise(image)
+        if self.resampling is not None:
+            # One shared generator for every step: albumentations' set_random_seed gives each child the
+            # *same* seed, which makes their coin flips identical.
+            self.resampling.set_random_state(rng, random.Random(seed))
+            image = self.resampling(image=np.ascontiguousarray(image))["image"]
+        return image
+
+
+def _materialise(view: np.ndarray) -> np.ndarray:
+    """Copy a flipped / quarter-turned view with OpenCV's vectorised transpose and flip: numpy copies views
+    with reversed or swapped pixel strides byte by byte, about 15x slower. A view of no change is returned
+    as it is (it copies fast)."""
+    s0, s1 = view.strides[:2]
+    sy, sx = (-1 if s0 < 0 else 1), (-1 if s1 < 0 else 1)
+    transposed = abs(s0) < abs(s1)
+    upright = view[::sy, ::sx]
+    if transposed:
+        upright = upright.transpose(1, 0, 2)
+    if not upright.flags.c_contiguous:  # not a view of one contiguous image: let numpy copy it
+        return np.ascontiguousarray(view)
+    out = cv2.transpose(upright) if transposed else upright
+    code = {(-1, -1): -1, (-1, 1): 0, (1, -1): 1}.get((sy, sx))
+    return out if code is None else cv2.flip(out, code)
+
+
+def create_transform(aug: AugConfig) -> Augment | None:
+    """None when every probability is zero."""
+    return Augment(aug) if any([aug.rot90, aug.rot270, aug.hflip, aug.vflip, aug.rotate, aug.color_jitter]) else None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A distinct, reproducible seed for one image in one epoch."""
+    """A distinct, reproducible seed for one image in one epoch (or one batch in one epoch)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def apply_transform(transform: A.Compose | None, image: np.ndarray, seed: int) -> np.ndarray:
-    if transform is None:
-        return image
-    # One shared generator for every step: albumentations' set_random_seed gives each child the *same* seed,
-    # which makes their coin flips identical (hflip always together with vflip).
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    return transform(image=image)["image"]
+def apply_transform(transform: Augment | None, image: np.ndarray, seed: int) -> np.ndarray:
+    return image if transform is None else transform(image, seed)

@@ -19,25 +19,31 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from alldetect.atomic import write_csv
 from alldetect.config import Config, save_config
+from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.folds import FoldFile
 from alldetect.data.transforms import create_transform
 from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
+from alldetect.engine.distributed import Dist, init_distributed
+from alldetect.engine.gpu_augment import BatchAugment
+from alldetect.engine.stopping import StopRequested, stop_on_signals
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, predict_probs, resolve_device, train_one_epoch
 from alldetect.errors import UserError
 from alldetect.metrics import score
 from alldetect.models import create_model, default_input_size
-from alldetect.tracking import start_tracker
+from alldetect.tracking import Tracker, start_tracker
 
 log = logging.getLogger("alldetect")
 
 # Keys that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "device", "data.num_workers",
-                     "data.root", "max_batches", "compile"}
+                     "data.root", "data.cache", "data.cache_dir",
+                     "max_batches", "compile", "augment_on"}
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "config.yaml")
 
 
@@ -64,32 +70,44 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
              on_epoch: Callable[[int, dict], None] | None = None, run_name: str | None = None,
              job_type: str = "train") -> FitResult:
     """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` may raise
-    to stop early (Optuna pruning). `run_name` names the W&B run (default <arch>-fold<k>)."""
+    to stop early (Optuna pruning). `run_name` names the W&B run (default <arch>-fold<k>). Under torchrun every
+    rank calls this; only rank 0 writes."""
     if not 0 <= fold < folds.k:
         raise UserError(f"fold{fold} does not exist: {folds.path} has folds fold0..fold{folds.k - 1}")
+    d = init_distributed()
     run_dir = Path(run_dir or run_dir_for(cfg, fold))
-    resume_state = _prepare_run_dir(cfg, run_dir)
+    resume_state = _prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
         cfg = _config_for_resume(cfg, resume_state, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if d.main:
+        save_config(cfg, run_dir / "config.yaml")
 
-    device = resolve_device(cfg.device)
+    device = torch.device("cuda", d.local_rank) if d.enabled and torch.cuda.is_available() else resolve_device(cfg.device)
     dev = DeviceBatch(device, cfg.channels_last, cfg.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest kernels for fixed shapes; CPU runs stay deterministic
     size = cfg.input_size or default_input_size(cfg.arch)
-    train_rows = folds.table[folds.table["fold"] != fold].reset_index(drop=True)
-    val_rows = folds.table[folds.table["fold"] == fold].reset_index(drop=True)
-    train_loader, val_loader, class_weights = _loaders(cfg, folds, train_rows, val_rows, size, device)
-
+    data = _fold_data(cfg, folds, fold, size, device, d)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, num_classes=2, dropout=cfg.dropout, pretrained=cfg.pretrained,
-                         pretrained_path=cfg.pretrained_path, input_size=size).to(device)
+                         pretrained_path=cfg.pretrained_path, input_size=size)
+    if d.enabled and device.type == "cuda":  # batch statistics over the global batch (SyncBN needs CUDA)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if dev.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
+    if d.main:
+        _check_free_space(cfg, model, run_dir)
     scheduler = _scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda") if dev.needs_scaler else None
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None)
-    forward_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    loss_fn = nn.CrossEntropyLoss(weight=data.class_weights.to(device) if data.class_weights is not None else None)
+    forward_model = model
+    if d.enabled:
+        forward_model = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if cfg.compile and device.type == "cuda":
+        forward_model = torch.compile(forward_model)
+    augment = BatchAugment(cfg.aug) if cfg.augment_on == "gpu" else None
 
     start_epoch, best, best_epoch, stale, wandb_id = 0, None, -1, 0, None
     history = pd.DataFrame()
@@ -104,49 +122,71 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         stale, wandb_id = resume_state["stale"], resume_state.get("wandb_id")
         if (run_dir / "history.csv").is_file():
             history = pd.read_csv(run_dir / "history.csv").query("epoch < @start_epoch")
-        log.info("resuming %s from epoch %d (best %s %.4f at epoch %d)", run_dir, start_epoch, cfg.monitor,
-                 best, best_epoch + 1)
+        partial = resume_state.get("partial")
+        where = f"epoch {start_epoch + 1}" + (f", batch {partial['steps'] + 1}" if partial else "")
+        so_far = f"best {cfg.monitor} {abs(best):.4f} at epoch {best_epoch + 1}" if best is not None else "no epoch done"
+        log.info("resuming %s from %s (%s)", run_dir, where, so_far)
 
-    tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
-                            config=cfg.to_dict(), job_type=job_type, resume_id=wandb_id)
+    partial = resume_state.get("partial") if resume_state is not None else None
+    tracker = Tracker()
+    if d.main:
+        tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
+                                config=cfg.to_dict(), job_type=job_type, resume_id=wandb_id)
     stopped_early, exit_code = False, 1
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if stale >= cfg.patience > 0:
-                stopped_early = True
-                break
-            train_loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(forward_model, train_loader, optimizer, scaler, loss_fn, dev, epoch=epoch,
-                                    seed=cfg.seed, max_batches=cfg.max_batches,
-                                    desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
-            probs, val_loss = predict_probs(forward_model, val_loader, dev, loss_fn, desc="validate")
-            metrics = score(val_rows["label"], probs[:, 1])
-            metrics["loss"] = val_loss
-            value = -val_loss if cfg.monitor == "loss" else metrics[cfg.monitor]
-            improved = best is None or value > best
-            if improved:
-                best, best_epoch, stale = value, epoch, 0
-            else:
-                stale += 1
-            row = _history_row(epoch, stats, metrics, optimizer)
-            history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-            write_csv(run_dir / "history.csv", history)
-            state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale,
-                                tracker.run_id, metrics, folds)
-            if improved:
-                save_checkpoint(run_dir / "best.pt", state)
-                _write_oof(run_dir, val_rows, probs, fold)
-            save_checkpoint(run_dir / "last.pt", state)
-            if scheduler is not None:
-                scheduler.step()
-            tracker.log({**{f"val/{k}": v for k, v in metrics.items() if k != "confusion"},
-                         "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
-                         "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
-            tqdm.write(_epoch_line(cfg, fold, epoch, stats, metrics, improved))
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+        with stop_on_signals() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                if stale >= cfg.patience > 0:
+                    stopped_early = True
+                    break
+                if stop:
+                    raise StopRequested(f"stopped by {stop.signal_name} after epoch {epoch}; {run_dir / 'last.pt'} "
+                                        "holds it: continue with the same command and resume=true")
+                carry = partial if partial is not None and partial["epoch"] == epoch else None
+                data.train_loader.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
+                stats = train_one_epoch(forward_model, data.train_loader, optimizer, scaler, loss_fn, dev,
+                                        epoch=epoch, seed=cfg.seed, max_batches=cfg.max_batches,
+                                        augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
+                                        carry=carry, desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
+                if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
+                    if d.main:
+                        state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch - 1, best, best_epoch,
+                                            stale, tracker.run_id, None, folds)
+                        save_checkpoint(run_dir / "last.pt", {**state, "partial": {"epoch": epoch, **stats["carry"]}})
+                    raise StopRequested(
+                        f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
+                        f"{run_dir / 'last.pt'} holds it: continue with the same command and resume=true")
+                probs, val_loss = predict_probs(forward_model, data.val_loader, dev, loss_fn, desc="validate")
+                probs = d.gather_rows(data.val_order, probs, len(data.val_rows))
+                metrics = score(data.val_rows["label"], probs[:, 1])
+                metrics["loss"] = d.mean(val_loss)
+                value = -metrics["loss"] if cfg.monitor == "loss" else metrics[cfg.monitor]
+                improved = best is None or value > best
+                if improved:
+                    best, best_epoch, stale = value, epoch, 0
+                else:
+                    stale += 1
+                row = _history_row(epoch, stats, metrics, optimizer, d.world)
+                history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+                if scheduler is not None:
+                    scheduler.step()
+                if d.main:
+                    write_csv(run_dir / "history.csv", history)
+                    state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale,
+                                        tracker.run_id, metrics, folds)
+                    if improved:
+                        save_checkpoint(run_dir / "best.pt", state)
+                        _write_oof(run_dir, data.val_rows, probs, fold)
+                    save_checkpoint(run_dir / "last.pt", state)
+                    tracker.log({**{f"val/{k}": v for k, v in metrics.items() if k != "confusion"},
+                                 "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
+                                 "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
+                    tqdm.write(_epoch_line(cfg, fold, epoch, row, improved))
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
         if best is None:
             raise UserError(f"{run_dir} finished without a completed epoch")
+        d.barrier()  # rank 0 has written best.pt
         best_state = load_checkpoint(run_dir / "best.pt")
         tracker.summary({"best_epoch": best_epoch + 1, **{f"best/{k}": v for k, v in best_state["metrics"].items()
                                                           if k != "confusion"}})
@@ -154,15 +194,47 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     except NonFiniteLoss as e:
         raise TrainingDiverged(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
                         "Try a lower lr (e.g. lr=1e-4) or class_balance=none") from None
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(_out_of_memory(cfg, size)) from None
     finally:
         tracker.finish(exit_code)
     return FitResult(run_dir, best_epoch, abs(best) if cfg.monitor == "loss" else best,
                      best_state["metrics"], len(history), stopped_early, history)
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path) -> dict | None:
-    """Refuse to overwrite a run by accident; return the last.pt state when resuming."""
+def _check_free_space(cfg: Config, model: nn.Module, run_dir: Path) -> None:
+    """Fail now, not after the first epoch, when best.pt + last.pt + a temporary copy would not fit."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = {"sgd": 1 if cfg.momentum else 0, "adam": 2, "adamw": 2}[cfg.optimizer]
+    needed = 3 * weights * (1 + slots)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UserError(f"only {free / 2**20:.0f} MiB free where {run_dir} lies; this run's checkpoints need about "
+                        f"{needed / 2**20:.0f} MiB (best.pt, last.pt and a temporary copy). Free some space or "
+                        "choose another runs_dir=")
+
+
+def _out_of_memory(cfg: Config, size: int) -> str:
+    smaller = max(1, cfg.batch_size // 2)
+    return (f"the GPU ran out of memory training {cfg.arch} at batch_size={cfg.batch_size}, input {size} x {size}. "
+            f"Try batch_size={smaller}" + ("" if cfg.amp else ", amp=true") + ", or a smaller input_size; "
+            "resume=true continues from the last completed epoch")
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:
+    """Refuse to overwrite a run by accident; return the last.pt state when resuming. Rank 0 checks and
+    prepares the folder; the other ranks wait for it, then read the same checkpoint."""
     last = run_dir / "last.pt"
+    if not d.main:
+        d.barrier()
+        return load_checkpoint(last) if cfg.resume and last.is_file() else None
+    try:
+        return _prepare_on_main(cfg, run_dir, last)
+    finally:
+        d.barrier()
+
+
+def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
     if cfg.overwrite and run_dir.exists():
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
@@ -172,6 +244,8 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> dict | None:
                         "overwrite=true (or choose another runs_dir=)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
+            stale_tmp.unlink()
         probe = run_dir / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -204,26 +278,52 @@ def _config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
     return cfg
 
 
-def _loaders(cfg: Config, folds: FoldFile, train_rows, val_rows, size: int, device: torch.device):
+@dataclass
+class FoldData:
+    train_loader: object
+    val_loader: object
+    val_rows: pd.DataFrame
+    val_order: np.ndarray  # dataset rows this rank validates, in loader order
+    class_weights: torch.Tensor | None
+    batch: int  # per process
+
+
+def _fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch.device, d: Dist) -> FoldData:
+    train_rows = folds.table[folds.table["fold"] != fold].reset_index(drop=True)
+    val_rows = folds.table[folds.table["fold"] == fold].reset_index(drop=True)
     labels = train_rows["label"].to_numpy()
     if len(np.unique(labels)) < 2 or val_rows.empty:
         raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
+    if cfg.batch_size % d.world:
+        raise UserError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {d.world} processes")
     counts = np.bincount(labels, minlength=2).astype(float)
-    class_weights = None
-    sample_weights = None
+    class_weights = sample_weights = None
     if cfg.class_balance == "loss":
         class_weights = torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32)
     elif cfg.class_balance == "sampler":
         sample_weights = 1.0 / counts[labels]
-    transform = create_transform(cfg.aug)
-    train_ds = CellDataset(folds.data_root, train_rows["path"], labels, cfg.data.crop, size, transform, cfg.seed)
-    val_ds = CellDataset(folds.data_root, val_rows["path"], val_rows["label"], cfg.data.crop, size, None, cfg.seed)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_ds, cfg.batch_size, EpochSampler(len(train_ds), cfg.seed, True, sample_weights),
-                               cfg.data.num_workers, pin, drop_last=len(train_ds) > cfg.batch_size)
-    val_loader = make_loader(val_ds, cfg.batch_size, EpochSampler(len(val_ds), cfg.seed, shuffle=False),
-                             cfg.data.num_workers, pin)
-    return train_loader, val_loader, class_weights
+    train_source = val_source = None
+    if cfg.data.cache:
+        paths = folds.table["path"].tolist()
+        if d.main:  # one rank builds it, the others open it once it is there
+            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
+        d.barrier()
+        if not d.main:
+            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
+        train_source, val_source = cache.source(train_rows["path"]), cache.source(val_rows["path"])
+    transform = create_transform(cfg.aug) if cfg.augment_on == "cpu" else None
+    train_ds = CellDataset(folds.data_root, train_rows["path"], labels, cfg.data.crop, size, transform, cfg.seed,
+                           train_source)
+    val_ds = CellDataset(folds.data_root, val_rows["path"], val_rows["label"], cfg.data.crop, size, None, cfg.seed,
+                         val_source)
+    pin, batch = device.type == "cuda", cfg.batch_size // d.world
+    train_sampler = EpochSampler(len(train_ds), cfg.seed, True, sample_weights, d.rank, d.world)
+    val_sampler = EpochSampler(len(val_ds), cfg.seed, False, None, d.rank, d.world)
+    return FoldData(
+        make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin, drop_last=len(train_ds) > cfg.batch_size),
+        make_loader(val_ds, batch, val_sampler, cfg.data.num_workers, pin),
+        val_rows, val_sampler.order(), class_weights, batch,
+    )
 
 
 def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -261,18 +361,18 @@ def _write_oof(run_dir: Path, val_rows: pd.DataFrame, probs: np.ndarray, fold: i
     write_csv(run_dir / "oof.csv", oof)
 
 
-def _history_row(epoch: int, stats: dict, metrics: dict, optimizer) -> dict:
+def _history_row(epoch: int, stats: dict, metrics: dict, optimizer, world: int = 1) -> dict:
     return {
         "epoch": epoch, "train_loss": round(stats["loss"], 6), "val_loss": round(metrics["loss"], 6),
         **{k: round(metrics[k], 6) for k in ("f1", "accuracy", "precision", "recall", "roc_auc")},
         "lr": optimizer.param_groups[0]["lr"], "seconds": round(stats["seconds"], 2),
-        "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 1),
+        "images_per_s": round(world * stats["images"] / max(stats["seconds"], 1e-9), 1),
         "data_wait": round(stats["data_wait"], 4),
     }
 
 
-def _epoch_line(cfg: Config, fold: int, epoch: int, stats: dict, m: dict, improved: bool) -> str:
+def _epoch_line(cfg: Config, fold: int, epoch: int, row: dict, improved: bool) -> str:
     star = " *" if improved else ""
-    return (f"{cfg.arch} fold{fold} epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['loss']:.4f}  "
-            f"val_loss {m['loss']:.4f}  f1 {m['f1']:.4f}  acc {m['accuracy']:.4f}  auc {m['roc_auc']:.4f}  "
-            f"{stats['images'] / max(stats['seconds'], 1e-9):.0f} img/s{star}")
+    return (f"{cfg.arch} fold{fold} epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  f1 {row['f1']:.4f}  acc {row['accuracy']:.4f}  "
+            f"auc {row['roc_auc']:.4f}  {row['images_per_s']:.0f} img/s  wait {row['data_wait']:.0%}{star}")

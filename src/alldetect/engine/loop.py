@@ -38,17 +38,22 @@ class DeviceBatch:
         self.device = device
         self.cuda = device.type == "cuda"
         self.channels_last = channels_last and self.cuda
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.amp_dtype = None
         if amp and self.cuda:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def images(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return (x.float() - self.mean) / self.std
+    def images(self, batch: torch.Tensor, augment=None, seed: int = 0) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> normalised float N x 3 x H x W on the device (channels_last in memory on
+        CUDA). `augment(x01, seed)` runs on [0, 1] values."""
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a view: NHWC memory = channels_last
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=layout)
+        if augment is not None:
+            x = augment(x.div_(255), seed)
+            return (x - self.mean) / self.std
+        return x.sub_(self.mean * 255).mul_(1 / (self.std * 255))
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -65,27 +70,40 @@ def logits_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+CHECK_EVERY = 20  # steps between reads of the loss on the host: each read makes the CPU wait for the GPU
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: DeviceBatch, *, epoch: int,
-                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None) -> dict:
-    """Returns mean loss, images, seconds and the fraction of time spent waiting for data."""
+                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None, reduce=None,
+                    stop=None, carry: dict | None = None) -> dict:
+    """Train one epoch (or, with `carry` from a stopped run, the rest of it: the loader already skips the
+    steps done). Returns the mean loss, images, seconds, the fraction of time spent waiting for data, and
+    `completed`; with `completed` False (a stop was requested) also the sums needed to carry on later.
+
+    The loss is summed on the device and read every CHECK_EVERY steps, so the CPU queues work ahead instead of
+    syncing each step; a NaN or infinite loss raises NonFiniteLoss then. `reduce` averages a number over
+    data-parallel ranks, so every rank sees the same loss and stop request and they act together."""
     model.train()
-    total_loss, images, wait = 0.0, 0, 0.0
-    n_batches = min(len(loader), max_batches) if max_batches else len(loader)
-    start = tick = time.perf_counter()
-    bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
-    for step, (x, y, _) in enumerate(loader):
+    carry = carry or {"steps": 0, "loss_sum": 0.0, "images": 0, "seconds": 0.0, "wait": 0.0}
+    first = carry["steps"]
+    loss_sum = torch.tensor(carry["loss_sum"], dtype=torch.float64, device=dev.device)
+    total_loss, images, wait = carry["loss_sum"], carry["images"], carry["wait"]
+    n_batches = first + len(loader)
+    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    start = tick = time.perf_counter() - carry["seconds"]
+    completed, step = True, first - 1
+    bar = tqdm(total=n_batches, initial=first, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               disable=None)
+    for step, (x, y, _) in enumerate(loader, start=first):
         if step >= n_batches:
+            step -= 1
             break
         wait += time.perf_counter() - tick
-        torch.manual_seed(sample_seed(seed, epoch, step))  # dropout is a function of (seed, epoch, step)
-        x, y = dev.images(x), y.to(dev.device, non_blocking=True)
-        if augment_batch is not None:
-            x = augment_batch(x, sample_seed(seed, epoch, step))
+        step_seed = sample_seed(seed, epoch, step)
+        torch.manual_seed(step_seed)  # dropout (and GPU augmentation) are functions of (seed, epoch, step)
+        x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
         with dev.autocast():
             loss = loss_fn(logits_of(model(x)), y)
-        if not math.isfinite(loss.item()):
-            bar.close()
-            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -94,16 +112,27 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
         else:
             loss.backward()
             optimizer.step()
-        total_loss += loss.item() * len(y)
+        loss_sum += loss.detach().double() * len(y)
         images += len(y)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / elapsed:.1f}")
+        check = (step + 1) % CHECK_EVERY == 0 or step + 1 == n_batches
+        stopping = stop is not None and (bool(stop) if reduce is None else check and reduce(float(bool(stop))) > 0)
+        if check or stopping:
+            total_loss = loss_sum.item() if reduce is None else reduce(loss_sum.item())
+            if not math.isfinite(total_loss):
+                bar.close()
+                raise NonFiniteLoss(f"the training loss became {total_loss} at epoch {epoch + 1} "
+                                    f"(by batch {step + 1})")
+            bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
         bar.update()
         tick = time.perf_counter()
+        if stopping and step + 1 < n_batches:
+            completed = False
+            break
     bar.close()
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds,
-            "data_wait": wait / seconds if seconds else 0.0}
+            "data_wait": wait / seconds if seconds else 0.0, "completed": completed,
+            "carry": {"steps": step + 1, "loss_sum": total_loss, "images": images, "seconds": seconds, "wait": wait}}
 
 
 @torch.inference_mode()

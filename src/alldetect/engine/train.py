@@ -49,6 +49,19 @@ def train_command(arch: str, fold_spec: str, overrides: list[str], files: list[s
     return results
 
 
+def cache_command(arch: str, overrides: list[str], files: list[str] | None = None) -> str:
+    """Build the decoded-image cache that `data.cache=true` runs of this architecture and size will read."""
+    from alldetect.data.cache import image_cache
+    from alldetect.models import default_input_size
+
+    cfg, _ = resolve_config(arch, overrides, files or [])
+    folds = resolve_folds(cfg)
+    size = cfg.input_size or default_input_size(arch)
+    cache = image_cache(folds.data_root, folds.table["path"].tolist(), cfg.data.crop, size, cfg.data.cache_dir)
+    return (f"cache ready: {cache.file} ({len(cache.paths)} images at {size} x {size}, "
+            f"{cache.file.stat().st_size / 2**20:.0f} MiB); train with data.cache=true")
+
+
 def summary_table(cfg: Config, results: list[FitResult], fold_file: Path, demo: bool) -> str:
     rows = [{"run": str(r.run_dir), "best_epoch": r.best_epoch + 1, "epochs": r.epochs_run,
              **{k: round(r.metrics[k], 4) for k in ("f1", "accuracy", "precision", "recall", "roc_auc")}}

@@ -1,0 +1,173 @@
+"""`alldetect predict RUN... --data DIR --name NAME`: run trained models over a folder of images.
+
+Each fold run's model is rebuilt from its best.pt alone (architecture, dropout, input size and crop come from the
+config inside it) and writes, beside the checkpoint:
+  pred_<NAME>.csv   path, prob_all (softmax of `all`, averaged over the TTA views), label and subject where known
+  pred_<NAME>.json  the data root and fingerprint, layout, TTA and checkpoint epoch: what `ensemble` checks
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from alldetect import __version__
+from alldetect.atomic import write_csv, write_text
+from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
+from alldetect.data.images import drop_bad_images, fingerprint
+from alldetect.data.layouts import NUMBERED_RE, build_manifest
+from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
+from alldetect.engine.runs import find_fold_runs
+from alldetect.errors import UserError, short_list
+from alldetect.metrics import score
+from alldetect.models import create_model, default_input_size
+from alldetect.options import at_least, choice, parse_options, split_options, text
+
+log = logging.getLogger("alldetect")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+OPTIONS = {
+    "tta": ("none", choice("none", "flip", "d8")),
+    "batch_size": (64, at_least(1)),
+    "num_workers": (2, at_least(0)),
+    "device": ("auto", text),
+}
+
+
+@dataclass
+class HeldOutData:
+    """The images to predict, checked once for every run."""
+
+    root: Path
+    manifest: pd.DataFrame
+    fingerprint: str
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.manifest["label"] >= 0).all())
+
+    @property
+    def subjects_known(self) -> bool:
+        """Subjects come from C-NMC names or a labels file; otherwise each image is its own 'subject'."""
+        m = self.manifest
+        return self.labelled and bool((m["subject"] != m["path"]).all())
+
+
+def tta_views(mode: str):
+    """Test-time augmentation on the device batch (NCHW, square): None, or a function batch -> views."""
+    if mode == "none":
+        return None
+    if mode == "flip":
+        return lambda x: [x, x.flip(-1)]
+    if mode == "d8":  # the 8 symmetries of the square: 4 rotations of the image and of its mirror image
+        return lambda x: [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+    raise UserError(f"tta={mode}: choose none, flip or d8")
+
+
+def check_name(name: str) -> str:
+    if not name or not NAME_RE.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes a file name), "
+                        "e.g. --name prelim")
+    return name
+
+
+def load_held_out(data: str | Path) -> HeldOutData:
+    """Find the images (any layout the project reads) and check every one up front."""
+    root = Path(data).resolve()
+    manifest = build_manifest(root)
+    manifest, _ = drop_bad_images(manifest, root, skip_bad=False)
+    digest, _ = fingerprint(root, manifest["path"].tolist())
+    return HeldOutData(root, manifest, digest)
+
+
+def rebuild_model(state: dict, run: Path) -> tuple[torch.nn.Module, int, int]:
+    """The run's model with its best weights, and the (input size, crop) it was trained with."""
+    cfg = state["config"]
+    arch = cfg["arch"]
+    size = cfg.get("input_size") or default_input_size(arch)
+    crop = cfg.get("data", {}).get("crop", 400)
+    model = create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0), pretrained=False, input_size=size)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{run / 'best.pt'}: its weights do not fit a {arch} at input size {size} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    return model, size, crop
+
+
+def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: torch.device) -> dict:
+    """Predict every image with one fold run; write pred_<name>.csv and .json; return a summary row."""
+    state = load_checkpoint(run / "best.pt")
+    model, size, crop = rebuild_model(state, run)
+    cfg = state["config"]
+    dev = DeviceBatch(device, cfg.get("channels_last", True), amp=cfg.get("amp", True))
+    model = model.to(device)
+    if dev.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    m = data.manifest
+    dataset = CellDataset(data.root, m["path"], m["label"], crop, size)
+    loader = make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
+                         opts["num_workers"], device.type == "cuda")
+    start = time.perf_counter()
+    probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})", views=tta_views(opts["tta"]))
+    seconds = time.perf_counter() - start
+    frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
+    if data.labelled:
+        frame["label"] = m["label"].to_numpy()
+    if data.subjects_known:
+        frame["subject"] = m["subject"].to_numpy()
+    write_csv(run / f"pred_{name}.csv", frame)
+    meta = {"name": name, "run": str(run), "arch": cfg["arch"], "epoch": state.get("epoch"),
+            "data_root": str(data.root), "data_fingerprint": data.fingerprint,
+            "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
+            "tta": opts["tta"], "input_size": size, "crop": crop, "made_by": f"alldetect {__version__}"}
+    write_text(run / f"pred_{name}.json", json.dumps(meta, indent=2) + "\n")
+    _warn_if_trained_on(run, state, data)
+    row = {"run": str(run), "images": len(m), "tta": opts["tta"], "seconds": round(seconds, 1),
+           "images_per_s": round(len(m) / max(seconds, 1e-9), 1)}
+    if data.labelled:
+        s = score(m["label"], probs[:, 1])
+        row.update({k: round(s[k], 4) for k in ("f1", "accuracy", "roc_auc")})
+    return row
+
+
+def _warn_if_trained_on(run: Path, state: dict, data: HeldOutData) -> None:
+    """Predictions on images the run was trained or validated on are not held-out; say so."""
+    if state.get("fold_fingerprint") and state["fold_fingerprint"] == data.fingerprint:
+        log.warning("%s was trained on these very images (same data fingerprint %s): its scores on them are not "
+                    "held-out scores", run, data.fingerprint)
+        return
+    fold_file = Path(state.get("fold_file") or "")
+    if fold_file.is_file():
+        seen = set(pd.read_csv(fold_file, usecols=["path"])["path"].map(lambda p: Path(p).name))
+        overlap = [p for p in data.manifest["path"] if Path(p).name in seen and not NUMBERED_RE.match(Path(p).name)]
+        if overlap:
+            log.warning("%d image(s) of %s have the names of images in %s's fold file (%s): they are probably "
+                        "not held-out", len(overlap), data.root, run, short_list(overlap, 3))
+
+
+def predict_command(runs: list[str], data: str, name: str, overrides: list[str] | None = None) -> pd.DataFrame:
+    paths, raw = split_options([*runs, *(overrides or [])])
+    opts = parse_options(raw, OPTIONS, "predict")
+    name = check_name(name)
+    fold_runs = find_fold_runs(paths)
+    held_out = load_held_out(data)
+    device = resolve_device(opts["device"])
+    log.info("predicting %d image(s) of %s (%s) with %d run(s), tta=%s", len(held_out.manifest), held_out.root,
+             held_out.manifest["source_layout"].iloc[0], len(fold_runs), opts["tta"])
+    rows = [predict_run(run, held_out, name, opts, device) for run in fold_runs]  # predict_probs: no grad
+    table = pd.DataFrame(rows)
+    note = "" if held_out.labelled else " (unlabelled: no scores)"
+    print(f"\npredictions '{name}' on {held_out.root}{note}\n{table.to_string(index=False)}")
+    print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json; combine them with "
+          f"`alldetect ensemble RUN... --name {name}`.")
+    return table
+

@@ -1,0 +1,76 @@
+"""Run folders named on the command line: `runs/<arch>/fold<k>` (one fold) or `runs/<arch>` (all its folds).
+Folds of one architecture folder form one ensemble member."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from alldetect.errors import UserError, short_list
+
+FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
+
+
+@dataclass
+class Member:
+    """One ensemble member: the fold runs of one architecture folder, averaged with equal weight."""
+
+    name: str
+    folder: Path
+    runs: list[Path]
+
+
+def find_fold_runs(paths: list[str | Path]) -> list[Path]:
+    """Every fold run under the given folders, each once, in the order given (folds in numeric order).
+    A folder without a checkpoint is an error that names it."""
+    if not paths:
+        raise UserError("name at least one run folder, e.g. runs/proposed or runs/proposed/fold0")
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise UserError(f"run folder {path} does not exist; train it first (./train.sh ARCH FOLD) or check "
+                            "the path (runs/<arch> or runs/<arch>/fold<k>)")
+        if (path / "best.pt").is_file():
+            runs = [path]
+        else:
+            folds = sorted((d for d in path.iterdir() if d.is_dir() and FOLD_DIR_RE.match(d.name)),
+                           key=lambda d: int(FOLD_DIR_RE.match(d.name).group(1)))
+            if not folds:
+                raise UserError(f"{path} holds no checkpoint (best.pt) and no fold<k> run folders; name a "
+                                "trained run (runs/<arch> or runs/<arch>/fold<k>)")
+            untrained = [d for d in folds if not (d / "best.pt").is_file()]
+            if untrained:
+                raise UserError(f"run folder(s) {short_list(map(str, untrained))} have no checkpoint (best.pt): "
+                                "finish training them, or name only the fold folders that have one")
+            runs = folds
+        found += [r for r in runs if r.resolve() not in {f.resolve() for f in found}]
+    return found
+
+
+def group_members(runs: list[Path]) -> list[Member]:
+    """Group fold runs by their architecture folder; a member is named after that folder (its path when two
+    folders share a name)."""
+    folders: dict[Path, list[Path]] = {}
+    for run in runs:
+        folders.setdefault(run.resolve().parent, []).append(run)
+    names = [f.name for f in folders]
+    members = []
+    for folder, fold_runs in folders.items():
+        shown = fold_runs[0].parent
+        name = folder.name if names.count(folder.name) == 1 else str(shown)
+        members.append(Member(name, shown, fold_runs))
+    return members
+
+
+def run_info(run: Path) -> dict:
+    """What a run's best.pt says about how it was trained (fold file, data fingerprint, config), read without
+    loading its weights into memory."""
+    from alldetect.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run / "best.pt", mmap=True)
+    return {"run": str(run), "arch": state["config"].get("arch"), "fold_file": state.get("fold_file", ""),
+            "fold_fingerprint": state.get("fold_fingerprint", ""), "k": state["config"].get("data", {}).get("k"),
+            "epoch": state.get("epoch"), "config": state["config"]}
+

@@ -1,0 +1,465 @@
+"""`alldetect ensemble`: average softmax outputs of several runs, score them, write submissions.
+
+  alldetect ensemble RUN... --oof          the members' out-of-fold (OOF) predictions and their average, scored
+  alldetect ensemble RUN... --name NAME    `predict`'s pred_<NAME>.csv of every run -> submissions/<NAME>.csv
+
+A member is one architecture folder (runs/<arch>): its folds' predictions are averaged first, then the members.
+Weights (`weights=oof`) and the decision threshold (`threshold=oof`) are fitted on OOF predictions and never
+scored on the data they were fitted on: with --oof, each fold is scored with weights and threshold fitted on
+the other folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from sklearn.metrics import log_loss
+
+from alldetect import __version__
+from alldetect.atomic import atomic_path, write_csv, write_text
+from alldetect.data.layouts import NUMBERED_RE
+from alldetect.engine.runs import Member, find_fold_runs, group_members, run_info
+from alldetect.errors import UserError, short_list
+from alldetect.metrics import METRIC_NAMES, best_threshold, score
+from alldetect.options import choice, parse_options, split_options
+
+log = logging.getLogger("alldetect")
+
+
+def parse_threshold(raw: str) -> float | str:
+    if raw == "oof":
+        return raw
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("use a number between 0 and 1 (e.g. 0.5), or oof to choose it on out-of-fold "
+                         "predictions") from None
+    if not 0 < value < 1:
+        raise ValueError("the threshold must lie strictly between 0 and 1")
+    return value
+
+
+OPTIONS = {"weights": ("equal", choice("equal", "oof")), "threshold": (0.5, parse_threshold)}
+
+
+@dataclass
+class Predictions:
+    """Images x members: each member's probability of `all`, aligned on the image path."""
+
+    frame: pd.DataFrame  # path, and label, subject, fold where known
+    probs: np.ndarray  # images x members
+    members: list[str]
+    info: dict  # what they were made from (runs, fold files, data), for metrics.json
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.frame["label"].to_numpy() if "label" in self.frame else None
+
+    @property
+    def subjects(self) -> np.ndarray | None:
+        return self.frame["subject"].to_numpy() if "subject" in self.frame else None
+
+
+@dataclass
+class Combiner:
+    """How member probabilities become one decision: weights (summing to 1) and a threshold."""
+
+    weights: np.ndarray
+    threshold: float
+    note: str = ""
+
+    def probs(self, member_probs: np.ndarray) -> np.ndarray:
+        return member_probs @ self.weights
+
+
+# ---------------------------------------------------------------- fitting weights and thresholds
+
+def fit_weights(probs: np.ndarray, labels: np.ndarray, threshold: float | str = 0.5) -> tuple[np.ndarray, str]:
+    """Non-negative weights summing to 1 that minimise the OOF log-loss (smooth, so they do not chase a few
+    images across a threshold). They are kept only when they score at least as well as equal weights on
+    weighted F1 (at `threshold`, or each at its own best threshold for "oof") and on log-loss, so by
+    construction fitted weights never score worse on these predictions than equal weights."""
+    m = probs.shape[1]
+    equal = np.full(m, 1.0 / m)
+    if m == 1:
+        return equal, ""
+
+    def loss(w):
+        return log_loss(labels, np.clip(probs @ w, 1e-7, 1 - 1e-7), labels=[0, 1])
+
+    result = minimize(loss, equal, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}])
+    fitted = np.clip(result.x, 0.0, None)
+    fitted = fitted / fitted.sum() if fitted.sum() > 0 else equal
+
+    def f1(w):
+        p = probs @ w
+        t = best_threshold(labels, p) if threshold == "oof" else threshold
+        return score(labels, p, t)["f1"]
+
+    if f1(fitted) < f1(equal) or loss(fitted) > loss(equal):
+        return equal, "weights fitted on the out-of-fold predictions scored worse there than equal weights: kept equal"
+    return fitted, ""
+
+
+def fit_combiner(probs: np.ndarray, labels: np.ndarray, weights: str, threshold: float | str) -> Combiner:
+    m = probs.shape[1]
+    w, note = fit_weights(probs, labels, threshold) if weights == "oof" else (np.full(m, 1.0 / m), "")
+    t = best_threshold(labels, probs @ w) if threshold == "oof" else float(threshold)
+    return Combiner(w, t, note)
+
+
+def cross_fitted(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, weights: str,
+                 threshold: float | str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """OOF probabilities and per-image thresholds where whatever is fitted (weights, threshold) for the images
+    of fold f was fitted on the other folds only. Returns (probs, thresholds, {fold: Combiner})."""
+    if weights == "equal" and threshold != "oof":
+        c = fit_combiner(probs, labels, weights, threshold)
+        return c.probs(probs), np.full(len(labels), c.threshold), {}
+    unique = np.unique(folds)
+    if len(unique) < 2:
+        raise UserError("weights=oof or threshold=oof with --oof needs out-of-fold predictions of two or more "
+                        "folds (each fold is scored with what the others fitted)")
+    out_p, out_t, per_fold = np.zeros(len(labels)), np.zeros(len(labels)), {}
+    for fold in unique:
+        held = folds == fold
+        c = fit_combiner(probs[~held], labels[~held], weights, threshold)
+        out_p[held], out_t[held], per_fold[int(fold)] = c.probs(probs[held]), c.threshold, c
+    return out_p, out_t, per_fold
+
+
+# ---------------------------------------------------------------- reading what earlier steps wrote
+
+def _read_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"path": str, "subject": str, "image": str})
+    except Exception as e:  # pandas raises many kinds for a broken CSV
+        raise UserError(f"cannot read {what} {path}: {str(e)[:200]}") from None
+    missing = need - set(frame.columns)
+    if missing:
+        raise UserError(f"{what} {path} lacks column(s) {', '.join(sorted(missing))} (found {', '.join(frame.columns)})")
+    if "prob_all" in frame:
+        p = pd.to_numeric(frame["prob_all"], errors="coerce")
+        bad = frame.loc[~p.between(0, 1), frame.columns[0]].tolist()
+        if bad:
+            raise UserError(f"{what} {path}: prob_all must be a probability in [0, 1]; rows {short_list(bad)} are not")
+    return frame
+
+
+def load_oof(members: list[Member]) -> Predictions:
+    """Every member's OOF predictions (its folds' oof.csv concatenated), joined on path, after checking that
+    all runs were trained on one fold file of one data set and that the members cover the same images."""
+    infos, tables = [], []
+    for member in members:
+        parts = []
+        for run in member.runs:
+            infos.append({**run_info(run), "member": member.name})
+            if not (run / "oof.csv").is_file():
+                raise UserError(f"{run} has a checkpoint but no oof.csv (out-of-fold predictions); retrain it "
+                                "with this version of alldetect")
+            parts.append(_read_csv(run / "oof.csv", {"path", "label", "prob_all", "fold"}, "out-of-fold predictions"))
+        table = pd.concat(parts, ignore_index=True)
+        twice = table.loc[table["path"].duplicated(), "path"].tolist()
+        if twice:
+            raise UserError(f"{member.name}: {len(twice)} image(s) are in the OOF predictions of more than one of its "
+                            f"runs ({short_list(twice, 3)}): its runs were trained on different fold files. "
+                            "Name runs of one fold file only")
+        tables.append(table.set_index("path"))
+        _warn_missing_folds(member, table, infos[-1])
+    _check_same_fold_file(members, tables, infos)
+    first = tables[0].sort_index()
+    frame = first.reset_index()[["path", "label", "fold"] + (["subject"] if "subject" in first else [])]
+    probs = np.column_stack([t.loc[frame["path"], "prob_all"].to_numpy(float) for t in tables])
+    info = {"fold_file": infos[0]["fold_file"], "fold_fingerprint": infos[0]["fold_fingerprint"],
+            "runs": {m.name: [str(r) for r in m.runs] for m in members}}
+    return Predictions(frame, probs, [m.name for m in members], info)
+
+
+def _warn_missing_folds(member: Member, table: pd.DataFrame, info: dict) -> None:
+    k, have = info.get("k"), sorted(table["fold"].unique())
+    if k and len(have) < k:
+        log.warning("%s: out-of-fold predictions of fold(s) %s only (its fold file has %d folds)", member.name,
+                    ", ".join(map(str, have)), k)
+
+
+def _check_same_fold_file(members: list[Member], tables: list[pd.DataFrame], infos: list[dict]) -> None:
+    prints = {i["fold_fingerprint"] for i in infos}
+    if len(prints) > 1:
+        detail = "; ".join(f"{i['run']}: {i['fold_file'] or '?'} (data fingerprint {i['fold_fingerprint'] or 'none'})"
+                           for i in infos)
+        raise UserError("the runs were trained on different data (fold files with different data fingerprints), so "
+                        f"their out-of-fold predictions cannot be combined: {detail}. Use runs of one fold file")
+    ref, ref_name = tables[0], members[0].name
+    for member, table in zip(members[1:], tables[1:]):
+        lacks, extra = ref.index.difference(table.index), table.index.difference(ref.index)
+        if len(lacks) or len(extra):
+            raise UserError(
+                f"the members cover different images: {member.name} lacks {len(lacks)} image(s) that {ref_name} has "
+                f"({short_list(lacks, 3)}) and has {len(extra)} that {ref_name} lacks ({short_list(extra, 3)}). "
+                "Every member needs OOF predictions of the same folds (train them all: ./train.sh ARCH all)")
+        moved = ref.index[ref["fold"].to_numpy() != table.loc[ref.index, "fold"].to_numpy()]
+        if len(moved):
+            files = {i["member"]: i["fold_file"] for i in infos}
+            raise UserError(
+                f"{member.name} and {ref_name} were trained on different fold files ({files[member.name]} and "
+                f"{files[ref_name]}): {len(moved)} image(s) sit in other folds ({short_list(moved, 3)}). "
+                "Use runs trained on the same fold file")
+        relabelled = ref.index[ref["label"].to_numpy() != table.loc[ref.index, "label"].to_numpy()]
+        if len(relabelled):
+            raise UserError(f"{member.name} and {ref_name} disagree on the labels of {short_list(relabelled, 3)}")
+
+
+def load_predictions(members: list[Member], name: str) -> Predictions:
+    """`predict`'s pred_<name>.csv of every run: folds averaged per member, after checking that every run
+    predicted the same images of the same data."""
+    runs = [run for m in members for run in m.runs]
+    missing = [str(r) for r in runs if not (r / f"pred_{name}.csv").is_file()]
+    if missing:
+        raise UserError(f"no predictions named '{name}' in {short_list(missing)}: run `alldetect predict "
+                        f"{' '.join(str(m.folder) for m in members)} --data DIR --name {name}` first")
+    frames = {r: _read_csv(r / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV") for r in runs}
+    metas = {r: _read_meta(r / f"pred_{name}.json") for r in runs}
+    ref = runs[0]
+    ref_paths = set(frames[ref]["path"])
+    for run in runs[1:]:
+        paths = set(frames[run]["path"])
+        if paths != ref_paths:
+            lacks, extra = sorted(ref_paths - paths), sorted(paths - ref_paths)
+            raise UserError(f"{run / f'pred_{name}.csv'} does not cover the images of {ref / f'pred_{name}.csv'}: "
+                            f"it lacks {len(lacks)} ({short_list(lacks, 3)}) and has {len(extra)} others "
+                            f"({short_list(extra, 3)}). Rerun `alldetect predict` for every run with the same --data")
+    prints = {m.get("data_fingerprint") for m in metas.values()}
+    if len(prints) > 1:
+        detail = "; ".join(f"{r}: {m.get('data_root')} ({m.get('data_fingerprint')})" for r, m in metas.items())
+        raise UserError(f"predictions '{name}' were made on different data: {detail}. Rerun `alldetect predict` for "
+                        "every run with the same --data")
+    frame = frames[ref].reset_index(drop=True)  # predict's order: numeric for C-NMC test folders
+    keep = ["path"] + [c for c in ("label", "subject") if c in frame]
+    columns = []
+    for member in members:
+        folds = [frames[r].set_index("path").loc[frame["path"], "prob_all"].to_numpy(float) for r in member.runs]
+        columns.append(np.mean(folds, axis=0))
+    tta = sorted({str(m.get("tta")) for m in metas.values()})
+    if len(tta) > 1:
+        log.warning("the runs' predictions '%s' used different test-time augmentation (%s)", name, ", ".join(tta))
+    meta = metas[ref]
+    info = {"data_root": meta.get("data_root"), "data_fingerprint": meta.get("data_fingerprint"),
+            "layout": meta.get("layout"), "tta": tta if len(tta) > 1 else tta[0],
+            "runs": {m.name: [str(r) for r in m.runs] for m in members}}
+    return Predictions(frame[keep], np.column_stack(columns), [m.name for m in members], info)
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing (it records which data the predictions are of); rerun `alldetect predict`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rerun `alldetect predict`") from None
+
+
+# ---------------------------------------------------------------- tables and files
+
+def metrics_table(scores: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    for name, s in scores.items():
+        t = s["threshold"]
+        row = {"model": name, **{k: round(s[k], 4) for k in METRIC_NAMES}}
+        if "subject_accuracy" in s:
+            row["subject_acc"] = round(s["subject_accuracy"], 4)
+        row["threshold"] = f"{t:.3f}" if isinstance(t, float) else "per fold" if isinstance(t, dict) else str(t)
+        row["confusion"] = str(s["confusion"]).replace(" ", "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_subject_table(scores: dict[str, dict], frame: pd.DataFrame) -> pd.DataFrame | None:
+    if "subject" not in frame or "label" not in frame:
+        return None
+    g = frame.groupby("subject")
+    table = pd.DataFrame({"class": g["label"].agg(lambda s: "all" if s.mean() >= 0.5 else "hem"), "images": g.size()})
+    for name, s in scores.items():
+        table[name] = pd.Series(s["per_subject_accuracy"]).round(3)
+    return table
+
+
+def render(title: str, scores: dict[str, dict], frame: pd.DataFrame) -> str:
+    lines = [title, metrics_table(scores).to_string(index=False),
+             "f1 = weighted F1 (the challenge metric); precision and recall of `all`; "
+             "confusion = [[hem->hem, hem->all], [all->hem, all->all]] (rows true, columns predicted)"]
+    subjects = per_subject_table(scores, frame)
+    if subjects is not None:
+        lines += ["", "per-subject accuracy (share of each subject's images classified correctly):",
+                  subjects.reset_index().to_string(index=False)]
+    return "\n".join(lines)
+
+
+def _plain(value):
+    """JSON-safe: NaN becomes null, numpy numbers become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(_plain(data), indent=2) + "\n")
+
+
+def isbi_lines(images: pd.Series, labels: np.ndarray) -> tuple[list[str] | None, str]:
+    """Lines of isbi_valid.predict (line i is the 0/1 label of i.bmp), or None and why the images are not a
+    C-NMC numbered test folder."""
+    names = images.map(lambda p: Path(p).name)
+    folders = images.map(lambda p: str(Path(p).parent))
+    matches = names.map(NUMBERED_RE.match)
+    if folders.nunique() != 1 or not matches.map(bool).all():
+        return None, "the images are not a C-NMC test folder (1.bmp ... N.bmp in one folder)"
+    numbers = matches.map(lambda m: int(m.group(1))).to_numpy()
+    if sorted(numbers) != list(range(1, len(numbers) + 1)):
+        gaps = sorted(set(range(1, len(numbers) + 1)) - set(numbers))
+        return None, f"the images are not numbered 1..{len(numbers)} without gaps (missing {short_list(gaps)})"
+    order = np.argsort(numbers)
+    return [str(int(v)) for v in np.asarray(labels)[order]], ""
+
+
+def write_isbi(folder: Path, lines: list[str]) -> tuple[Path, Path]:
+    """isbi_valid.predict and a zip of it (fixed timestamp, so the same labels give the same bytes)."""
+    text = "\n".join(lines) + "\n"
+    predict_file, zip_file = folder / "isbi_valid.predict", folder / "isbi_valid.zip"
+    write_text(predict_file, text)
+    with atomic_path(zip_file) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            entry = zipfile.ZipInfo("isbi_valid.predict", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(entry, text)
+    return predict_file, zip_file
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "ensemble"
+
+
+# ---------------------------------------------------------------- the two modes
+
+def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
+    """Score each member and the ensemble on the OOF predictions; write metrics.json and oof.csv."""
+    oof = load_oof(members)
+    labels, folds = oof.labels, oof.frame["fold"].to_numpy()
+    weights, threshold = opts["weights"], opts["threshold"]
+    scores, columns = {}, {}
+    for i, name in enumerate(oof.members):
+        p, t, per_fold = cross_fitted(oof.probs[:, [i]], labels, folds, "equal", threshold)
+        scores[name] = _scored(labels, p, t, per_fold, oof.subjects)
+        columns[f"prob_{name}"] = oof.probs[:, i].round(6)
+    if weights == "oof":
+        p, t, per_fold = cross_fitted(oof.probs, labels, folds, "equal", threshold)
+        scores["equal weights"] = _scored(labels, p, t, per_fold, oof.subjects)
+    p, t, per_fold = cross_fitted(oof.probs, labels, folds, weights, threshold)
+    scores["ensemble"] = _scored(labels, p, t, per_fold, oof.subjects)
+    final = fit_combiner(oof.probs, labels, weights, threshold)  # on all OOF: what --name would use
+    result = {"mode": "oof", "members": oof.members, "weights_mode": weights, "threshold_mode": str(threshold),
+              "weights": dict(zip(oof.members, final.weights)), "threshold": final.threshold,
+              "weights_note": final.note, "cross_fitted": bool(per_fold),
+              "per_fold": {f: {"weights": dict(zip(oof.members, c.weights)), "threshold": c.threshold}
+                           for f, c in per_fold.items()},
+              "scores": scores, **oof.info, "images": len(labels), "made_by": f"alldetect {__version__}"}
+    table = oof.frame.assign(**columns, prob_all=p.round(6), pred=(p >= t).astype(int))
+    write_csv(out_dir / "oof.csv", table)
+    write_json(out_dir / "metrics.json", result)
+    title = f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={threshold}, weights={weights}"
+    print(render(title, scores, oof.frame))
+    _print_combiner(final, oof.members, weights, threshold, bool(per_fold))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'oof.csv'}")
+    return result
+
+
+def _scored(labels, probs, thresholds, per_fold: dict, subjects) -> dict:
+    s = score(labels, probs, thresholds, subjects=subjects)
+    s["threshold"] = ({f: c.threshold for f, c in per_fold.items()} if per_fold and len(set(thresholds)) > 1
+                      else float(thresholds[0]))
+    return s
+
+
+def _print_combiner(c: Combiner, members: list[str], weights: str, threshold, cross: bool) -> None:
+    if weights == "oof":
+        shown = ", ".join(f"{m} {w:.4f}" for m, w in zip(members, c.weights))
+        print(f"weights fitted on all out-of-fold predictions: {shown}" + (f" ({c.note})" if c.note else ""))
+    if threshold == "oof":
+        print(f"threshold chosen on all out-of-fold predictions (max weighted F1): {c.threshold:.4f}")
+    if cross:
+        print("The OOF scores above use, for each fold, weights/thresholds fitted on the other folds only; "
+              "a submission (--name) uses the ones fitted on all OOF predictions.")
+
+
+def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> dict:
+    """Combine held-out predictions into out_dir/<name>.csv (+ isbi_valid.predict and zip, + metrics.json)."""
+    held = load_predictions(members, name)
+    weights, threshold = opts["weights"], opts["threshold"]
+    m = len(held.members)
+    if "oof" in (weights, threshold):
+        oof = load_oof(members)
+        combiner = fit_combiner(oof.probs, oof.labels, weights, threshold)
+        member_thresholds = [fit_combiner(oof.probs[:, [i]], oof.labels, "equal", threshold).threshold
+                             for i in range(m)]
+    else:
+        combiner, member_thresholds = Combiner(np.full(m, 1.0 / m), float(threshold)), [float(threshold)] * m
+    prob = combiner.probs(held.probs)
+    pred = (prob >= combiner.threshold).astype(int)
+    table = pd.DataFrame({"image": held.frame["path"], "prob_all": prob.round(6), "label": pred,
+                          **{f"prob_{member}": held.probs[:, i].round(6) for i, member in enumerate(held.members)}})
+    folder = out_dir / name
+    write_csv(out_dir / f"{name}.csv", table)
+    record = {"mode": "held-out", "name": name, "members": held.members, "weights_mode": weights,
+              "threshold_mode": str(threshold), "weights": dict(zip(held.members, combiner.weights)),
+              "threshold": combiner.threshold, "member_thresholds": dict(zip(held.members, member_thresholds)),
+              "weights_note": combiner.note, "images": len(table), **held.info, "made_by": f"alldetect {__version__}"}
+    write_json(folder / "ensemble.json", record)
+    written = [out_dir / f"{name}.csv", folder / "ensemble.json"]
+    lines, why = isbi_lines(table["image"], pred)
+    if lines is not None:
+        written += write_isbi(folder, lines)
+    else:
+        print(f"no isbi_valid.predict: {why}")
+    if held.labels is not None:
+        scores = {n: {**score(held.labels, held.probs[:, i], t, subjects=held.subjects), "threshold": t}
+                  for i, (n, t) in enumerate(zip(held.members, member_thresholds))}
+        scores["ensemble"] = {**score(held.labels, prob, combiner.threshold, subjects=held.subjects),
+                              "threshold": combiner.threshold}
+        record["scores"] = scores
+        write_json(folder / "metrics.json", record)
+        written.append(folder / "metrics.json")
+        print(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame))
+    _print_combiner(combiner, held.members, weights, threshold, False)
+    print("wrote " + ", ".join(map(str, written)))
+    return record
+
+
+def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: list[str] | None = None,
+                     out: str = "submissions") -> dict:
+    paths, raw = split_options([*runs, *(overrides or [])])
+    opts = parse_options(raw, OPTIONS, "ensemble")
+    if not oof and not name:
+        raise UserError("say what to combine: --oof (out-of-fold predictions) or --name NAME (the held-out "
+                        "predictions `alldetect predict ... --name NAME` made)")
+    if name:
+        from alldetect.engine.predict import check_name
+
+        check_name(name)
+    members = group_members(find_fold_runs(paths))
+    if oof:
+        label = name or "+".join(m.name for m in members)
+        return oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")
+    return submission(members, name, opts, Path(out))

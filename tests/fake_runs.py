@@ -1,0 +1,54 @@
+"""Run folders made by hand (no training): a checkpoint with a config, out-of-fold and held-out predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from alldetect.atomic import write_csv
+from alldetect.config import load_config
+from alldetect.engine.checkpoint import save_checkpoint
+from alldetect.models import create_model
+
+
+def make_run(run: Path, arch: str = "proposed", *, weights: bool = False, input_size: int = 32, crop: int = 400,
+             fold_file: str = "folds/data_k3_s42.csv", fingerprint: str = "abc123", seed: int = 0,
+             oof: pd.DataFrame | None = None) -> Path:
+    """best.pt with the run's config; real (randomly initialised) weights only when `weights`, with batch-norm
+    statistics taken from one batch of noise so that the output depends on the input."""
+    cfg = load_config(arch, [f"input_size={input_size}", "dropout=0.0", f"data.crop={crop}", "data.k=3"]).to_dict()
+    model = {}
+    if weights:
+        torch.manual_seed(seed)
+        net = create_model(arch, num_classes=2, dropout=0.0, input_size=input_size)
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0
+        with torch.no_grad():
+            net.train()(torch.randn(8, 3, input_size, input_size))
+        model = net.state_dict()
+    save_checkpoint(run / "best.pt", {"model": model, "config": cfg, "fold_file": fold_file,
+                                      "fold_fingerprint": fingerprint, "epoch": 0, "metrics": {}})
+    if oof is not None:
+        write_csv(run / "oof.csv", oof)
+    return run
+
+
+def oof_frame(paths, labels, probs, fold: int, subjects=None) -> pd.DataFrame:
+    subjects = list(subjects) if subjects is not None else [Path(p).name.split("_")[1] for p in paths]
+    return pd.DataFrame({"path": list(paths), "subject": subjects, "label": list(labels), "prob_all": list(probs),
+                         "pred": [int(p >= 0.5) for p in probs], "fold": fold})
+
+
+def write_predictions(run: Path, name: str, paths, probs, labels=None, fingerprint: str = "data1",
+                      tta: str = "none") -> None:
+    frame = pd.DataFrame({"path": list(paths), "prob_all": list(probs)})
+    if labels is not None:
+        frame["label"] = list(labels)
+    write_csv(run / f"pred_{name}.csv", frame)
+    meta = {"name": name, "run": str(run), "data_root": "/data/test", "data_fingerprint": fingerprint,
+            "layout": "unlabelled", "tta": tta}
+    (run / f"pred_{name}.json").write_text(json.dumps(meta))

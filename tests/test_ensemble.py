@@ -1,0 +1,297 @@
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score, roc_auc_score
+
+from alldetect.cli import main
+from alldetect.engine.evaluate import evaluate_command
+from alldetect.engine.runs import find_fold_runs, group_members
+from alldetect.ensemble import cross_fitted, ensemble_command, fit_weights, isbi_lines
+from alldetect.errors import UserError
+from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
+from conftest import FAST
+from fake_runs import make_run, oof_frame, write_predictions
+
+SUBJECTS = ["1", "2", "3", "H1", "H2", "H3"]  # two subjects of each class per fold, 4 images each
+
+
+def _images(fold: int):
+    paths, labels = [], []
+    for s in (SUBJECTS[fold], SUBJECTS[3 + fold]):
+        for i in range(4):
+            cls = "hem" if s.startswith("H") else "all"
+            paths.append(f"fold_{fold}/{cls}/UID_{s}_{i}_1_{cls}.bmp")
+            labels.append(int(cls == "all"))
+    return paths, labels
+
+
+def _member(root, arch, quality, seed, fingerprint="abc123", fold_file="folds/data_k3_s42.csv", folds=range(3)):
+    """runs/<arch>/fold0..2 with OOF probabilities that separate the classes better as `quality` grows."""
+    rng = np.random.default_rng(seed)
+    for fold in folds:
+        paths, labels = _images(fold)
+        probs = np.clip(0.5 + quality * (np.array(labels) - 0.5) + rng.normal(0, 0.25, len(labels)), 0.01, 0.99)
+        make_run(root / arch / f"fold{fold}", arch, fingerprint=fingerprint, fold_file=fold_file,
+                 oof=oof_frame(paths, labels, probs.round(6), fold))
+    return root / arch
+
+
+@pytest.fixture
+def two_members(workdir):
+    return _member(workdir / "runs", "proposed", 0.3, 1), _member(workdir / "runs", "resnet50", 0.5, 2)
+
+
+def test_metrics_match_scikit_learn_on_a_known_confusion_matrix():
+    # 6 hem, 10 all; predicted: hem -> 4 hem + 2 all, all -> 3 hem + 7 all
+    labels = [0] * 6 + [1] * 10
+    prob = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7] + [0.2, 0.3, 0.45] + [0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95]
+    subjects = ["H1"] * 3 + ["H2"] * 3 + ["1"] * 5 + ["2"] * 5
+    s = score(labels, prob, 0.5, subjects=subjects)
+    pred = (np.array(prob) >= 0.5).astype(int)
+    assert s["confusion"] == [[4, 2], [3, 7]]
+    by_hand = (10 * (2 * 7 / (2 * 7 + 2 + 3)) + 6 * (2 * 4 / (2 * 4 + 3 + 2))) / 16
+    assert s["f1"] == pytest.approx(by_hand) == pytest.approx(f1_score(labels, pred, average="weighted"))
+    assert s["accuracy"] == pytest.approx(11 / 16) == pytest.approx(accuracy_score(labels, pred))
+    assert s["precision"] == pytest.approx(7 / 9) == pytest.approx(precision_score(labels, pred))
+    assert s["recall"] == pytest.approx(7 / 10) == pytest.approx(recall_score(labels, pred))
+    assert s["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
+    assert s["per_subject_accuracy"] == pytest.approx({"H1": 1.0, "H2": 1 / 3, "1": 2 / 5, "2": 1.0})
+    assert s["subject_accuracy"] == pytest.approx((1 + 1 / 3 + 2 / 5 + 1) / 4)
+
+
+def test_threshold_curve_matches_scikit_learn_and_best_threshold_is_its_maximum():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 30)
+        prob = rng.random(30).round(1)  # ties on purpose
+        thresholds, f1 = weighted_f1_by_threshold(labels, prob)
+        for t, value in zip(thresholds, f1):
+            assert value == pytest.approx(f1_score(labels, (prob >= t).astype(int), average="weighted", zero_division=0))
+        assert score(labels, prob, best_threshold(labels, prob))["f1"] == pytest.approx(f1.max())
+
+
+def test_fitted_weights_never_score_worse_on_oof_than_equal_weights():
+    rng = np.random.default_rng(0)
+    moved = 0
+    for trial in range(40):
+        n = int(rng.integers(20, 200))
+        labels = rng.integers(0, 2, n)
+        quality = rng.uniform(-0.3, 0.6, 3)  # members from anti-informative to good
+        probs = np.clip(0.5 + quality * (labels[:, None] - 0.5) + rng.normal(0, 0.3, (n, 3)), 0.001, 0.999)
+        equal = np.full(3, 1 / 3)
+        for threshold in (0.5, "oof"):
+            w, _ = fit_weights(probs, labels, threshold)
+            assert (w >= 0).all() and w.sum() == pytest.approx(1)
+
+            def f1(weights):
+                p = probs @ weights
+                return score(labels, p, best_threshold(labels, p) if threshold == "oof" else threshold)["f1"]
+
+            assert f1(w) >= f1(equal)
+            assert log_loss(labels, probs @ w) <= log_loss(labels, probs @ equal) + 1e-9
+            moved += not np.allclose(w, equal)
+    assert moved > 20  # the fit does move the weights when it helps
+
+
+def test_equal_weight_oof_ensemble_is_the_mean_of_members(two_members, workdir, capsys):
+    ensemble_command([str(m) for m in two_members], oof=True, name=None)
+    out = capsys.readouterr().out
+    folder = workdir / "submissions/oof_proposed+resnet50"
+    table = pd.read_csv(folder / "oof.csv")
+    assert len(table) == 24
+    np.testing.assert_allclose(table["prob_all"], (table["prob_proposed"] + table["prob_resnet50"]) / 2, atol=1e-6)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert list(metrics["scores"]) == ["proposed", "resnet50", "ensemble"]
+    for name in ("proposed", "ensemble"):
+        column = "prob_all" if name == "ensemble" else f"prob_{name}"
+        expected = score(table["label"], table[column], 0.5, subjects=table["subject"].astype(str))
+        assert metrics["scores"][name]["f1"] == pytest.approx(expected["f1"])
+        assert metrics["scores"][name]["confusion"] == expected["confusion"]
+        assert f"{expected['f1']:.4f}" in out
+    assert metrics["weights"] == {"proposed": 0.5, "resnet50": 0.5} and metrics["threshold"] == 0.5
+    assert "per-subject accuracy" in out and set(metrics["scores"]["ensemble"]["per_subject_accuracy"]) == set(SUBJECTS)
+
+
+def test_oof_weights_and_threshold_are_cross_fitted_and_recorded(two_members, workdir, capsys):
+    ensemble_command([str(m) for m in two_members], oof=True, name="cv", overrides=["weights=oof", "threshold=oof"])
+    out = capsys.readouterr().out
+    metrics = json.loads((workdir / "submissions/oof_cv/metrics.json").read_text())
+    table = pd.read_csv(workdir / "submissions/oof_cv/oof.csv")
+    assert "weights fitted on all out-of-fold predictions: proposed" in out and "threshold chosen" in out
+    assert metrics["cross_fitted"] and list(metrics["scores"]) == ["proposed", "resnet50", "equal weights", "ensemble"]
+    probs, labels, folds = table[["prob_proposed", "prob_resnet50"]].to_numpy(), table["label"].to_numpy(), table["fold"]
+    for fold in range(3):  # each fold is scored with what the other two folds fitted
+        rest = (folds != fold).to_numpy()
+        w, _ = fit_weights(probs[rest], labels[rest], "oof")
+        recorded = metrics["per_fold"][str(fold)]
+        assert list(recorded["weights"].values()) == pytest.approx(w, abs=1e-6)
+        assert recorded["threshold"] == pytest.approx(best_threshold(labels[rest], probs[rest] @ w))
+    p, t, _ = cross_fitted(probs, labels, folds.to_numpy(), "oof", "oof")
+    assert metrics["scores"]["ensemble"]["f1"] == pytest.approx(score(labels, p, t)["f1"])
+    final, _ = fit_weights(probs, labels, "oof")
+    assert list(metrics["weights"].values()) == pytest.approx(final, abs=1e-6)
+    assert metrics["threshold"] == pytest.approx(best_threshold(labels, probs @ final))
+
+
+def test_submission_averages_folds_then_members_and_writes_isbi_file(two_members, workdir, capsys):
+    rng = np.random.default_rng(3)
+    names = [f"{i}.bmp" for i in range(1, 12)]
+    truth = rng.integers(0, 2, 11)
+    member_means = []
+    for member in two_members:
+        fold_probs = rng.random((3, 11)).round(6)
+        member_means.append(fold_probs.mean(0))
+        for k in range(3):
+            order = rng.permutation(11)  # row order must not matter
+            write_predictions(member / f"fold{k}", "prelim", np.array(names)[order], fold_probs[k][order],
+                              labels=truth[order])
+    ensemble_command([str(m) for m in two_members], oof=False, name="prelim")
+    out = capsys.readouterr().out
+    sub = pd.read_csv(workdir / "submissions/prelim.csv").set_index("image").loc[names]
+    expected = (member_means[0] + member_means[1]) / 2
+    np.testing.assert_allclose(sub["prob_all"], expected, atol=2e-6)
+    np.testing.assert_allclose(sub["prob_proposed"], member_means[0], atol=2e-6)
+    assert list(sub["label"]) == list((expected >= 0.5).astype(int))
+    lines = (workdir / "submissions/prelim/isbi_valid.predict").read_text().splitlines()
+    assert lines == [str(v) for v in (expected >= 0.5).astype(int)]  # line i is i.bmp: 1, 2, ..., 10, 11
+    with zipfile.ZipFile(workdir / "submissions/prelim/isbi_valid.zip") as z:
+        assert z.namelist() == ["isbi_valid.predict"]
+        assert z.read("isbi_valid.predict").decode().splitlines() == lines
+    metrics = json.loads((workdir / "submissions/prelim/metrics.json").read_text())
+    assert metrics["scores"]["ensemble"]["f1"] == pytest.approx(score(truth, expected)["f1"], abs=1e-5)
+    assert "held-out scores" in out
+
+    labels_file = workdir / "labels.csv"
+    labels_file.write_text("Patient_ID,new_names,labels\n" + "\n".join(
+        f"UID_{'1' if y else 'H1'}_{i}_1_{'all' if y else 'hem'}.bmp,{i}.bmp,{y}" for i, y in enumerate(truth, 1)))
+    result = evaluate_command(str(workdir / "submissions/prelim.csv"), str(labels_file))
+    assert result["scores"]["submission"]["f1"] == pytest.approx(metrics["scores"]["ensemble"]["f1"])
+    assert result["scores"]["proposed"]["f1"] == pytest.approx(metrics["scores"]["proposed"]["f1"])
+    assert (workdir / "submissions/prelim/evaluation.json").is_file()
+
+
+def test_isbi_lines_are_in_numeric_order_and_only_for_numbered_folders():
+    images = pd.Series(["C-NMC_test_final_phase_data/10.bmp", "C-NMC_test_final_phase_data/2.bmp",
+                        "C-NMC_test_final_phase_data/1.bmp", "C-NMC_test_final_phase_data/11.bmp"]
+                       + [f"C-NMC_test_final_phase_data/{i}.bmp" for i in range(3, 10)])
+    labels = np.array([int(p.split("/")[1].split(".")[0]) % 2 for p in images])
+    lines, _ = isbi_lines(images, labels)
+    assert lines == [str(i % 2) for i in range(1, 12)]
+    assert isbi_lines(pd.Series(["1.bmp", "3.bmp"]), np.array([0, 1]))[0] is None
+    lines, why = isbi_lines(pd.Series(["all/a.bmp", "hem/b.bmp"]), np.array([0, 1]))
+    assert lines is None and "not a C-NMC test folder" in why
+
+
+def test_runs_of_different_data_or_fold_files_are_refused(workdir):
+    a = _member(workdir / "runs", "proposed", 0.3, 1, fingerprint="aaa", fold_file="folds/x_k3_s42.csv")
+    b = _member(workdir / "runs", "resnet50", 0.3, 2, fingerprint="bbb", fold_file="folds/y_k3_s42.csv")
+    with pytest.raises(UserError, match=r"different data .*folds/x_k3_s42.csv \(data fingerprint aaa\).*"
+                                        r"folds/y_k3_s42.csv \(data fingerprint bbb\)"):
+        ensemble_command([str(a), str(b)], oof=True, name=None)
+    c = _member(workdir / "runs", "vgg16", 0.3, 3, fingerprint="aaa", fold_file="folds/x_k3_s7.csv")
+    oof = pd.read_csv(c / "fold0/oof.csv").assign(fold=1)
+    oof.to_csv(c / "fold0/oof.csv", index=False)  # another split of the same data puts images in other folds
+    with pytest.raises(UserError, match=r"vgg16 and proposed were trained on different fold files "
+                                        r"\(folds/x_k3_s7.csv and folds/x_k3_s42.csv\): 8 image\(s\)"):
+        ensemble_command([str(a), str(c)], oof=True, name=None)
+
+
+def test_members_covering_different_images_are_refused(workdir):
+    a = _member(workdir / "runs", "proposed", 0.3, 1)
+    b = _member(workdir / "runs", "resnet50", 0.3, 2, folds=[0, 1])
+    with pytest.raises(UserError, match=r"cover different images: resnet50 lacks 8 image\(s\) that proposed has"):
+        ensemble_command([str(a), str(b)], oof=True, name=None)
+    # a fold named on its own and again through its architecture folder counts once, in one member
+    members = group_members(find_fold_runs([str(a / "fold1"), str(a), str(b / "fold0")]))
+    assert [(m.name, [r.name for r in m.runs]) for m in members] == [("proposed", ["fold1", "fold0", "fold2"]),
+                                                                      ("resnet50", ["fold0"])]
+
+
+def test_prediction_files_that_do_not_match_are_refused(two_members, workdir):
+    a, b = two_members
+    names = [f"{i}.bmp" for i in range(1, 6)]
+    for member in two_members:
+        for k in range(3):
+            write_predictions(member / f"fold{k}", "t", names, [0.4] * 5)
+    write_predictions(b / "fold2", "t", names[:4], [0.4] * 4)
+    with pytest.raises(UserError, match=r"resnet50/fold2/pred_t.csv does not cover the images of .*"
+                                        r"proposed/fold0/pred_t.csv: it lacks 1 \(5.bmp\)"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+    write_predictions(b / "fold2", "t", names, [0.4] * 5, fingerprint="other")
+    with pytest.raises(UserError, match="predictions 't' were made on different data"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+    (b / "fold1/pred_t.csv").unlink()
+    with pytest.raises(UserError, match=r"no predictions named 't' in .*resnet50/fold1: run `alldetect predict"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+
+
+def test_labels_file_that_does_not_match_is_refused(workdir):
+    sub = workdir / "submissions/s.csv"
+    sub.parent.mkdir()
+    pd.DataFrame({"image": ["1.bmp", "2.bmp", "3.bmp"], "prob_all": [0.2, 0.7, 0.9], "label": [0, 1, 1]}).to_csv(
+        sub, index=False)
+    labels = workdir / "labels.csv"
+    labels.write_text("Patient_ID,new_names,labels\nUID_1_1_1_all.bmp,1.bmp,1\nUID_H1_1_1_hem.bmp,2.bmp,0\n"
+                      "UID_H1_2_1_hem.bmp,4.bmp,0\n")
+    with pytest.raises(UserError, match=r"does not match the images of .*s.csv: 1 submitted image\(s\) have no label "
+                                        r"\(3.bmp\) and 1 labelled image\(s\) are not in the submission \(4.bmp\)"):
+        evaluate_command(str(sub), str(labels))
+    labels.write_text("name,label\n1.bmp,1\n")
+    with pytest.raises(UserError, match=r"lacks column\(s\)"):
+        evaluate_command(str(sub), str(labels))
+
+
+def test_cli_errors_and_option_order(two_members, workdir, capsys):
+    a, b = (str(m.relative_to(workdir)) for m in two_members)
+    assert main(["ensemble", a, b, "--oof", "weights=oof"]) == 0
+    assert main(["ensemble", a, "weights=oof", b, "--oof"]) == 0
+    capsys.readouterr()
+    assert main(["ensemble", a, b]) == 2
+    assert "--oof (out-of-fold predictions) or --name NAME" in capsys.readouterr().err
+    assert main(["ensemble", a, b, "--oof", "threshold=2"]) == 2
+    assert "threshold=2: the threshold must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert main(["ensemble", a, b, "--oof", "weight=oof"]) == 2
+    assert "unknown option weight= for `alldetect ensemble`. Valid options: weights=, threshold=" in capsys.readouterr().err
+    assert main(["ensemble", f"{a}/fold0", "--oof", "threshold=oof"]) == 2
+    assert "needs out-of-fold predictions of two or more folds" in capsys.readouterr().err
+    assert main(["ensemble", "runs/none", "--oof"]) == 2
+    assert "run folder runs/none does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "submissions/none.csv", "--labels", "x.csv"]) == 2
+    assert "submission submissions/none.csv does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, tmp_path_factory):
+    """Two architectures trained on every fold, then every step of the held-out pipeline through the CLI."""
+    from alldetect.data.demo import make_demo_data
+
+    for arch in ("proposed", "resnet10t"):
+        assert main(["train", arch, "all", *FAST, f"data.root={tiny_demo}"]) == 0
+    assert main(["ensemble", "runs/proposed", "runs/resnet10t", "--oof"]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-fold scores of 36 images" in out and "resnet10t" in out and "ensemble" in out
+
+    # a labelled test folder of other (synthetic) subjects, numbered like C-NMC's preliminary test
+    other = make_demo_data(tmp_path_factory.mktemp("other") / "d", subjects=6, per_subject=2, seed=9)
+    test = workdir / "prelim/C-NMC_test_prelim_phase_data"
+    test.mkdir(parents=True)
+    rows = []
+    for i, path in enumerate(sorted(other.glob("C-NMC_training_data/fold_*/*/*.bmp")), 1):
+        (test / f"{i}.bmp").write_bytes(path.read_bytes())
+        rows.append(f"{path.name},{i}.bmp,{int(path.parent.name == 'all')}")
+    labels = workdir / "prelim/C-NMC_test_prelim_phase_data_labels.csv"
+    labels.write_text("Patient_ID,new_names,labels\n" + "\n".join(rows) + "\n")
+    assert main(["predict", "runs/proposed", "runs/resnet10t", "--data", str(test), "--name", "prelim",
+                 "tta=d8", "num_workers=0"]) == 0
+    assert main(["ensemble", "runs/proposed", "runs/resnet10t", "--name", "prelim", "weights=oof",
+                 "threshold=oof"]) == 0
+    assert main(["evaluate", "submissions/prelim.csv", "--labels", str(labels)]) == 0
+    lines = (workdir / "submissions/prelim/isbi_valid.predict").read_text().splitlines()
+    assert len(lines) == 12 and set(lines) <= {"0", "1"}
+    metrics = json.loads((workdir / "submissions/prelim/metrics.json").read_text())
+    evaluation = json.loads((workdir / "submissions/prelim/evaluation.json").read_text())
+    assert evaluation["scores"]["submission"]["f1"] == pytest.approx(metrics["scores"]["ensemble"]["f1"])
+    assert metrics["tta"] == "d8" and set(metrics["weights"]) == {"proposed", "resnet10t"}

@@ -1,0 +1,169 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from alldetect.cli import main
+from alldetect.data.images import preprocess, read_rgb
+from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.loop import DeviceBatch, predict_probs
+from alldetect.engine.predict import predict_command, rebuild_model, tta_views
+from alldetect.errors import UserError
+from conftest import write_image
+from fake_runs import make_run
+
+FAST = ["num_workers=0", "batch_size=4"]
+
+
+def _prelim(root, n=11):
+    """A C-NMC preliminary-test-like folder: 1.bmp..n.bmp (64 x 64) and its labels file."""
+    images = root / "C-NMC_test_prelim_phase_data"
+    rows = []
+    for i in range(1, n + 1):
+        write_image(images / f"{i}.bmp")
+        cls = "all" if i % 3 else "hem"
+        subject = f"{50 + i % 2}" if cls == "all" else f"H{60 + i % 2}"
+        rows.append(f"UID_{subject}_{i}_1_{cls}.bmp,{i}.bmp,{int(cls == 'all')}")
+    (root / "C-NMC_test_prelim_phase_data_labels.csv").write_text("Patient_ID,new_names,labels\n" + "\n".join(rows))
+    return images
+
+
+@pytest.fixture
+def runs(workdir):
+    """runs/proposed/fold0 and fold1: randomly initialised proposed networks at 32 x 32, crop 48 of 64."""
+    for k in range(2):
+        make_run(workdir / f"runs/proposed/fold{k}", weights=True, seed=k, crop=48)
+    return workdir / "runs/proposed"
+
+
+def test_predictions_rebuild_the_model_from_its_checkpoint_and_are_deterministic(runs, workdir, capsys):
+    data = _prelim(workdir / "prelim")
+    predict_command(["runs/proposed"], str(data), "prelim", FAST)
+    out = capsys.readouterr().out
+    first = (runs / "fold0/pred_prelim.csv").read_bytes()
+    pred = pd.read_csv(runs / "fold0/pred_prelim.csv", dtype={"subject": str})
+    assert list(pred.columns) == ["path", "prob_all", "label", "subject"]
+    assert list(pred["path"]) == [f"{i}.bmp" for i in range(1, 12)]
+    assert list(pred["label"]) == [int(i % 3 != 0) for i in range(1, 12)] and pred["subject"][0] == "51"
+    meta = json.loads((runs / "fold0/pred_prelim.json").read_text())
+    assert meta["tta"] == "none" and meta["layout"] == "cnmc_prelim" and meta["images"] == 11
+    assert meta["data_root"] == str(data.resolve()) and len(meta["data_fingerprint"]) == 16
+    assert "runs/proposed/fold1" in out and "f1" in out
+
+    # the same probabilities as the checkpoint's model on the run's own preprocessing (crop 48, resize 32)
+    model, size, crop = rebuild_model(load_checkpoint(runs / "fold0/best.pt"), runs / "fold0")
+    assert (size, crop) == (32, 48)
+    img = preprocess(read_rgb(data / "5.bmp"), crop, size).astype(np.float32)
+    x = torch.from_numpy(((img - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255))
+                         .transpose(2, 0, 1)[None].astype(np.float32))
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(x), 1)[0, 1].item()
+    assert pred.loc[4, "prob_all"] == pytest.approx(expected, abs=2e-6)
+    assert not np.allclose(pred["prob_all"], pd.read_csv(runs / "fold1/pred_prelim.csv")["prob_all"])
+
+    predict_command(["runs/proposed"], str(data), "prelim", [*FAST, "batch_size=3"])
+    assert (runs / "fold0/pred_prelim.csv").read_bytes() == first
+
+
+class Orientation(nn.Module):
+    """Logits from a fixed random weight map: rotating or mirroring the input changes the output."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) / size)
+
+    def forward(self, x):
+        s = (x * self.w).sum((1, 2, 3))
+        return torch.stack([-s, s], 1)
+
+
+def _d8_by_closure(img):
+    """The images reachable from img by rotating by 90 degrees and mirroring, without repeats (8 for a generic
+    image), built independently of the code under test."""
+    seen, todo = {}, [img]
+    while todo:
+        a = todo.pop()
+        if a.tobytes() not in seen:
+            seen[a.tobytes()] = a
+            todo += [np.rot90(a, axes=(1, 2)).copy(), a[:, :, ::-1].copy()]
+    return list(seen.values())
+
+
+def test_d8_tta_averages_the_eight_views():
+    size = 8
+    batch = torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    nhwc = batch.permute(0, 2, 3, 1).contiguous()  # what the loader hands over
+    loader = [(nhwc[:3], torch.zeros(3), None), (nhwc[3:], torch.zeros(2), None)]
+    model, dev = Orientation(size), DeviceBatch(torch.device("cpu"), False, False)
+    got = {mode: predict_probs(model, loader, dev, views=tta_views(mode))[0][:, 1] for mode in ("none", "flip", "d8")}
+
+    normed = ((batch.float() / 255 - dev.mean) / dev.std).numpy()
+    w = model.w.detach().numpy()[0]
+    prob = lambda a: 1 / (1 + np.exp(-2 * (a * w).sum()))  # softmax of (-s, s)
+    expected_d8 = [np.mean([prob(v) for v in _d8_by_closure(img)]) for img in normed]
+    assert all(len(_d8_by_closure(img)) == 8 for img in normed)
+    np.testing.assert_allclose(got["d8"], expected_d8, atol=1e-6)
+    np.testing.assert_allclose(got["flip"], [(prob(a) + prob(a[:, :, ::-1])) / 2 for a in normed], atol=1e-6)
+    np.testing.assert_allclose(got["none"], [prob(a) for a in normed], atol=1e-6)
+    assert np.abs(got["d8"] - got["none"]).min() > 1e-4  # the model does see orientation
+
+
+def test_tta_option_is_used_and_recorded(runs, workdir):
+    data = _prelim(workdir / "prelim", n=4)
+    predict_command(["runs/proposed/fold0"], str(data), "a", [*FAST, "tta=d8"])
+    predict_command(["runs/proposed/fold0"], str(data), "b", FAST)
+    assert json.loads((runs / "fold0/pred_a.json").read_text())["tta"] == "d8"
+    a, b = (pd.read_csv(runs / f"fold0/pred_{n}.csv")["prob_all"] for n in "ab")
+    assert not np.allclose(a, b) and not (runs / "fold1/pred_a.csv").exists()
+
+
+def test_unlabelled_folder_has_no_label_column(runs, workdir, capsys):
+    for i in range(1, 4):
+        write_image(workdir / "final" / f"{i}.bmp")
+    predict_command(["runs/proposed/fold1"], str(workdir / "final"), "final", FAST)
+    assert list(pd.read_csv(runs / "fold1/pred_final.csv").columns) == ["path", "prob_all"]
+    assert "unlabelled: no scores" in capsys.readouterr().out
+
+
+def test_bad_images_empty_folders_and_runs_without_checkpoint(runs, workdir):
+    data = _prelim(workdir / "prelim", n=4)
+    (data / "3.bmp").write_bytes(b"")
+    with pytest.raises(UserError, match=r"3\.bmp: empty file"):
+        predict_command(["runs/proposed"], str(data), "x", FAST)
+    (workdir / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        predict_command(["runs/proposed"], str(workdir / "empty"), "x", FAST)
+    (workdir / "runs/vgg16/fold0").mkdir(parents=True)
+    (workdir / "runs/vgg16/fold0/config.yaml").write_text("arch: vgg16\n")
+    with pytest.raises(UserError, match=r"runs/vgg16/fold0 have no checkpoint \(best\.pt\)"):
+        predict_command(["runs/vgg16"], str(data), "x", FAST)
+    with pytest.raises(UserError, match=r"runs/vgg16/fold0 holds no checkpoint"):
+        predict_command(["runs/vgg16/fold0"], str(data), "x", FAST)
+    with pytest.raises(UserError, match="runs/nothing does not exist"):
+        predict_command(["runs/nothing"], str(data), "x", FAST)
+
+
+def test_cli_options_and_errors(runs, workdir, capsys):
+    data = _prelim(workdir / "prelim", n=3)
+    assert main(["predict", "runs/proposed/fold0", "--data", str(data), "--name", "p", "tta=flip", *FAST]) == 0
+    assert main(["predict", "runs/proposed/fold0", "tta=flip", "--data", str(data), "--name", "q", *FAST]) == 0
+    assert (runs / "fold0/pred_q.csv").read_bytes() == (runs / "fold0/pred_p.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["predict", "runs/proposed", "--data", str(data), "--name", "p", "tta=d4"]) == 2
+    assert "tta=d4: choose one of none, flip, d8" in capsys.readouterr().err
+    assert main(["predict", "runs/proposed", "--data", str(data), "--name", "p", "tt=d8"]) == 2
+    assert "unknown option tt= for `alldetect predict`. Valid options: tta=, batch_size=" in capsys.readouterr().err
+    assert main(["predict", "runs/proposed", "--data", str(data), "--name", "a/b"]) == 2
+    assert "--name 'a/b'" in capsys.readouterr().err
+
+
+def test_real_sample_predictions_know_labels_and_subjects(sample_root, workdir):
+    make_run(workdir / "runs/proposed/fold0", weights=True)
+    predict_command(["runs/proposed"], str(sample_root), "sample", FAST)
+    pred = pd.read_csv(workdir / "runs/proposed/fold0/pred_sample.csv", dtype={"subject": str})
+    assert len(pred) == 60 and set(pred["label"]) == {0, 1} and pred["subject"].notna().all()
+    assert pred["path"].str.startswith("C-NMC_training_data/fold_").all()

@@ -1,0 +1,217 @@
+"""Nothing lost, nothing silently wrong, nothing unsafe loaded: faults injected on purpose."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from alldetect.atomic import write_csv
+from alldetect.config import load_config, read_yaml
+from alldetect.data.prepare import resolve_folds
+from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
+from alldetect.engine.fit import fit_fold
+from alldetect.engine.stopping import StopRequested
+from alldetect.errors import UserError
+from conftest import FAST, REPO
+
+HISTORY_STABLE = ["epoch", "train_loss", "val_loss", "f1", "accuracy", "precision", "recall", "roc_auc", "lr"]
+
+
+def _cfg(root, *extra):
+    return load_config("proposed", [*FAST, f"data.root={root}", *extra])
+
+
+def _same_weights(a_dir, b_dir):
+    a, b = load_checkpoint(a_dir / "last.pt")["model"], load_checkpoint(b_dir / "last.pt")["model"]
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_history(a_dir, b_dir):
+    pd.testing.assert_frame_equal(pd.read_csv(a_dir / "history.csv")[HISTORY_STABLE],
+                                  pd.read_csv(b_dir / "history.csv")[HISTORY_STABLE])
+
+
+class SignalAt(torch.nn.CrossEntropyLoss):
+    """A loss that sends this process SIGTERM at its n-th training call (the step still finishes)."""
+
+    n = 0
+    at = 5
+
+    def forward(self, logits, target):
+        if torch.is_grad_enabled():  # training steps only, not validation
+            SignalAt.n += 1
+            if SignalAt.n == SignalAt.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(logits, target)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_to_the_same_weights(tiny_demo, workdir, monkeypatch):
+    extra = ["epochs=3", "batch_size=4", "scheduler=cosine", "optimizer=adamw", "aug.rotate=0.3"]
+    folds = resolve_folds(_cfg(tiny_demo, *extra))
+    fit_fold(_cfg(tiny_demo, "runs_dir=a", *extra), 0, folds)
+
+    import alldetect.engine.fit as fit
+
+    SignalAt.n, SignalAt.at = 0, 9  # epoch 2 (6 batches an epoch), its third batch
+    monkeypatch.setattr(fit.nn, "CrossEntropyLoss", SignalAt)
+    with pytest.raises(StopRequested, match=r"stopped by SIGTERM in epoch 2 after batch 3.*resume=true"):
+        fit_fold(_cfg(tiny_demo, "runs_dir=b", *extra), 0, folds)
+    state = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
+    assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["steps"] == 3
+    monkeypatch.setattr(fit.nn, "CrossEntropyLoss", torch.nn.CrossEntropyLoss)
+    fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
+    assert _same_weights(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
+    _same_history(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
+
+
+def _train_cmd(root, runs, *extra):
+    return [sys.executable, "-m", "alldetect", "train", "proposed", "fold0", *FAST, f"data.root={root}",
+            f"runs_dir={runs}", "epochs=6", "batch_size=4", "scheduler=cosine", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_reaches_the_same_result(tiny_demo, workdir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_train_cmd(tiny_demo, "ref"), cwd=workdir, env=env, check=True, capture_output=True, timeout=300)
+    rng = np.random.default_rng(7)
+    kills = 0
+    while True:
+        proc = subprocess.Popen(_train_cmd(tiny_demo, "killed", "resume=true"), cwd=workdir, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if kills < 3:
+            wanted, seen = int(rng.integers(1, 3)), 0  # after the 1st or 2nd epoch of this launch ...
+            for line in proc.stdout:
+                seen += "proposed fold0 epoch" in line
+                if seen == wanted:
+                    time.sleep(rng.uniform(0.0, 0.6))  # ... at a random point of what follows
+                    break
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                kills += 1
+                continue
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:]
+        break
+    assert kills == 3
+    assert _same_weights(workdir / "ref/proposed/fold0", workdir / "killed/proposed/fold0")
+    _same_history(workdir / "ref/proposed/fold0", workdir / "killed/proposed/fold0")
+    assert not list((workdir / "killed/proposed/fold0").glob(".*.tmp"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_process_with_loader_workers(tiny_demo, workdir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["data.num_workers=2", "epochs=40"]
+    proc = subprocess.Popen(_train_cmd(tiny_demo, "t", *extra), cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until the first epoch is done, then ask it to stop
+        if "epoch   1/40" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "resume=true" in err and "Traceback" not in err
+    state = load_checkpoint(workdir / "t/proposed/fold0/last.pt")
+    assert state["epoch"] >= 0 and state["epoch"] < 39
+
+
+def test_atomic_checkpoint_write_never_leaves_a_truncated_file(workdir, monkeypatch):
+    save_checkpoint(workdir / "last.pt", {"model": {"w": torch.ones(3)}, "config": {"arch": "x"}})
+
+    def crash(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(workdir / "last.pt", {"model": {"w": torch.zeros(3)}, "config": {}})
+    assert torch.equal(load_checkpoint(workdir / "last.pt")["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in workdir.iterdir()) == ["last.pt"]
+
+
+def test_atomic_csv_write_keeps_the_old_file_on_failure(workdir):
+    write_csv(workdir / "f.csv", pd.DataFrame({"a": [1, 2]}))
+
+    class Broken(pd.DataFrame):
+        def to_csv(self, path, **kw):
+            open(path, "w").write("a\n1")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_csv(workdir / "f.csv", Broken({"a": [3]}))
+    assert (workdir / "f.csv").read_text() == "a\n1\n2\n" and len(list(workdir.iterdir())) == 1
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_runs_nothing(workdir):
+    marker = workdir / "pwned"
+    torch.save({"model": {}, "config": {}, "payload": Exploit(marker)}, workdir / "evil.pt")
+    with pytest.raises(UserError, match=r"refused to load .*evil.pt.*could run code"):
+        load_checkpoint(workdir / "evil.pt")
+    assert not marker.exists()
+
+
+def test_damaged_checkpoint_is_a_clear_error(workdir):
+    (workdir / "bad.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="damaged or not a checkpoint"):
+        load_checkpoint(workdir / "bad.pt")
+
+
+def test_yaml_with_python_objects_is_not_executed(workdir):
+    marker = workdir / "pwned"
+    evil = workdir / "evil.yaml"
+    evil.write_text(f"lr: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        read_yaml(evil)
+    assert not marker.exists()
+
+
+def test_labels_file_cannot_point_outside_the_folder(tmp_path):
+    from alldetect.data.layouts import build_manifest
+    from conftest import write_image
+
+    images = tmp_path / "test"
+    write_image(images / "1.bmp")
+    write_image(tmp_path / "secret.bmp")
+    (images / "phase2.csv").write_text("Patient_ID,new_names,labels\nUID_1_1_1_all.bmp,../secret.bmp,1\n")
+    with pytest.raises(UserError, match=r"not in .*\.\./secret\.bmp"):
+        build_manifest(images)
+
+
+def test_out_of_memory_names_a_batch_size_to_try(tiny_demo, workdir, monkeypatch):
+    import alldetect.engine.fit as fit
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fit, "train_one_epoch", oom)
+    with pytest.raises(UserError, match=r"ran out of memory .* batch_size=8.*Try batch_size=4"):
+        fit_fold(_cfg(tiny_demo), 0, resolve_folds(_cfg(tiny_demo)))
+
+
+def test_full_disk_fails_before_training(tiny_demo, workdir, monkeypatch):
+    import alldetect.engine.fit as fit
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fit.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    called = []
+    monkeypatch.setattr(fit, "train_one_epoch", lambda *a, **k: called.append(1))
+    with pytest.raises(UserError, match=r"only 1 MiB free .* checkpoints need about \d+ MiB"):
+        fit_fold(_cfg(tiny_demo), 0, resolve_folds(_cfg(tiny_demo)))
+    assert not called
