@@ -172,6 +172,22 @@ def test_bad_input_exits_2_with_a_message(tiny_demo, workdir, configs, capsys):
     assert "'fold9' is not a fold" in capsys.readouterr().err
 
 
+def test_a_worker_that_loses_the_table_creation_race_uses_the_winners_tables(workdir, monkeypatch):
+    """Two workers opening a new database at once: one gets a duplicate-row error (SQLite: alembic_version)."""
+    from sqlalchemy.exc import IntegrityError
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def lose_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lose_once)
+    assert isinstance(open_storage(f"sqlite:///{workdir / 'race.db'}", heartbeat=60), real) and len(calls) == 2
+
+
 def test_a_study_refuses_another_search_space_or_recipe(tiny_demo, workdir, configs, capsys):
     _tune(tiny_demo, 1)
     base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_demo}"]

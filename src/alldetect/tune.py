@@ -186,11 +186,11 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
 
 
 def _lost_creation_race(e: Exception) -> bool:
-    """Two workers that open a new database at once both create Optuna's tables; one of them loses."""
-    from sqlalchemy.exc import DBAPIError
+    """Two workers that open a new database at once both create Optuna's tables and bookkeeping rows (schema
+    version, alembic stamp); one of them loses with a duplicate row or table."""
+    from sqlalchemy.exc import DBAPIError, IntegrityError
 
-    text = str(e).lower()
-    return isinstance(e, DBAPIError) and ("already exists" in text or "duplicate key" in text)
+    return isinstance(e, IntegrityError) or (isinstance(e, DBAPIError) and "already exists" in str(e).lower())
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
