@@ -69,6 +69,13 @@ def _evaluate(a):
     evaluate_command(a.submission, a.labels)
 
 
+def _tune(a):
+    from alldetect.tune import tune_command
+
+    tune_command(a.arch, a.overrides, a.config, trials=a.trials, folds=a.folds, study=a.study, storage=a.storage,
+                 space=a.space, pruner=a.pruner, timeout=a.timeout, heartbeat=a.heartbeat, out=a.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -153,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("submission", help="submissions/<NAME>.csv")
     s.add_argument("--labels", required=True, help="C-NMC_test_prelim_phase_data_labels.csv (Patient_ID,new_names,labels)")
     s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("tune", help="Optuna study of ARCH's hyperparameters; writes configs/tuned/<arch>.yaml")
+    s.add_argument("arch", help="proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config overrides, e.g. epochs=20")
+    s.add_argument("--trials", type=int, default=20, help="trials this run adds to the study (default 20)")
+    s.add_argument("--folds", default="fold0", help="validation folds, scored as their mean: fold0 (default), "
+                                                    "fold0,fold1,... or all")
+    s.add_argument("--study", help="study name (default ARCH; ARCH-demo on the built-in demo data)")
+    s.add_argument("--storage", metavar="URL", help="Optuna storage (default sqlite:///studies/<study>.db); "
+                                                    "postgresql://USER:PASSWORD@HOST/DB shares a study among workers")
+    s.add_argument("--space", metavar="FILE", help="search space (default configs/search/<arch>.yaml, "
+                                                   "else configs/search/default.yaml)")
+    s.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="stops unpromising trials early (default median)")
+    s.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    s.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="a worker's running trial is marked failed 2 heartbeats after it stops (default 60)")
+    s.add_argument("--out", metavar="FILE", help="tuned config to write (default configs/tuned/<arch>.yaml)")
+    s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
+    s.set_defaults(func=_tune)
     return p
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from alldetect.errors import UserError
 
@@ -50,7 +50,8 @@ class Config(_Section):
     seed: int = 42
     runs_dir: str = "runs"
     folds_dir: str = "folds"
-    study: str = "alldetect"  # W&B group and tune study name
+    study: str = "alldetect"  # W&B group (alldetect tune groups its trials by the study's name)
+    tuned: bool = False  # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
     # model
     input_size: Optional[int] = Field(None, ge=32)  # None: the architecture's natural size
     dropout: float = Field(0.5, ge=0, lt=1)
@@ -182,22 +183,48 @@ def load_config(
     files: list[str | Path] | None = None,
     profile: str | None = None,
 ) -> Config:
-    """base.yaml -> <arch>.yaml (if any) -> <profile>.yaml -> each of `files` -> overrides -> $ALLDETECT_DATA."""
+    """base.yaml -> <arch>.yaml (if any) -> <profile>.yaml -> tuned/<arch>.yaml (tuned=true) -> each of `files`
+    -> overrides -> $ALLDETECT_DATA."""
     cdir = configs_dir()
-    raw = read_yaml(cdir / "base.yaml")
+    layers = [read_yaml(cdir / "base.yaml")]
     if (cdir / f"{arch}.yaml").is_file():
-        raw = deep_merge(raw, read_yaml(cdir / f"{arch}.yaml"))
+        layers.append(read_yaml(cdir / f"{arch}.yaml"))
     if profile:
-        raw = deep_merge(raw, read_yaml(cdir / f"{profile}.yaml"))
-    for f in files or []:
-        raw = deep_merge(raw, read_yaml(f))
+        layers.append(read_yaml(cdir / f"{profile}.yaml"))
     over = parse_overrides(overrides or [])
-    raw = deep_merge(raw, over)
+    later = [read_yaml(f) for f in files or []] + [over]
+    raw = _merge_all(layers + later)
+    if _wants_tuned(raw):
+        layers.append(read_yaml(tuned_config_path(arch, must_exist=True)))
+        raw = _merge_all(layers + later)
     raw["arch"] = arch
     env_root = os.environ.get(DATA_ENV)
     if env_root and "root" not in over.get("data", {}):
         raw.setdefault("data", {})["root"] = env_root
     return validate(raw, where="the config files and overrides")
+
+
+def tuned_config_path(arch: str, must_exist: bool = False) -> Path:
+    """configs/tuned/<arch>.yaml: the best trial of `alldetect tune ARCH`."""
+    path = configs_dir() / "tuned" / f"{arch}.yaml"
+    if must_exist and not path.is_file():
+        raise UserError(f"tuned=true but {path} does not exist: run `alldetect tune {arch}` first "
+                        "(or pass --config FILE with the settings you want)")
+    return path
+
+
+def _merge_all(layers: list[dict]) -> dict:
+    raw: dict = {}
+    for layer in layers:
+        raw = deep_merge(raw, layer)
+    return raw
+
+
+def _wants_tuned(raw: dict) -> bool:
+    try:
+        return TypeAdapter(bool).validate_python(raw.get("tuned", False))
+    except ValidationError:
+        return False  # validate() reports the bad value with the others
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

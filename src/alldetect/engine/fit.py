@@ -62,10 +62,16 @@ def run_dir_for(cfg: Config, fold: int) -> Path:
     return Path(cfg.runs_dir) / cfg.arch / f"fold{fold}"
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: a bad setting (a tuning trial fails, the study goes on)."""
+
+
 def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = None,
-             on_epoch: Callable[[int, dict], None] | None = None, run_name: str | None = None) -> FitResult:
+             on_epoch: Callable[[int, dict], None] | None = None, run_name: str | None = None,
+             job_type: str = "train") -> FitResult:
     """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` may raise
-    to stop early (Optuna pruning). Under torchrun every rank calls this; only rank 0 writes."""
+    to stop early (Optuna pruning). `run_name` names the W&B run (default <arch>-fold<k>). Under torchrun every
+    rank calls this; only rank 0 writes."""
     if not 0 <= fold < folds.k:
         raise UserError(f"fold{fold} does not exist: {folds.path} has folds fold0..fold{folds.k - 1}")
     d = init_distributed()
@@ -125,7 +131,7 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     tracker = Tracker()
     if d.main:
         tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
-                                config=cfg.to_dict(), resume_id=wandb_id)
+                                config=cfg.to_dict(), job_type=job_type, resume_id=wandb_id)
     stopped_early, exit_code = False, 1
     try:
         with stop_on_signals() as stop:
@@ -186,7 +192,7 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
                                                           if k != "confusion"}})
         exit_code = 0
     except NonFiniteLoss as e:
-        raise UserError(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
+        raise TrainingDiverged(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
                         "Try a lower lr (e.g. lr=1e-4) or class_balance=none") from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(_out_of_memory(cfg, size)) from None

@@ -1,0 +1,359 @@
+"""`alldetect tune ARCH`: an Optuna study of one architecture's hyperparameters.
+
+Each trial is a real `fit_fold` run per requested fold under runs/tune/<study>/trial<n>/fold<k>/, reports the
+validation weighted F1 after every epoch to the pruner, and scores the mean over folds of the kept
+checkpoint's weighted F1. Studies live in studies/<study>.db (SQLite) or in any storage URL: several
+workers pointed at one PostgreSQL database share one study. Heartbeats mark a killed worker's trial failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+
+from alldetect.atomic import write_text
+from alldetect.config import Config, configs_dir, deep_merge, load_config, tuned_config_path, validate
+from alldetect.data.folds import FoldFile
+from alldetect.data.prepare import resolve_folds
+from alldetect.engine.fit import TrainingDiverged, fit_fold
+from alldetect.engine.train import parse_fold_spec, resolve_config
+from alldetect.errors import UserError
+from alldetect.search_space import SearchSpace, load_search_space, nest, space_file
+
+log = logging.getLogger("alldetect")
+
+PRUNERS = ("median", "hyperband", "none")
+# Settings that may differ between the workers and the runs of one study: where things are, which device.
+RUNTIME_KEYS = {"arch", "study", "tuned", "runs_dir", "folds_dir", "resume", "overwrite", "wandb", "device", "amp",
+                "channels_last", "compile", "pretrained_path", "augment_on", "data.root", "data.fold_file",
+                "data.num_workers", "data.skip_bad", "data.cache", "data.cache_dir"}
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE seeded with seed + trial number. The same study replays the same first trials, a resumed
+    study does not repeat its earlier proposals, and workers started together (each with its own trial
+    numbers) do not propose the same point, as one TPESampler(seed=seed) per process would."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._tpe = self._make(0)
+
+    def _make(self, number: int) -> optuna.samplers.TPESampler:
+        return optuna.samplers.TPESampler(seed=self.seed + number, constant_liar=True)
+
+    def before_trial(self, study, trial):
+        self._tpe = self._make(trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe.after_trial(study, trial, state, values)
+
+
+def tune_command(arch: str, overrides: list[str], files: list[str] | None = None, *, trials: int = 20,
+                 folds: str = "fold0", study: str | None = None, storage: str | None = None,
+                 space: str | None = None, pruner: str = "median", timeout: float | None = None,
+                 heartbeat: int = 60, out: str | None = None) -> optuna.Study:
+    if trials < 0:
+        raise UserError(f"--trials {trials}: give the number of trials to add (0 only reports the study)")
+    if heartbeat < 1:
+        raise UserError(f"--heartbeat {heartbeat}: give the seconds between heartbeats (1 or more)")
+    cfg, demo, fold_file = _trial_base(arch, overrides, files or [])
+    wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)})
+    search = load_search_space(space_file(arch, space), cfg)
+    name = study or (f"{arch}-demo" if demo else arch)
+    if storage is None:
+        Path("studies").mkdir(exist_ok=True)
+    url = storage or f"sqlite:///{Path('studies') / f'{name}.db'}"
+    the_study = open_study(name, url, heartbeat, pruner, cfg.seed)
+    check_study_matches(the_study, url, _identity(cfg, search, wanted, fold_file))
+    cfg = cfg.model_copy(update={"study": name})
+    print(f"study '{name}' in {safe_url(url)}: {len(the_study.trials)} trial(s) so far; adding {trials} "
+          f"({', '.join(search.params)} from {_shown(search.source)}; folds {', '.join(f'fold{f}' for f in wanted)})",
+          flush=True)
+    objective = _objective(cfg, search, fold_file, wanted, name)
+    with _storage_errors(url, "lost the connection to"):
+        the_study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrainingDiverged,),
+                           callbacks=[_print_trial], gc_after_trial=True)
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(the_study)
+        print(study_summary(the_study, url, wanted, demo))
+        best = _best_trial(the_study)
+    if best is not None:
+        path = Path(out) if out else _shown(tuned_config_path(arch))
+        write_tuned_config(path, arch, best, name, url, len(the_study.trials), wanted, demo)
+        hint = "tuned=true" if not out else f"--config {path}"
+        print(f"wrote {path}; train with it: ./train.sh {arch} fold{wanted[0]} {hint}")
+    return the_study
+
+
+def _trial_base(arch: str, overrides: list[str], files: list[str]) -> tuple[Config, bool, FoldFile]:
+    """The settings every trial starts from, whether they are the demo data's, and the verified fold file."""
+    cfg, demo = resolve_config(arch, overrides, files)
+    if demo:  # shorter trials on the synthetic data: configs/demo-tune.yaml after the demo profile
+        demo_tune = configs_dir() / "demo-tune.yaml"
+        cfg = load_config(arch, [*overrides, f"data.root={cfg.data.root}"], [demo_tune, *files], profile="demo")
+        print(f"tuning on the demo data: {_shown(demo_tune)} after the demo profile (epochs={cfg.epochs})")
+    fold_file = resolve_folds(cfg)
+    if cfg.data.root is None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(fold_file.data_root)})})
+    return cfg, demo, fold_file
+
+
+def _shown(path: str | Path) -> Path:
+    """A path as the user would type it: relative to the current folder when it lies inside it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd())
+    except ValueError:
+        return Path(path)
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for messages and files."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: say it as given
+        return url
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ()):
+    """Database trouble reaches users as one line naming the URL, never as a SQLAlchemy traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, *also) as e:
+        cause: BaseException = e
+        while isinstance(cause, (optuna.exceptions.StorageInternalError, ImportError)) and cause.__cause__:
+            cause = cause.__cause__  # Optuna's wrapper -> SQLAlchemy's or the import's own error
+        cause = getattr(cause, "orig", None) or cause  # SQLAlchemy's -> the database driver's message
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0].rstrip(".")
+        raise UserError(f"{doing} the study storage {safe_url(url)}: {reason}. Check the URL and that its database "
+                        "server is running and reachable (for SQLite: that the file's folder exists)") from None
+
+
+@contextlib.contextmanager
+def _quiet_experimental():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def driver_url(url: str) -> str:
+    """postgresql:// -> postgresql+psycopg2://: the driver alldetect installs (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg2://" + url.removeprefix(bare)
+    return url
+
+
+def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
+    engine: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        engine = {"connect_args": {"timeout": 60}}  # workers sharing one file wait for its lock
+    elif url.startswith("postgres"):
+        engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    with _storage_errors(url, "cannot open", also=(ImportError, ValueError)), _quiet_experimental():
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(driver_url(url), engine_kwargs=engine,
+                                                  heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+            except Exception as e:
+                if attempt == 4 or not _lost_creation_race(e):
+                    raise
+                time.sleep(0.2 + random.random())  # another worker is making the same tables: use theirs
+
+
+def _lost_creation_race(e: Exception) -> bool:
+    """Two workers that open a new database at once both create Optuna's tables and bookkeeping rows (schema
+    version, alembic stamp); one of them loses with a duplicate row or table."""
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    return isinstance(e, IntegrityError) or (isinstance(e, DBAPIError) and "already exists" in str(e).lower())
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"--pruner {name}: choose one of {', '.join(PRUNERS)}")
+
+
+def open_study(name: str, url: str, heartbeat: int, pruner: str, seed: int) -> optuna.Study:
+    """Create the study, or load it when it exists (re-running a command resumes its study)."""
+    # Optuna logs a failed trial with its traceback; alldetect reports trials itself (_print_trial, error:).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    the_pruner = make_pruner(pruner)
+    storage = open_storage(url, heartbeat)
+    with _storage_errors(url, "cannot open", also=(ImportError, ValueError)):
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                    sampler=TrialSeededSampler(seed), pruner=the_pruner)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise UserError(f"study '{name}' in {safe_url(url)} minimises its objective; it was not made by "
+                        "alldetect tune. Choose another --study NAME")
+    return study
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _identity(cfg: Config, search: SearchSpace, folds: list[int], fold_file: FoldFile) -> dict[str, Any]:
+    """What makes two trials comparable: stored with the study, checked whenever a worker joins it."""
+    split = fold_file.table[["path", "label", "fold"]].sort_values("path").to_csv(index=False)
+    settings = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RUNTIME_KEYS | set(search.params)}
+    return {"arch": cfg.arch, "folds": folds, "split": hashlib.sha256(split.encode()).hexdigest()[:16],
+            "search_space": search.params, "settings": settings}
+
+
+def check_study_matches(study: optuna.Study, url: str, identity: dict[str, Any]) -> None:
+    """A study is one objective: refuse to add trials of another architecture, space, split or recipe."""
+    stored = study.user_attrs
+    if not stored.get("alldetect"):
+        if study.trials:
+            raise UserError(f"study '{study.study_name}' in {safe_url(url)} already has trials that alldetect tune "
+                            "did not make. Choose another --study NAME")
+        study.set_user_attr("alldetect", True)
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+        return
+    where = f"study '{study.study_name}' in {safe_url(url)}"
+    fix = "Use the study's own settings, or start a new study with --study NAME"
+    old_space, new_space = stored.get("search_space") or {}, identity["search_space"]
+    if old_space != new_space:
+        keys = sorted(k for k in set(old_space) | set(new_space) if old_space.get(k) != new_space.get(k))
+        detail = "".join(f"\n  {k}: {_flow(old_space.get(k))} -> {_flow(new_space.get(k))}" for k in keys)
+        raise UserError(f"{where} has a different search space (study -> now):{detail}\n{fix}")
+    for key, what in (("arch", "architecture"), ("folds", "validation folds"), ("split", "fold file (data or split)")):
+        if stored.get(key) != identity[key]:
+            raise UserError(f"{where} was made with another {what} ({stored.get(key)} -> {identity[key]}). {fix}")
+    old, new = stored.get("settings", {}), identity["settings"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise UserError(f"{where} was made with other settings ({detail}), so its scores would not compare. {fix}")
+
+
+def _flow(spec: dict | None) -> str:
+    if spec is None:
+        return "(absent)"
+    return yaml.safe_dump(spec, default_flow_style=True, sort_keys=False, width=10_000).strip()
+
+
+def _objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[int], study_name: str):
+    # Steps of later folds follow the earlier folds' epochs, so each step compares one fold and epoch.
+    searched_epochs = search.params.get("epochs", {})
+    steps_per_fold = max([base.epochs, searched_epochs.get("high", 0), *searched_epochs.get("choices", [])])
+
+    def objective(trial: optuna.Trial) -> float:
+        params = search.suggest(trial)
+        cfg = validate(deep_merge(base.to_dict(), nest(params)), where=f"trial {trial.number}")
+        trial_dir = Path(cfg.runs_dir) / "tune" / study_name / f"trial{trial.number}"
+        trial.set_user_attr("run_dir", str(trial_dir))
+        scores = []
+        for i, fold in enumerate(wanted):
+            run_dir = trial_dir / f"fold{fold}"
+            if (run_dir / "last.pt").is_file():
+                raise UserError(f"{run_dir} already holds a run of an earlier study named '{study_name}' (was its "
+                                f"storage deleted?). Move {trial_dir.parent} away, or choose another --study NAME")
+
+            def report(epoch: int, metrics: dict, i: int = i, fold: int = fold) -> None:
+                trial.report(metrics["f1"], step=i * steps_per_fold + epoch)
+                if trial.should_prune():
+                    where = f"weighted F1 {metrics['f1']:.4f} at fold{fold} epoch {epoch + 1}"
+                    trial.set_user_attr("pruned_at", where)
+                    raise optuna.TrialPruned(where)
+
+            try:
+                result = fit_fold(cfg, fold, folds, run_dir, on_epoch=report, job_type="tune",
+                                  run_name=f"{study_name}-trial{trial.number}-fold{fold}")
+            except UserError as e:
+                trial.set_user_attr("error", str(e))
+                raise
+            scores.append(result.metrics["f1"])
+            trial.set_user_attr(f"fold{fold}_f1", result.metrics["f1"])
+            trial.set_user_attr(f"fold{fold}_best_epoch", result.best_epoch + 1)
+        return float(np.mean(scores))
+
+    return objective
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        best = _best_trial(study)
+        line = f"trial {trial.number} finished: weighted F1 {trial.value:.4f} ({params})"
+        if best is not None:
+            line += f"; best so far: trial {best.number} ({best.value:.4f})"
+    elif trial.state == optuna.trial.TrialState.PRUNED:
+        line = f"trial {trial.number} pruned ({params}): {trial.user_attrs.get('pruned_at', 'by the pruner')}"
+    else:
+        line = f"trial {trial.number} failed ({params}): {trial.user_attrs.get('error', 'see the log above')}"
+    print(line, flush=True)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    # The lowest number wins a tie, so every worker names the same best trial.
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def study_summary(study: optuna.Study, url: str, folds: list[int], demo: bool) -> str:
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running") if s in states)
+    lines = [f"\nstudy '{study.study_name}' in {safe_url(url)}: {len(states)} trial(s) ({counts or 'none yet'})"]
+    best = _best_trial(study)
+    if best is None:
+        lines.append("no trial has completed yet, so there is no best trial and no tuned config")
+        return "\n".join(lines)
+    on = ", ".join(f"fold{f}" for f in folds)
+    note = "  (SYNTHETIC demo data)" if demo else ""
+    lines.append(f"best: trial {best.number}, mean weighted F1 {best.value:.4f} on {on}{note}")
+    lines += [f"  {k}: {_short(v)}" for k, v in best.params.items()]
+    lines.append(f"  runs: {best.user_attrs.get('run_dir', '?')}")
+    return "\n".join(lines)
+
+
+def write_tuned_config(path: Path, arch: str, best: optuna.trial.FrozenTrial, study: str, url: str, n_trials: int,
+                       folds: list[int], demo: bool) -> None:
+    """Only the tuned keys, under a header that says where they come from."""
+    on = ", ".join(f"fold{f}" for f in folds)
+    header = [
+        f"# Tuned by `alldetect tune {arch}`: study '{study}' in {safe_url(url)}, best of {n_trials} trial(s):",
+        f"# trial {best.number}, mean weighted F1 {best.value:.4f} on {on}"
+        + (" of the SYNTHETIC demo data (demo profile)." if demo else "."),
+        "# Only the tuned keys; the rest comes from base.yaml and the architecture's file (the layers of any run).",
+        f"# Use: ./train.sh {arch} fold0 tuned=true   (or --config {path})",
+    ]
+    write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(nest(best.params), sort_keys=False))

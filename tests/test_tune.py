@@ -1,0 +1,300 @@
+"""alldetect tune: Optuna studies of real training runs, on SQLite and (where a server is given) PostgreSQL."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from alldetect.cli import main
+from alldetect.config import load_config
+from alldetect.data.prepare import resolve_folds
+from alldetect.errors import UserError
+from alldetect.search_space import load_search_space, nest
+from alldetect.tune import TrialSeededSampler, open_storage, tune_command
+from conftest import FAST, REPO
+
+POSTGRES = os.environ.get("ALLDETECT_TEST_POSTGRES")
+STORAGES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
+    not POSTGRES, reason="ALLDETECT_TEST_POSTGRES is not set (.ci/run starts a PostgreSQL server and sets it)"))]
+
+
+@pytest.fixture
+def configs(tmp_path, monkeypatch):
+    """A copy of configs/ so that tuned/<arch>.yaml lands in the test's folder, not the repository's."""
+    folder = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", folder)
+    monkeypatch.setenv("ALLDETECT_CONFIGS", str(folder))
+    return folder
+
+
+def _storage_url(kind: str, workdir) -> str:
+    return POSTGRES if kind == "postgresql" else f"sqlite:///{workdir / 'shared.db'}"
+
+
+def _load(name: str, url: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=60))
+
+
+def _tune(root, trials, *extra, **options):
+    return tune_command("proposed", [*FAST, f"data.root={root}", *extra], trials=trials, **options)
+
+
+def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_demo, workdir, configs, capsys):
+    study = _tune(tiny_demo, 2, folds="fold0,fold1")
+    assert (workdir / "studies/proposed.db").is_file()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:
+        for fold in (0, 1):
+            run = workdir / f"runs/tune/proposed/trial{t.number}/fold{fold}"
+            assert {"config.yaml", "history.csv", "best.pt", "oof.csv"} <= {p.name for p in run.iterdir()}
+            saved = yaml.safe_load((run / "config.yaml").read_text())
+            assert saved["lr"] == t.params["lr"] and saved["batch_size"] == t.params["batch_size"]
+            assert saved["study"] == "proposed"  # the W&B group
+        assert t.value == pytest.approx((t.user_attrs["fold0_f1"] + t.user_attrs["fold1_f1"]) / 2)
+        # validation weighted F1 after every epoch; fold1's epochs follow fold0's
+        assert sorted(t.intermediate_values) == [0, 1, 2, 3]
+    best = max(study.trials, key=lambda t: (t.value, -t.number))
+    tuned = configs / "tuned/proposed.yaml"
+    text = tuned.read_text()
+    assert f"study 'proposed'" in text and f"trial {best.number}, mean weighted F1 {best.value:.4f}" in text
+    assert yaml.safe_load(text) == best.params
+    out = capsys.readouterr().out
+    assert f"best: trial {best.number}" in out and "tuned=true" in out
+    cfg = load_config("proposed", ["tuned=true"])
+    assert (cfg.lr, cfg.batch_size, cfg.dropout) == (best.params["lr"], best.params["batch_size"],
+                                                     best.params["dropout"])
+
+    first = [t.params for t in study.trials]
+    again = _tune(tiny_demo, 1, folds="fold0,fold1")  # the same command resumes the study
+    assert len(again.trials) == 3
+    assert again.trials[2].params not in first  # and proposes a new point, not its first one again
+    assert "2 trial(s) so far; adding 1" in capsys.readouterr().out
+
+
+def test_the_same_seed_proposes_the_same_first_trials(configs):
+    space = load_search_space(configs / "search/proposed.yaml", load_config("proposed"))
+
+    def proposals(seed, n=3):
+        study = optuna.create_study(direction="maximize", sampler=TrialSeededSampler(seed))
+        study.optimize(lambda trial: space.suggest(trial)["dropout"], n_trials=n)
+        return [t.params for t in study.trials]
+
+    first = proposals(42)
+    assert first == proposals(42)
+    assert first != proposals(43)
+    assert len({repr(p) for p in first}) == 3
+
+
+def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_demo, workdir, configs, monkeypatch, capsys):
+    import alldetect.tune as tune
+
+    monkeypatch.setattr(tune, "make_pruner", lambda name: optuna.pruners.ThresholdPruner(lower=1.1))
+    study = _tune(tiny_demo, 2, "epochs=3")
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    history = pd.read_csv(workdir / "runs/tune/proposed/trial0/fold0/history.csv")
+    assert len(history) == 1  # stopped after the first epoch's report
+    out = capsys.readouterr().out
+    assert "trial 1 pruned" in out and "at fold0 epoch 1" in out and "no trial has completed yet" in out
+    assert not (configs / "tuned/proposed.yaml").exists()
+
+
+def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_demo, workdir, configs, monkeypatch, capsys):
+    import alldetect.tune as tune
+    from alldetect.engine.fit import TrainingDiverged
+
+    real_fit = tune.fit_fold
+
+    def diverge_first(cfg, fold, folds, run_dir, **kw):
+        if "trial0" in str(run_dir):
+            raise TrainingDiverged("loss became nan at epoch 1")
+        return real_fit(cfg, fold, folds, run_dir, **kw)
+
+    monkeypatch.setattr(tune, "fit_fold", diverge_first)
+    study = _tune(tiny_demo, 2)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert "trial 0 failed" in capsys.readouterr().out and "loss became nan" in study.trials[0].user_attrs["error"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("learning_rate: {type: float, low: 0.1, high: 1.0}", "unknown config key"),
+    ("lr: {type: float, low: 0.01, high: 0.01}", "empty range"),
+    ("lr: {type: float, low: 0.1, high: 0.01, log: true}", r"inverted range, low=0.1 is above high=0.01"),
+    ("dropout: {type: float, low: 0.0, high: 1.0}", r"1.0 is not a valid dropout"),
+    ("batch_size: {type: float, low: 8, high: 64}", r"is not a valid batch_size"),
+    ("batch_size: {type: categorical, choices: []}", "non-empty list of choices"),
+    ("optimizer: {type: categorical, choices: [sgd, rmsprop]}", r"'rmsprop' is not a valid optimizer"),
+    ("lr: {type: float, low: 0.0, high: 0.1, log: true}", "log range needs low > 0"),
+    ("lr: {type: float, lo: 0.0, high: 0.1}", "unknown field"),
+    ("lr: [0.001, 0.1]", "needs a mapping with type"),
+    ("data.root: {type: categorical, choices: [a, b]}", "cannot be searched"),
+    ("aug: {rotate: {type: float, low: 0, high: 1}}", r"nested keys with dots, e.g. aug.rotate"),
+])
+def test_bad_search_space_is_a_clear_error(tmp_path, entry, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(entry + "\n")
+    with pytest.raises(UserError, match=message):
+        load_search_space(path, load_config("proposed"))
+
+
+def test_any_config_key_can_be_searched(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("aug.rotate: {type: float, low: 0.0, high: 0.5}\nepochs: {type: int, low: 2, high: 6, step: 2}\n"
+                    "optimizer: {type: categorical, choices: [sgd, adamw]}\n")
+    space = load_search_space(path, load_config("proposed"))
+    assert space.params["epochs"] == {"type": "int", "low": 2, "high": 6, "log": False, "step": 2}
+    assert nest({"aug.rotate": 0.3, "lr": 1e-3}) == {"aug": {"rotate": 0.3}, "lr": 1e-3}
+
+
+def test_bad_input_exits_2_with_a_message(tiny_demo, workdir, configs, capsys):
+    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_demo}"]
+    bad = workdir / "bad.yaml"
+    bad.write_text("lr: {type: float, low: 0.1, high: 0.01}\n")
+    assert main([*base, "--space", str(bad)]) == 2
+    assert "inverted range" in capsys.readouterr().err
+
+    url = "postgresql://alldetect:secret@127.0.0.1:1/studies"
+    assert main([*base, "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open the study storage postgresql://alldetect:***@127.0.0.1:1/studies")
+    assert "secret" not in err and "Traceback" not in err and "sqlalchemy" not in err.lower()
+
+    assert main([*base, "--storage", f"sqlite:///{workdir}/no/such/folder/x.db"]) == 2
+    assert f"{workdir}/no/such/folder/x.db" in capsys.readouterr().err
+
+    assert main([*base, "--folds", "fold0,fold9"]) == 2
+    assert "'fold9' is not a fold" in capsys.readouterr().err
+
+
+def test_a_worker_that_loses_the_table_creation_race_uses_the_winners_tables(workdir, monkeypatch):
+    """Two workers opening a new database at once: one gets a duplicate-row error (SQLite: alembic_version)."""
+    from sqlalchemy.exc import IntegrityError
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def lose_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lose_once)
+    assert isinstance(open_storage(f"sqlite:///{workdir / 'race.db'}", heartbeat=60), real) and len(calls) == 2
+
+
+def test_a_study_refuses_another_search_space_or_recipe(tiny_demo, workdir, configs, capsys):
+    _tune(tiny_demo, 1)
+    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_demo}"]
+    assert main([*base, "epochs=3"]) == 2
+    assert "was made with other settings (epochs: 2 -> 3)" in capsys.readouterr().err
+    space = configs / "search/proposed.yaml"
+    space.write_text(space.read_text().replace("high: 0.7", "high: 0.6"))
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "study 'proposed' in sqlite:///studies/proposed.db has a different search space" in err
+    assert "dropout:" in err and "lr:" not in err
+    assert main([*base, "--study", "another"]) == 0  # a new study may use the new space
+
+
+def test_tuned_true_adds_the_tuned_layer(configs):
+    with pytest.raises(UserError, match=r"tuned=true but .*tuned/proposed.yaml does not exist: run `alldetect tune"):
+        load_config("proposed", ["tuned=true"])
+    (configs / "tuned").mkdir()
+    (configs / "tuned/proposed.yaml").write_text("# header\nlr: 0.005\naug:\n  rotate: 0.25\n")
+    cfg = load_config("proposed", ["tuned=true"], profile="demo")
+    assert cfg.lr == 0.005 and cfg.aug.rotate == 0.25 and cfg.input_size == 64  # after the arch and demo layers
+    assert load_config("proposed", ["tuned=true", "lr=0.1"]).lr == 0.1  # overrides still win
+    assert load_config("proposed").lr == 2e-4  # off by default
+
+
+TINY_TRIAL = ["epochs=1", "optimizer=adamw"]  # adamw: scores that differ between trials
+
+
+def _worker(workdir, root, url, name, trials, *extra):
+    cmd = [sys.executable, "-m", "alldetect", "tune", "proposed", "--trials", str(trials), "--study", name,
+           "--storage", url, *FAST, f"data.root={root}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers on two cores: no oversubscribed threads
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", STORAGES)
+def test_two_workers_share_one_study(kind, tiny_demo, workdir, configs, capsys):
+    url, name = _storage_url(kind, workdir), f"shared-{uuid.uuid4().hex[:8]}"
+    resolve_folds(load_config("proposed", [*FAST, f"data.root={tiny_demo}"]))  # the fold file, made once
+    workers = [_worker(workdir, tiny_demo, url, name, 3, *TINY_TRIAL) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = _load(name, url)
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(6))  # every trial number once: the totals add up
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    reported = [line.split()[1] for out in outputs for line in out.splitlines() if line.startswith("trial ")]
+    assert sorted(map(int, reported)) == list(range(6))  # each worker ran its own three
+    assert len({repr(t.params) for t in study.trials}) == 6  # and proposed its own points
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert study.best_value == max(t.value for t in complete)
+
+    # A report-only run names the best trial and writes its settings.
+    tune_command("proposed", [*FAST, f"data.root={tiny_demo}", *TINY_TRIAL], trials=0, study=name, storage=url)
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    assert best.value == study.best_value
+    assert f"best: trial {best.number}, mean weighted F1 {best.value:.4f}" in capsys.readouterr().out
+    assert yaml.safe_load((configs / "tuned/proposed.yaml").read_text()) == best.params
+
+
+SLEEPING_WORKER = """
+import sys, time
+import alldetect.tune
+alldetect.tune.fit_fold = lambda *args, **kwargs: time.sleep(600)  # a trial that only ends when killed
+from alldetect.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", STORAGES)
+def test_a_killed_workers_trial_is_marked_failed(kind, tiny_demo, workdir, configs):
+    url, name = _storage_url(kind, workdir), f"killed-{uuid.uuid4().hex[:8]}"
+    args = ["tune", "proposed", "--trials", "1", "--study", name, "--storage", url, "--heartbeat", "1",
+            *FAST, f"data.root={tiny_demo}"]
+    worker = subprocess.Popen([sys.executable, "-c", SLEEPING_WORKER, *args], cwd=workdir,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and worker.poll() is None:
+            try:
+                if [t.state.name for t in _load(name, url).trials] == ["RUNNING"]:
+                    break
+            except KeyError:  # the study does not exist yet
+                pass
+            time.sleep(0.5)
+        time.sleep(1.5)  # at least one heartbeat recorded
+        assert worker.poll() is None, "the worker ended before it was killed"
+    finally:
+        worker.kill()
+        worker.wait()
+    assert [t.state.name for t in _load(name, url).trials] == ["RUNNING"]  # what a killed worker leaves
+    time.sleep(2.5)  # past the grace period of two heartbeats
+    study = tune_command("proposed", [*FAST, f"data.root={tiny_demo}"], trials=1, study=name, storage=url,
+                         heartbeat=1)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_tune_on_the_demo_data_and_again(workdir, configs, capsys):
+    """`alldetect tune proposed --trials N` with no data configured, twice: one study grows."""
+    fast = ["input_size=32", "epochs=1", "max_batches=2", "data.num_workers=0", "wandb=off"]
+    assert main(["tune", "proposed", "--trials", "1", *fast]) == 0
+    assert main(["tune", "proposed", "--trials", "1", *fast]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC demo data" in out and "study 'proposed-demo' in sqlite:///studies/proposed-demo.db" in out
+    assert "demo-tune.yaml after the demo profile (epochs=1)" in out  # the command line still wins
+    assert len(_load("proposed-demo", "sqlite:///studies/proposed-demo.db").trials) == 2
+    assert "of the SYNTHETIC demo data" in (configs / "tuned/proposed.yaml").read_text()
