@@ -288,7 +288,13 @@ def per_subject_table(scores: dict[str, dict], frame: pd.DataFrame) -> pd.DataFr
     table = pd.DataFrame({"class": g["label"].agg(lambda s: "all" if s.mean() >= 0.5 else "hem"), "images": g.size()})
     for name, s in scores.items():
         table[name] = pd.Series(s["per_subject_accuracy"]).round(3)
-    return table
+    return table.sort_index(key=lambda idx: idx.map(_subject_key))
+
+
+def _subject_key(subject: str):
+    """'H2' before 'H10', ALL subjects (bare numbers) before healthy ones ('H...')."""
+    m = re.fullmatch(r"([A-Za-z]*)(\d+)", str(subject))
+    return (m.group(1), int(m.group(2)), "") if m else ("~", 0, str(subject))
 
 
 def render(title: str, scores: dict[str, dict], frame: pd.DataFrame) -> str:
