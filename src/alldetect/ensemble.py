@@ -138,7 +138,7 @@ def cross_fitted(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, weigh
 
 # ---------------------------------------------------------------- reading what earlier steps wrote
 
-def _read_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
+def read_checked_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={"path": str, "subject": str, "image": str})
     except Exception as e:  # pandas raises many kinds for a broken CSV
@@ -165,7 +165,7 @@ def load_oof(members: list[Member]) -> Predictions:
             if not (run / "oof.csv").is_file():
                 raise UserError(f"{run} has a checkpoint but no oof.csv (out-of-fold predictions); retrain it "
                                 "with this version of alldetect")
-            parts.append(_read_csv(run / "oof.csv", {"path", "label", "prob_all", "fold"}, "out-of-fold predictions"))
+            parts.append(read_checked_csv(run / "oof.csv", {"path", "label", "prob_all", "fold"}, "out-of-fold predictions"))
         table = pd.concat(parts, ignore_index=True)
         twice = table.loc[table["path"].duplicated(), "path"].tolist()
         if twice:
@@ -225,7 +225,7 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
     if missing:
         raise UserError(f"no predictions named '{name}' in {short_list(missing)}: run `alldetect predict "
                         f"{' '.join(str(m.folder) for m in members)} --data DIR --name {name}` first")
-    frames = {r: _read_csv(r / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV") for r in runs}
+    frames = {r: read_checked_csv(r / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV") for r in runs}
     metas = {r: _read_meta(r / f"pred_{name}.json") for r in runs}
     ref = runs[0]
     ref_paths = set(frames[ref]["path"])
