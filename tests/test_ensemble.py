@@ -173,6 +173,20 @@ def test_submission_averages_folds_then_members_and_writes_isbi_file(two_members
     assert (workdir / "submissions/prelim/evaluation.json").is_file()
 
 
+def test_unlabelled_submission_has_no_metrics_and_class_folders_no_isbi_file(two_members, workdir, capsys):
+    for member in two_members:
+        for k in range(3):
+            write_predictions(member / f"fold{k}", "final", [f"{i}.bmp" for i in range(1, 4)], [0.2, 0.6, 0.9])
+            write_predictions(member / f"fold{k}", "cls", ["all/a.bmp", "hem/b.bmp"], [0.7, 0.1], labels=[1, 0])
+    ensemble_command([str(m) for m in two_members], oof=False, name="final")
+    assert (workdir / "submissions/final/isbi_valid.predict").read_text() == "0\n1\n1\n"
+    assert not (workdir / "submissions/final/metrics.json").exists()
+    ensemble_command([str(m) for m in two_members], oof=False, name="cls")
+    assert not (workdir / "submissions/cls/isbi_valid.predict").exists()
+    assert (workdir / "submissions/cls/metrics.json").is_file()
+    assert "no isbi_valid.predict: the images are not a C-NMC test folder" in capsys.readouterr().out
+
+
 def test_isbi_lines_are_in_numeric_order_and_only_for_numbered_folders():
     images = pd.Series(["C-NMC_test_final_phase_data/10.bmp", "C-NMC_test_final_phase_data/2.bmp",
                         "C-NMC_test_final_phase_data/1.bmp", "C-NMC_test_final_phase_data/11.bmp"]

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")
     s.add_argument("--oof", action="store_true", help="score the out-of-fold predictions of members and ensemble")
-    s.add_argument("--name", help="combine the predictions `predict --name NAME` made into submissions/<NAME>.csv")
+    s.add_argument("--name", help="combine the predictions `predict --name NAME` made into submissions/<NAME>.csv "
+                   "(with --oof: names the output folder, submissions/oof_<NAME>/)")
     s.add_argument("--out", default="submissions", help="output folder (default submissions)")
     s.set_defaults(func=_ensemble, overrides=[])
 

@@ -138,7 +138,7 @@ def cross_fitted(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, weigh
 
 # ---------------------------------------------------------------- reading what earlier steps wrote
 
-def _read_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
+def read_checked_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={"path": str, "subject": str, "image": str})
     except Exception as e:  # pandas raises many kinds for a broken CSV
@@ -165,7 +165,7 @@ def load_oof(members: list[Member]) -> Predictions:
             if not (run / "oof.csv").is_file():
                 raise UserError(f"{run} has a checkpoint but no oof.csv (out-of-fold predictions); retrain it "
                                 "with this version of alldetect")
-            parts.append(_read_csv(run / "oof.csv", {"path", "label", "prob_all", "fold"}, "out-of-fold predictions"))
+            parts.append(read_checked_csv(run / "oof.csv", {"path", "label", "prob_all", "fold"}, "out-of-fold predictions"))
         table = pd.concat(parts, ignore_index=True)
         twice = table.loc[table["path"].duplicated(), "path"].tolist()
         if twice:
@@ -225,7 +225,7 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
     if missing:
         raise UserError(f"no predictions named '{name}' in {short_list(missing)}: run `alldetect predict "
                         f"{' '.join(str(m.folder) for m in members)} --data DIR --name {name}` first")
-    frames = {r: _read_csv(r / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV") for r in runs}
+    frames = {r: read_checked_csv(r / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV") for r in runs}
     metas = {r: _read_meta(r / f"pred_{name}.json") for r in runs}
     ref = runs[0]
     ref_paths = set(frames[ref]["path"])
@@ -288,7 +288,13 @@ def per_subject_table(scores: dict[str, dict], frame: pd.DataFrame) -> pd.DataFr
     table = pd.DataFrame({"class": g["label"].agg(lambda s: "all" if s.mean() >= 0.5 else "hem"), "images": g.size()})
     for name, s in scores.items():
         table[name] = pd.Series(s["per_subject_accuracy"]).round(3)
-    return table
+    return table.sort_index(key=lambda idx: idx.map(_subject_key))
+
+
+def _subject_key(subject: str):
+    """'H2' before 'H10', ALL subjects (bare numbers) before healthy ones ('H...')."""
+    m = re.fullmatch(r"([A-Za-z]*)(\d+)", str(subject))
+    return (m.group(1), int(m.group(2)), "") if m else ("~", 0, str(subject))
 
 
 def render(title: str, scores: dict[str, dict], frame: pd.DataFrame) -> str:

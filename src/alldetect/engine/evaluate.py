@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from alldetect.data.layouts import read_labels_file
-from alldetect.ensemble import _read_csv, render, write_json
+from alldetect.ensemble import read_checked_csv, render, write_json
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
 
@@ -16,7 +16,7 @@ def evaluate_command(submission: str, labels_file: str) -> dict:
     path = Path(submission)
     if not path.is_file():
         raise UserError(f"submission {path} does not exist; make one with `alldetect ensemble RUN... --name NAME`")
-    sub = _read_csv(path, {"image", "prob_all", "label"}, "submission")
+    sub = read_checked_csv(path, {"image", "prob_all", "label"}, "submission")
     if not sub["label"].isin([0, 1]).all():
         bad = sub.loc[~sub["label"].isin([0, 1]), "image"].tolist()
         raise UserError(f"submission {path}: the label column must be 0 (hem) or 1 (all); rows {short_list(bad)} are not")
