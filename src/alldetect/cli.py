@@ -69,6 +69,12 @@ def _evaluate(a):
     evaluate_command(a.submission, a.labels)
 
 
+def _report(a):
+    from alldetect.report import report_command
+
+    report_command(a.runs, a.submissions, a.name, a.out, a.data, None if a.no_speed else a.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -153,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("submission", help="submissions/<NAME>.csv")
     s.add_argument("--labels", required=True, help="C-NMC_test_prelim_phase_data_labels.csv (Patient_ID,new_names,labels)")
     s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("report", help="the comparison table, curves and mistakes of every run: reports/<NAME>/index.html")
+    s.add_argument("--runs", default="runs", help="folder of <arch>/fold<k>/ runs (default runs)")
+    s.add_argument("--submissions", default="submissions", help="where `ensemble --oof` wrote oof_*/ (default submissions)")
+    s.add_argument("--name", help="report name (default: the architectures joined by +)")
+    s.add_argument("--out", default="reports", help="output folder (default reports)")
+    s.add_argument("--data", metavar="DIR", help="data root of the images, when the runs' recorded one has moved")
+    s.add_argument("--device", default="auto", help="where to time inference: auto, cpu, cuda (default auto)")
+    s.add_argument("--no-speed", action="store_true", help="do not time inference (images/s: not measured)")
+    s.set_defaults(func=_report)
     return p
 
 
