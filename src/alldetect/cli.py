@@ -75,6 +75,12 @@ def _report(a):
     report_command(a.runs, a.submissions, a.name, a.out, a.data, None if a.no_speed else a.device)
 
 
+def _visualize(a):
+    from alldetect.visualize import visualize_command
+
+    visualize_command(a.run, a.images, a.out, a.device, a.target)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -169,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="where to time inference: auto, cpu, cuda (default auto)")
     s.add_argument("--no-speed", action="store_true", help="do not time inference (images/s: not measured)")
     s.set_defaults(func=_report)
+
+    s = sub.add_parser("visualize", help="feature maps of every convolution block and Grad-CAM, per image")
+    s.add_argument("run", metavar="RUN", help="runs/<arch>/fold<k> (runs/<arch>: its first fold)")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--out", default="reports/visualize", help="output folder (default reports/visualize)")
+    s.add_argument("--target", choices=["pred", "all", "hem"], default="pred",
+                   help="class whose Grad-CAM is drawn (default pred: the predicted one)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    s.set_defaults(func=_visualize)
     return p
 
 
