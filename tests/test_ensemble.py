@@ -295,3 +295,15 @@ def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, 
     evaluation = json.loads((workdir / "submissions/prelim/evaluation.json").read_text())
     assert evaluation["scores"]["submission"]["f1"] == pytest.approx(metrics["scores"]["ensemble"]["f1"])
     assert metrics["tta"] == "d8" and set(metrics["weights"]) == {"proposed", "resnet10t"}
+
+    # The report of all of the above, and a look inside one network (tests/test_report.py checks the details).
+    capsys.readouterr()
+    assert main(["report", "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    assert "subject-grouped 3-fold" in out and "ensemble (proposed+resnet10t)" in out
+    readme = (workdir / "reports/proposed+resnet10t/README.md").read_text()
+    assert "SYNTHETIC demo data" in readme and "## Held-out sets" in readme and "submissions/prelim.csv" in readme
+    assert "## Missing or left out\n\nNothing" in readme
+    image = next(tiny_demo.glob("C-NMC_training_data/fold_*/all/*.bmp"))
+    assert main(["visualize", "runs/resnet10t/fold0", str(image)]) == 0
+    assert (workdir / f"reports/visualize/resnet10t_fold0/{image.stem}/gradcam.png").is_file()

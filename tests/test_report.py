@@ -22,7 +22,6 @@ from alldetect.engine.checkpoint import save_checkpoint
 from alldetect.ensemble import ensemble_command
 from alldetect.errors import UserError
 from alldetect.report import report_command
-from conftest import FAST
 from fake_runs import make_run
 
 ARCHS = ("proposed", "resnet10t")  # resnet10t: a small timm model, quick to build at 32 x 32
@@ -284,20 +283,3 @@ def test_unusable_runs_only_is_an_error_that_says_why(workdir, tiny_demo, checkp
         oof.unlink()
     with pytest.raises(UserError, match="none of the runs under runs can be used.*no oof.csv"):
         report_command(device=None)
-
-
-@pytest.mark.slow
-def test_train_two_architectures_ensemble_report_visualize_end_to_end(tiny_demo, workdir, capsys):
-    """The user's path: train two architectures on every fold, score their ensemble, report, visualize."""
-    for arch in ARCHS:
-        assert main(["train", arch, "all", *FAST, f"data.root={tiny_demo}"]) == 0
-    assert main(["ensemble", "runs/proposed", "runs/resnet10t", "--oof"]) == 0
-    capsys.readouterr()
-    assert main(["report"]) == 0
-    out = capsys.readouterr().out
-    assert "subject-grouped 3-fold" in out and "ensemble (proposed+resnet10t)" in out
-    readme = Path("reports/proposed+resnet10t/README.md").read_text()
-    assert "SYNTHETIC demo data" in readme and "## Missing or left out\n\nNothing" in readme
-    image = next(tiny_demo.glob("C-NMC_training_data/fold_*/all/*.bmp"))
-    assert main(["visualize", "runs/resnet10t/fold0", str(image)]) == 0
-    assert Path(f"reports/visualize/resnet10t_fold0/{image.stem}/gradcam.png").is_file()
