@@ -10,7 +10,8 @@ from torch import nn
 
 from alldetect.cli import main
 from alldetect.models import create_model
-from alldetect.visualize import Block, conv_blocks, grad_cam, to_nchw, visualize_command
+from alldetect.errors import UserError
+from alldetect.visualize import Block, cam_block, conv_blocks, grad_cam, to_nchw, visualize_command
 from fake_runs import make_run
 
 
@@ -44,6 +45,21 @@ def test_grad_cam_points_at_the_region_that_drives_the_class():
     assert heat[4:12, 4:12].min() > 0.9 and heat[16:, 16:].max() < 0.05
 
 
+def test_grad_cam_layer_is_the_last_block_with_a_map_of_at_least_7_x_7_unless_named():
+    with torch.device("meta"):
+        model = create_model("proposed", input_size=300)
+    blocks = conv_blocks(model)
+    at_300 = [torch.empty(1, 1, s, s) for s in (300, 150, 75, 38, 19, 10)]
+    at_64 = [torch.empty(1, 1, s, s) for s in (64, 32, 16, 8, 4, 2)]
+    assert cam_block(model, blocks, at_300, None).name == "features.43"  # the last block, as usual
+    assert cam_block(model, blocks, at_64, None).name == "features.29"  # 8 x 8, not the last block's 2 x 2
+    assert cam_block(model, blocks, [torch.empty(1, 1, 2, 2)] * 6, None).name == "features.43"
+    assert cam_block(model, blocks, at_64, "features.36").name == "features.36"
+    with pytest.raises(UserError, match="--layer layer4: ProposedCNN has no module of that name; its blocks are "
+                                        "features.8, features.15"):
+        cam_block(model, blocks, at_64, "layer4")
+
+
 def test_block_outputs_of_transformers_and_channels_last_models_become_feature_maps():
     tokens = torch.arange(2 * 17 * 8, dtype=torch.float32).reshape(2, 17, 8)  # a class token and 4 x 4 patches
     maps = to_nchw(tokens)
@@ -62,8 +78,11 @@ def _pngs_referenced(index):
     return sources
 
 
-@pytest.mark.parametrize("arch, size, blocks", [("proposed", 32, 6), ("resnet10t", 32, 5)])
-def test_visualize_writes_feature_grids_of_every_block_and_grad_cam(workdir, tiny_demo, capsys, arch, size, blocks):
+# Grad-CAM at the last block whose map is at least 7 x 7: at 32 x 32, proposed's third (8 x 8), resnet10t's layer1.
+@pytest.mark.parametrize("arch, size, blocks, cam_at", [("proposed", 32, 6, "features.22"),
+                                                        ("resnet10t", 32, 5, "layer1")])
+def test_visualize_writes_feature_grids_of_every_block_and_grad_cam(workdir, tiny_demo, capsys, arch, size, blocks,
+                                                                    cam_at):
     run = make_run(workdir / "runs" / arch / "fold0", arch, weights=True, input_size=size)
     images = sorted(tiny_demo.glob("C-NMC_training_data/fold_*/*/*.bmp"))[:2]
     folder = visualize_command(str(run), [str(p) for p in images], device="cpu")
@@ -73,6 +92,7 @@ def test_visualize_writes_feature_grids_of_every_block_and_grad_cam(workdir, tin
         assert written == sorted(["gradcam.png", *(f"block{i}.png" for i in range(1, blocks + 1))])
     sources = _pngs_referenced(folder / "index.html")
     assert len(sources) == 2 * (blocks + 1)
+    assert re.search(rf"Grad-CAM of '(all|hem)' at {cam_at}\b", (folder / "README.md").read_text())
     out = capsys.readouterr().out
     assert all(f"{p}: p(all) = " in out for p in images)
 

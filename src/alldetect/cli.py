@@ -78,7 +78,7 @@ def _report(a):
 def _visualize(a):
     from alldetect.visualize import visualize_command
 
-    visualize_command(a.run, a.images, a.out, a.device, a.target)
+    visualize_command(a.run, a.images, a.out, a.device, a.target, a.layer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="reports/visualize", help="output folder (default reports/visualize)")
     s.add_argument("--target", choices=["pred", "all", "hem"], default="pred",
                    help="class whose Grad-CAM is drawn (default pred: the predicted one)")
+    s.add_argument("--layer", metavar="NAME", help="module for Grad-CAM, e.g. layer4 (default: the last block whose "
+                   "map is at least 7 x 7)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     s.set_defaults(func=_visualize)
     return p

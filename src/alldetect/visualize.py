@@ -7,7 +7,9 @@ a Grad-CAM heat map (the `grad-cam` package) of the predicted class over the cel
 A "block" is what the architecture calls one: for networks with a `features` stack (the proposed CNN,
 AlexNet) everything up to each pooling layer; for timm models the stages timm lists in `feature_info`
 (ResNet's layer1..4, Inception's Mixed_* blocks, VGG's pre-pool activations, ...). Grad-CAM looks at the last
-block that still has a spatial map: its output before pooling.
+block whose map is still at least 7 x 7: the last block at each network's own input size (proposed at 300:
+10 x 10 before its last pool; ResNet50's layer4 at 224: 7 x 7; Inception's Mixed_7c at 299: 8 x 8), an
+earlier one at the demo's 64 x 64, where the last block is 2 x 2. `--layer NAME` chooses another module.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from alldetect.page import Figure, Heading, Page, Paragraph, to_html, to_markdow
 log = logging.getLogger("alldetect")
 
 MAX_CHANNELS = 32  # feature maps shown per block: the most active ones
+MIN_CAM_SIDE = 7  # Grad-CAM at the last block whose map is at least this many cells on a side
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -163,8 +166,49 @@ def _unique_stems(images: list[str]) -> list[str]:
     return stems
 
 
+def cam_block(model: nn.Module, blocks: list[Block], activations: list[torch.Tensor], layer: str | None) -> Block:
+    """Where Grad-CAM looks: `layer` when named, else the last block whose map is at least MIN_CAM_SIDE on a
+    side (the last block at the networks' own input sizes; an earlier one at small inputs, where the last
+    block's 2 x 2 map would say nothing), else the block with the largest map."""
+    if layer:
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise UserError(f"--layer {layer}: {type(model).__name__} has no module of that name; its blocks are "
+                            f"{', '.join(b.name for b in blocks)}")
+        return next((b for b in blocks if b.name == layer), Block(layer, modules[layer]))
+    sides = [min(a.shape[2:]) for a in activations]
+    for block, side in reversed(list(zip(blocks, sides))):
+        if side >= MIN_CAM_SIDE:
+            return block
+    return blocks[len(sides) - 1 - int(np.argmax(sides[::-1]))]
+
+
+def visualize_image(model: nn.Module, blocks: list[Block], x: torch.Tensor, image: np.ndarray, name: str,
+                    folder: Path, target: str, layer: str | None) -> tuple[str, list]:
+    """Write folder/blockN.png and folder/gradcam.png for one preprocessed image; returns the model's verdict
+    and the page blocks that show them."""
+    activations, probs = capture(model, blocks, x)
+    p_all = float(probs[0, 1])
+    cls = {"pred": int(p_all >= 0.5), "all": 1, "hem": 0}[target]
+    figures = []
+    for i, (block, act) in enumerate(zip(blocks, activations), start=1):
+        maps, channels = feature_maps(act)
+        title = f"block {i} ({block.name}): {act.shape[1]} channels, {act.shape[2]} x {act.shape[3]}"
+        path = plots.feature_grid(maps, channels, title, folder / f"block{i}.png")
+        figures.append(Figure(f"{folder.name}/{path.name}", f"block {i}: {block.name}"))
+    where = cam_block(model, blocks, activations, layer)
+    heat = grad_cam(model, where, x.clone().requires_grad_(True), cls)
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    overlay = show_cam_on_image(image.astype(np.float32) / 255, heat, use_rgb=True)
+    verdict = f"p(all) = {plots.probability_text(p_all)}, predicted {plots.CLASS_NAMES[int(p_all >= 0.5)]}"
+    what = f"Grad-CAM of '{plots.CLASS_NAMES[cls]}' at {where.name}"
+    plots.gradcam_figure(image, heat, overlay, f"{name}: {verdict}; {what}", folder / "gradcam.png")
+    return verdict, [Heading(f"{name}: {verdict}"), Figure(f"{folder.name}/gradcam.png", what), *figures]
+
+
 def visualize_command(run: str, images: list[str], out: str = "reports/visualize", device: str = "cpu",
-                      target: str = "pred") -> Path:
+                      target: str = "pred", layer: str | None = None) -> Path:
     """Feature-map grids and Grad-CAM of `images` through the model of `run`; returns the output folder."""
     if not images:
         raise UserError("name at least one image: alldetect visualize RUN IMAGE...")
@@ -184,31 +228,15 @@ def visualize_command(run: str, images: list[str], out: str = "reports/visualize
     page = Page(f"{arch} ({run_dir}): feature maps and Grad-CAM")
     page.add(Paragraph(f"Model: `{run_dir / 'best.pt'}` (epoch {state.get('epoch', -1) + 1}), input {size} x {size} "
                        f"after a {crop} px centre crop. Feature maps: the {MAX_CHANNELS} most active channels at the "
-                       "end of each convolution block, each scaled to its own range. Grad-CAM at "
-                       f"`{blocks[-1].name}`."))
+                       "end of each convolution block, each scaled to its own range. Grad-CAM: at "
+                       + (f"`{layer}`." if layer else f"the last block whose map is at least {MIN_CAM_SIDE} x "
+                          f"{MIN_CAM_SIDE}.")))
     for path, picture, stem in zip(images, pictures, _unique_stems(images)):
         image = preprocess(picture, crop, size)
         x = batch.images(torch.from_numpy(image[None]))
-        activations, probs = capture(model, blocks, x)
-        p_all = float(probs[0, 1])
-        cls = {"pred": int(p_all >= 0.5), "all": 1, "hem": 0}[target]
-        written = []
-        for i, (block, act) in enumerate(zip(blocks, activations), start=1):
-            maps, channels = feature_maps(act)
-            title = f"block {i} ({block.name}): {act.shape[1]} channels, {act.shape[2]} x {act.shape[3]}"
-            written.append(plots.feature_grid(maps, channels, title, folder / stem / f"block{i}.png"))
-        heat = grad_cam(model, blocks[-1], x.clone().requires_grad_(True), cls)
-        from pytorch_grad_cam.utils.image import show_cam_on_image
-
-        overlay = show_cam_on_image(image.astype(np.float32) / 255, heat, use_rgb=True)
-        verdict = f"p(all) = {plots.probability_text(p_all)}, predicted {plots.CLASS_NAMES[int(p_all >= 0.5)]}"
-        cam_file = plots.gradcam_figure(image, heat, overlay, f"{Path(path).name}: {verdict}; Grad-CAM of "
-                                        f"'{plots.CLASS_NAMES[cls]}' at {blocks[-1].name}", folder / stem / "gradcam.png")
-        page.add(Heading(f"{Path(path).name}: {verdict}"),
-                 Figure(f"{stem}/gradcam.png", f"Grad-CAM of '{plots.CLASS_NAMES[cls]}' at {blocks[-1].name}"),
-                 *[Figure(f"{stem}/{f.name}", f"block {i}: {b.name}")
-                   for i, (f, b) in enumerate(zip(written, blocks), start=1)])
-        print(f"{path}: {verdict}; wrote {cam_file} and {len(written)} feature-map grids")
+        verdict, shown = visualize_image(model, blocks, x, image, Path(path).name, folder / stem, target, layer)
+        page.add(*shown)
+        print(f"{path}: {verdict}; wrote {folder / stem}/gradcam.png and {len(blocks)} feature-map grids")
     (folder / "index.html").write_text(to_html(page), encoding="utf-8")
     (folder / "README.md").write_text(to_markdown(page), encoding="utf-8")
     print(f"wrote {folder / 'index.html'}")
