@@ -277,6 +277,12 @@ def test_report_replaces_an_older_one_whole(trained, tiny_demo):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
+def test_images_that_moved_are_listed_with_what_to_do(trained):
+    result = report_command(device=None)  # no --data, and the runs' recorded data root is not here
+    assert any("the images of proposed are not here" in m and "pass --data DIR" in m for m in result["missing"])
+    assert (result["folder"] / "figures" / "mistakes_proposed.png").is_file()
+
+
 def test_unusable_runs_only_is_an_error_that_says_why(workdir, tiny_demo, checkpoints, capsys):
     runs = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.3, 1)
     for oof in runs.glob("fold*/oof.csv"):

@@ -512,7 +512,12 @@ def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[st
     archs = {a.name: a for a in findings.archs}
     for name, oof in models.items():
         source = archs.get(name) or archs[next(e.members[0] for e in findings.ensembles if e.name == name)]
-        tiles = mistakes_tiles(oof, _data_root(source, data), source.config.get("data", {}).get("crop", 400), findings)
+        root = _data_root(source, data)
+        if root is None:
+            recorded = source.config.get("data", {}).get("root")
+            findings.note(f"the images of {source.name} are not here (data root in its config: {recorded or 'none'}; "
+                          "not found from this folder): its mistakes are shown as empty tiles; pass --data DIR")
+        tiles = mistakes_tiles(oof, root, source.config.get("data", {}).get("crop", 400), findings)
         if not tiles:
             continue
         path = plots.image_grid(tiles, fig_dir / f"mistakes_{safe_name(name)}.png",
