@@ -74,7 +74,7 @@ class EnsembleResult:
     name: str
     folder: Path
     members: list[str]
-    oof: pd.DataFrame  # path, label, fold, prob_all, pred (its decisions, threshold as `ensemble` chose)
+    oof: pd.DataFrame  # path, label, fold, prob_all, pred (its decisions, threshold as `ensemble` chose), subject
     meta: dict
 
 
@@ -245,8 +245,8 @@ def collect_ensembles(submissions: Path, archs: dict[str, ArchResult], findings:
         if problem:
             findings.note(f"{folder}: {problem}; left out")
             continue
-        found.append(EnsembleResult(f"ensemble ({'+'.join(members)})", folder, members,
-                                    oof[["path", "label", "fold", "prob_all", "pred"]], meta))
+        keep = ["path", "label", "fold", "prob_all", "pred"] + (["subject"] if "subject" in oof else [])
+        found.append(EnsembleResult(f"ensemble ({'+'.join(members)})", folder, members, oof[keep], meta))
     return found
 
 
@@ -401,8 +401,8 @@ def _data_root(arch: ArchResult, override: str | None) -> Path | None:
     return None
 
 
-def mistakes_tiles(oof: pd.DataFrame, root: Path | None, crop: int, findings: Findings,
-                   ) -> list[tuple[np.ndarray | None, str]]:
+def mistakes_tiles(oof: pd.DataFrame, root: Path | None, crop: int,
+                   findings: Findings) -> list[tuple[np.ndarray | None, str]]:
     """The MISTAKES most confident wrong decisions: tiles of the cells with their probability of `all`."""
     wrong = oof[oof["pred"] != oof["label"]]
     confidence = np.where(wrong["pred"] == 1, wrong["prob_all"], 1 - wrong["prob_all"])
