@@ -308,5 +308,5 @@ def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, 
     first = pd.read_csv(workdir / "runs/resnet10t/fold0/oof.csv").iloc[0]
     image = tiny_demo / first["path"]
     assert main(["visualize", "runs/resnet10t/fold0", str(image)]) == 0
-    assert f"p(all) = {probability_text(first['prob_all'])}" in capsys.readouterr().out  # as validation saw it
+    assert f"p(all) {probability_text(first['prob_all'])}" in capsys.readouterr().out  # as validation saw it
     assert (workdir / f"reports/visualize/resnet10t_fold0/{image.stem}/gradcam.png").is_file()

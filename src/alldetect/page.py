@@ -58,9 +58,9 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #eee; padding-bottom: .15em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; }
 th { background: #f4f4f4; }
-td:first-child, th:first-child { text-align: left; }
+.num { text-align: right; white-space: nowrap; }
 caption { caption-side: bottom; text-align: left; font-size: .88em; color: #555; padding-top: .3em; }
 figure { margin: 1em 0 1.6em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -103,10 +103,19 @@ def to_html(page: Page) -> str:
     return "\n".join(out)
 
 
+NUMBER_RE = re.compile(r"^([-+<>]?[\d.,]+( ± [\d.]+)?|\?|-|not measured)$")
+
+
+def numeric_columns(frame: pd.DataFrame) -> list[bool]:
+    """Columns whose every cell is a number (or a mean ± std, or a placeholder): right-aligned."""
+    return [bool(len(frame)) and all(NUMBER_RE.match(str(v)) for v in frame[c]) for c in frame.columns]
+
+
 def _table_html(table: Table) -> str:
     frame = table.frame
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{_inline_html(str(v))}</td>" for v in row) + "</tr>"
+    cls = [' class="num"' if n else "" for n in numeric_columns(frame)]
+    head = "".join(f"<th{k}>{html.escape(str(c))}</th>" for c, k in zip(frame.columns, cls))
+    rows = "".join("<tr>" + "".join(f"<td{k}>{_inline_html(str(v))}</td>" for v, k in zip(row, cls)) + "</tr>"
                    for row in frame.itertuples(index=False))
     caption = f"<caption>{_inline_html(table.caption)}</caption>" if table.caption else ""
     return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
@@ -117,9 +126,9 @@ def _cell_md(value) -> str:
 
 
 def table_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (numbers right-aligned, the first column left-aligned)."""
+    """A GitHub-flavoured Markdown table (numbers right-aligned, text left-aligned)."""
     head = "| " + " | ".join(_cell_md(c) for c in frame.columns) + " |"
-    align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(frame.columns))) + "|"
+    align = "|" + "|".join("---:" if n else ":---" for n in numeric_columns(frame)) + "|"
     rows = ["| " + " | ".join(_cell_md(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([head, align, *rows])
 

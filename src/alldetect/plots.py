@@ -116,7 +116,8 @@ def training_figure(name: str, histories: dict[int, pd.DataFrame], monitor: str,
         best = h[h["epoch"] == best_epochs.get(fold)]
         if len(best):
             score_ax.plot(best["epoch"] + 1, best[score_col], "o", color=_colour(i), ms=6)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{name}: loss (solid: training, dashed: validation)")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log",
+                title=f"{name}: loss (solid: training, dashed: validation)")
     label = {"f1": "weighted F1"}.get(score_col, score_col)
     score_ax.set(xlabel="epoch", ylabel=f"validation {label}", title=f"{name}: validation {label} (dot: best epoch)")
     loss_ax.legend(fontsize=8, loc="upper right")
@@ -195,5 +196,5 @@ def gradcam_figure(image: np.ndarray, cam: np.ndarray, overlay: np.ndarray, titl
 
 
 def probability_text(p: float) -> str:
-    """0.123; extremes as <0.001 and >0.999 rather than a misleading 0.000 or 1.000."""
-    return "<0.001" if p < 0.001 else ">0.999" if p > 0.999 else f"{p:.3f}"
+    """'= 0.123', for `p(all) = 0.123`; extremes as '< 0.001' and '> 0.999', not a misleading 0.000 or 1.000."""
+    return "< 0.001" if p < 0.001 else "> 0.999" if p > 0.999 else f"= {p:.3f}"

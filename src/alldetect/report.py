@@ -203,7 +203,8 @@ def collect_arch(folder: Path, findings: Findings) -> ArchResult:
         done = sorted(result.oof["fold"].unique())
         if k and len(done) < k:
             findings.note(f"{folder}: out-of-fold predictions of {len(done)} of its {k} folds only "
-                          f"(fold {', '.join(map(str, done))}): its row covers those folds", logged=True)  # load_oof warned
+                          f"(fold {', '.join(map(str, done))}): its row covers those folds",
+                          logged=True)  # load_oof has warned
     return result
 
 
@@ -260,7 +261,8 @@ def _ensemble_problem(members: list[str], oof: pd.DataFrame, archs: dict[str, Ar
     for m in members:
         own = archs[m].oof.set_index("path")["prob_all"]
         if not oof["path"].isin(own.index).all() or len(own) != len(oof):
-            return f"it covers other images than {m}'s runs do (made from other runs?); rerun `alldetect ensemble --oof`"
+            return (f"it covers other images than {m}'s runs do (made from other runs?); rerun "
+                    "`alldetect ensemble --oof`")
         if not np.allclose(oof[f"prob_{m}"].to_numpy(float), own.loc[oof["path"]].to_numpy(float), atol=2e-6):
             return (f"its probabilities of {m} differ from {m}'s oof.csv (made from other or older runs); rerun "
                     "`alldetect ensemble RUN... --oof`")
@@ -412,12 +414,14 @@ def mistakes_tiles(oof: pd.DataFrame, root: Path | None, crop: int,
         img = None
         if root is not None:
             try:
-                img = cv2.resize(center_crop(read_rgb(root / row.path), crop), (TILE, TILE), interpolation=cv2.INTER_AREA)
+                cell = center_crop(read_rgb(root / row.path), crop)
+                img = cv2.resize(cell, (TILE, TILE), interpolation=cv2.INTER_AREA)
             except UserError as e:
                 findings.note(f"{e}; shown as an empty tile")
         subject = f"subject {row.subject}, " if "subject" in worst and isinstance(row.subject, str) else ""
         truth = plots.CLASS_NAMES[int(row.label)]
-        tiles.append((img, f"{Path(row.path).name}\n{subject}true {truth}, p(all)={plots.probability_text(row.prob_all)}"))
+        p_all = plots.probability_text(row.prob_all)
+        tiles.append((img, f"{Path(row.path).name}\n{subject}true {truth}, p(all) {p_all}"))
     return tiles
 
 

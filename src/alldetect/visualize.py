@@ -201,7 +201,7 @@ def visualize_image(model: nn.Module, blocks: list[Block], x: torch.Tensor, imag
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     overlay = show_cam_on_image(image.astype(np.float32) / 255, heat, use_rgb=True)
-    verdict = f"p(all) = {plots.probability_text(p_all)}, predicted {plots.CLASS_NAMES[int(p_all >= 0.5)]}"
+    verdict = f"p(all) {plots.probability_text(p_all)}, predicted {plots.CLASS_NAMES[int(p_all >= 0.5)]}"
     what = f"Grad-CAM of '{plots.CLASS_NAMES[cls]}' at {where.name}"
     plots.gradcam_figure(image, heat, overlay, f"{name}: {verdict}; {what}", folder / "gradcam.png")
     return verdict, [Heading(f"{name}: {verdict}"), Figure(f"{folder.name}/gradcam.png", what), *figures]
