@@ -53,12 +53,13 @@ class Page:
 
 
 STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #eee; padding-bottom: .15em; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: 0.86em; }
+th, td { border: 1px solid #ccc; padding: .25em .45em; text-align: left; }
 th { background: #f4f4f4; }
 .num { text-align: right; white-space: nowrap; }
 caption { caption-side: bottom; text-align: left; font-size: .88em; color: #555; padding-top: .3em; }
@@ -118,7 +119,7 @@ def _table_html(table: Table) -> str:
     rows = "".join("<tr>" + "".join(f"<td{k}>{_inline_html(str(v))}</td>" for v, k in zip(row, cls)) + "</tr>"
                    for row in frame.itertuples(index=False))
     caption = f"<caption>{_inline_html(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
 
 def _cell_md(value) -> str:

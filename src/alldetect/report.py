@@ -46,7 +46,7 @@ COLUMNS = {"accuracy": "accuracy", "f1": "weighted F1", "precision": "precision"
            "roc_auc": "ROC-AUC"}  # the table's order: the study's accuracy first
 MISTAKES = 12  # images per grid of confident mistakes
 TILE = 160  # px per image in that grid
-SPEED_BATCH, SPEED_STEPS = 8, 3
+SPEED_BATCH, SPEED_STEPS = 8, 5
 
 
 @dataclass
@@ -327,22 +327,30 @@ def _size_and_speed(name: str, findings: Findings) -> tuple[float, float]:
 
 def inference_speed(cfg: dict, device: torch.device) -> float:
     """Images/s of the run's architecture at its input size: eval mode, fp32, a batch of SPEED_BATCH random
-    images, the median of SPEED_STEPS timed batches after one warm-up (the weights do not change the time)."""
+    images, the fastest of SPEED_STEPS timed batches after one warm-up (the weights do not change the time).
+    On the CPU on one thread: with several, a machine shared with other jobs gave anything from 3 to 170
+    images/s for the same model (threads waiting for each other); one thread gives the same number each time."""
     arch = cfg["arch"]
     size = cfg.get("input_size") or default_input_size(arch)
     torch.manual_seed(0)
     model = create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0), input_size=size).eval().to(device)
     x = torch.randn(SPEED_BATCH, 3, size, size, device=device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     times = []
-    with torch.inference_mode():
-        for step in range(SPEED_STEPS + 1):
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step:
-                times.append(time.perf_counter() - start)
-    return SPEED_BATCH / float(np.median(times))
+    try:
+        with torch.inference_mode():
+            for step in range(SPEED_STEPS + 1):
+                start = time.perf_counter()
+                model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step:
+                    times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return SPEED_BATCH / min(times)
 
 
 def _cell(mean: float, std: float) -> str:
@@ -553,10 +561,10 @@ def _measure_speeds(findings: Findings, device: str | None) -> str:
         if a.oof is not None:
             a.speed = inference_speed(a.config, dev)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        f"CPU ({platform.processor() or platform.machine()}), on one thread"
     return (f"Images/s: inference measured by `alldetect report` on this machine's {where}: eval mode, fp32, "
-            f"batches of {SPEED_BATCH} random images at the model's input size, median of {SPEED_STEPS} batches "
-            "after a warm-up; it varies with the machine and its load.")
+            f"batches of {SPEED_BATCH} random images at the model's input size, the fastest of {SPEED_STEPS} batches "
+            "after a warm-up; it varies with the machine and with what else runs on it.")
 
 
 def _check_data(findings: Findings, data: str | None) -> list[str]:
