@@ -241,7 +241,7 @@ def test_bad_input_clear_errors_and_a_page_that_lists_what_is_missing(workdir, t
     assert "cannot read image" in missing and "empty tile" in missing
     assert "out-of-fold predictions of 2 of its 3 folds only" in missing
     numbers = pd.read_csv(Path("runs/proposed/fold0/oof.csv"))  # the rows cover the folds that are there
-    assert "| proposed | 2 |" in readme and f"| resnet10t | 1 |" in readme and len(numbers)
+    assert "| proposed | 2 |" in readme and "| resnet10t | 1 |" in readme and len(numbers)
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config_is_left_out(workdir, tiny_demo, checkpoints, capsys):
