@@ -240,8 +240,7 @@ def test_bad_input_clear_errors_and_a_page_that_lists_what_is_missing(workdir, t
     assert "runs/resnet10t/fold1: trained as proposed at input size 32, unlike the other runs" in missing
     assert "cannot read image" in missing and "empty tile" in missing
     assert "out-of-fold predictions of 2 of its 3 folds only" in missing
-    numbers = pd.read_csv(Path("runs/proposed/fold0/oof.csv"))  # the rows cover the folds that are there
-    assert "| proposed | 2 |" in readme and "| resnet10t | 1 |" in readme and len(numbers)
+    assert "| proposed | 2 |" in readme and "| resnet10t | 1 |" in readme  # the rows cover the folds that are there
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config_is_left_out(workdir, tiny_demo, checkpoints, capsys):
