@@ -12,6 +12,7 @@ from alldetect.engine.runs import find_fold_runs, group_members
 from alldetect.ensemble import cross_fitted, ensemble_command, fit_weights, isbi_lines
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
+from alldetect.plots import probability_text
 from conftest import FAST
 from fake_runs import make_run, oof_frame, write_predictions
 
@@ -309,3 +310,17 @@ def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, 
     evaluation = json.loads((workdir / "submissions/prelim/evaluation.json").read_text())
     assert evaluation["scores"]["submission"]["f1"] == pytest.approx(metrics["scores"]["ensemble"]["f1"])
     assert metrics["tta"] == "d8" and set(metrics["weights"]) == {"proposed", "resnet10t"}
+
+    # The report of all of the above, and a look inside one network (tests/test_report.py checks the details).
+    capsys.readouterr()
+    assert main(["report", "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    assert "subject-grouped 3-fold" in out and "ensemble (proposed+resnet10t)" in out
+    readme = (workdir / "reports/proposed+resnet10t/README.md").read_text()
+    assert "SYNTHETIC demo data" in readme and "## Held-out sets" in readme and "submissions/prelim.csv" in readme
+    assert "## Missing or left out\n\nNothing" in readme
+    first = pd.read_csv(workdir / "runs/resnet10t/fold0/oof.csv").iloc[0]
+    image = tiny_demo / first["path"]
+    assert main(["visualize", "runs/resnet10t/fold0", str(image)]) == 0
+    assert f"p(all) {probability_text(first['prob_all'])}" in capsys.readouterr().out  # as validation saw it
+    assert (workdir / f"reports/visualize/resnet10t_fold0/{image.stem}/gradcam.png").is_file()

@@ -77,6 +77,18 @@ def _tune(a):
                  space=a.space, pruner=a.pruner, timeout=a.timeout, heartbeat=a.heartbeat, out=a.out)
 
 
+def _report(a):
+    from alldetect.report import report_command
+
+    report_command(a.runs, a.submissions, a.name, a.out, a.data, None if a.no_speed else a.device)
+
+
+def _visualize(a):
+    from alldetect.visualize import visualize_command
+
+    visualize_command(a.run, a.images, a.out, a.device, a.target, a.layer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -182,6 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="FILE", help="tuned config to write (default configs/tuned/<arch>.yaml)")
     s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
     s.set_defaults(func=_tune)
+
+    s = sub.add_parser("report", help="the comparison table, curves and mistakes of every run: reports/<NAME>/index.html")
+    s.add_argument("--runs", default="runs", help="folder of <arch>/fold<k>/ runs (default runs)")
+    s.add_argument("--submissions", default="submissions", help="where `ensemble --oof` wrote oof_*/ (default submissions)")
+    s.add_argument("--name", help="report name (default: the architectures joined by +)")
+    s.add_argument("--out", default="reports", help="output folder (default reports)")
+    s.add_argument("--data", metavar="DIR", help="data root of the images, when the runs' recorded one has moved")
+    s.add_argument("--device", default="auto", help="where to time inference: auto, cpu, cuda (default auto)")
+    s.add_argument("--no-speed", action="store_true", help="do not time inference (images/s: not measured)")
+    s.set_defaults(func=_report)
+
+    s = sub.add_parser("visualize", help="feature maps of every convolution block and Grad-CAM, per image")
+    s.add_argument("run", metavar="RUN", help="runs/<arch>/fold<k> (runs/<arch>: its first fold)")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--out", default="reports/visualize", help="output folder (default reports/visualize)")
+    s.add_argument("--target", choices=["pred", "all", "hem"], default="pred",
+                   help="class whose Grad-CAM is drawn (default pred: the predicted one)")
+    s.add_argument("--layer", metavar="NAME", help="module for Grad-CAM, e.g. layer4 (default: the last block whose "
+                   "map is at least 7 x 7)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    s.set_defaults(func=_visualize)
     return p
 
 
