@@ -38,6 +38,36 @@ def test_augmentation_is_a_function_of_the_seed():
     assert not np.array_equal(t(img, 3), t(img, 4))
 
 
+@pytest.mark.parametrize("on", ["cpu", "gpu"])
+def test_jitter_strength_sets_how_far_colours_move(on):
+    """The demo profile widens the jitter to cover its subjects' stain spread; both pipelines follow it."""
+    import torch
+
+    from alldetect.engine.gpu_augment import BatchAugment
+
+    img = np.random.default_rng(5).integers(40, 200, (16, 16, 3), dtype=np.uint8)
+    only_jitter = dict(rot90=0, rot270=0, hflip=0, vflip=0, color_jitter=1.0)
+
+    def mean_change(strength):
+        aug = AugConfig(**only_jitter, jitter_strength=strength)
+        if on == "cpu":
+            outs = [Augment(aug)(img, seed).astype(float) for seed in range(40)]
+        else:
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255).repeat(40, 1, 1, 1)
+            outs = [o.permute(1, 2, 0).numpy() * 255 for o in BatchAugment(aug)(x, seed=0)]
+        return np.mean([np.abs(o - img).mean() for o in outs])
+
+    weak, strong = mean_change(0.1), mean_change(0.4)
+    assert 0 < weak and strong > 2.5 * weak
+
+
+def test_jitter_strength_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="jitter_strength"):
+        AugConfig(jitter_strength=0)
+    with pytest.raises(ValueError, match="jitter_strength"):
+        AugConfig(jitter_strength=0.9)
+
+
 def test_no_augmentation_when_all_probabilities_are_zero():
     assert create_transform(AugConfig(rot90=0, rot270=0, hflip=0, vflip=0)) is None
 

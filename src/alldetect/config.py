@@ -43,6 +43,7 @@ class AugConfig(_Section):
     vflip: float = Field(0.5, ge=0, le=1)
     rotate: float = Field(0.0, ge=0, le=1)  # rotation by any angle (safe for a round cell)
     color_jitter: float = Field(0.0, ge=0, le=1)
+    jitter_strength: float = Field(0.1, gt=0, le=0.5)  # brightness, contrast, saturation by up to this share
 
 
 class Config(_Section):

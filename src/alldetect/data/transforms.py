@@ -30,7 +30,8 @@ class Augment:
         if aug.rotate:  # the cell is round and sits on black, so any angle is safe
             steps.append(A.Rotate(limit=180, border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.rotate))
         if aug.color_jitter:
-            steps.append(A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.03, p=aug.color_jitter))
+            s = aug.jitter_strength
+            steps.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=0.3 * s, p=aug.color_jitter))
         self.resampling = A.Compose(steps) if steps else None
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:

@@ -33,7 +33,7 @@ class BatchAugment:
             angles = (torch.rand(n, generator=g, device=x.device) * 2 - 1) * math.pi
             x = _where(chosen(a.rotate), _rotate(x, angles), x)
         if a.color_jitter:
-            x = _where(chosen(a.color_jitter), _jitter(x, g), x)
+            x = _where(chosen(a.color_jitter), _jitter(x, g, a.jitter_strength), x)
         return x
 
 
@@ -50,12 +50,12 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation by up to 10 % each, as the CPU pipeline's ColorJitter."""
+def _jitter(x: torch.Tensor, g: torch.Generator, strength: float) -> torch.Tensor:
+    """Brightness, contrast and saturation by up to `strength` each, as the CPU pipeline's ColorJitter."""
     n = len(x)
 
     def factor() -> torch.Tensor:
-        return (1 + (torch.rand(n, generator=g, device=x.device) * 2 - 1) * 0.1).view(-1, 1, 1, 1)
+        return (1 + (torch.rand(n, generator=g, device=x.device) * 2 - 1) * strength).view(-1, 1, 1, 1)
 
     grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     x = x * factor()
