@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from alldetect.atomic import write_csv
+from alldetect.atomic import write_csv, write_text
 from alldetect.config import load_config, read_yaml
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -149,6 +149,27 @@ def test_atomic_csv_write_keeps_the_old_file_on_failure(workdir):
     with pytest.raises(KeyboardInterrupt):
         write_csv(workdir / "f.csv", Broken({"a": [3]}))
     assert (workdir / "f.csv").read_text() == "a\n1\n2\n" and len(list(workdir.iterdir())) == 1
+
+
+def test_atomic_write_reaches_the_disk_before_the_rename(workdir, monkeypatch):
+    """Power loss after the rename must not leave an empty file: the data are synced first, the folder after."""
+    import alldetect.atomic as atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    write_text(workdir / "f.txt", "new")
+    assert events == ["fsync file", "rename", "fsync dir"] and (workdir / "f.txt").read_text() == "new"
 
 
 class Exploit:

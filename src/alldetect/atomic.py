@@ -1,4 +1,8 @@
-"""Atomic writes: a crash never leaves a truncated file that a later step would read."""
+"""Atomic writes: a crash never leaves a truncated file that a later step would read.
+
+The temporary file is flushed to disk before the rename and the folder after it, so that a machine that loses
+power keeps either the old file or the whole new one (without the fsync, a file system may commit the rename
+before the data)."""
 
 from __future__ import annotations
 
@@ -17,11 +21,23 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened or synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:
