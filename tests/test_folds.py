@@ -116,3 +116,14 @@ def test_cli_index(sample_root, capsys):
     assert main(["index", str(sample_root)]) == 0
     out = capsys.readouterr().out
     assert "layout:      cnmc_train" in out and "450x450" in out and "every image is readable" in out
+
+
+def test_skip_bad_with_no_usable_image_is_a_clear_error(tmp_path):
+    """Found by the messy-data property test (1,500 examples): every image unreadable used to crash in pandas."""
+    for cls, subject in [("all", "1"), ("hem", "H2")]:
+        folder = tmp_path / "data/fold_0" / cls
+        folder.mkdir(parents=True)
+        (folder / f"UID_{subject}_1_1_{cls}.bmp").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the 2 image"):
+        make_fold_file(tmp_path / "data", tmp_path / "f.csv", k=2, seed=0, skip_bad=True)
+    assert not (tmp_path / "f.csv").exists()
