@@ -86,7 +86,7 @@ def _check_timm_name(name: str) -> None:
     import timm
 
     if name not in REPORT_ARCHS and not timm.is_model(name):
-        close = difflib.get_close_matches(name, list(REPORT_ARCHS) + timm.list_models(), n=5)
+        close = difflib.get_close_matches(name, list(dict.fromkeys([*REPORT_ARCHS, *timm.list_models()])), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UserError(f"unknown architecture '{name}'. Use one of {', '.join(REPORT_ARCHS)} or any timm model "
                         f"name (see `alldetect models`).{hint}")
