@@ -65,6 +65,37 @@ def test_demo_data_command(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path / "e"), "--subjects", "2"]) == 2
 
 
+def test_demo_data_built_by_several_runs_at_once_is_whole_and_built_once(tmp_path, monkeypatch):
+    """Runs started together on a fresh checkout: every one sees complete data, nothing half-written is left."""
+    import threading
+
+    import alldetect.data.prepare as prepare
+
+    builds = []
+
+    def small(out):
+        builds.append(out)
+        return make_demo_data(out, subjects=6, per_subject=2, seed=0, workers=1)
+
+    monkeypatch.setattr(prepare, "make_demo_data", small)
+    root = tmp_path / "data/demo"
+    # a killed earlier build: images but no README
+    (root / "C-NMC_training_data/fold_0/all").mkdir(parents=True)
+    (root / "C-NMC_training_data/fold_0/all/UID_1_9_9_all.bmp").write_bytes(b"half")
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(_digest(prepare.ensure_demo_data(root)))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = _digest(make_demo_data(tmp_path / "direct", subjects=6, per_subject=2, seed=0))
+    assert seen == [expected] * 3 and _digest(root) == expected
+    assert sorted(p.name for p in root.parent.iterdir()) == ["demo"]  # no temporary folder left
+    n = len(builds)
+    prepare.ensure_demo_data(root)
+    assert 1 <= n <= 3 and len(builds) == n  # once per run that started before it existed; never again
+
+
 @pytest.mark.slow
 def test_demo_profile_trains_the_proposed_network_to_f1_085(demo_full, workdir):
     """What `./train.sh proposed fold0` does on a fresh clone, with the demo data built above."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from alldetect.config import Config
 from alldetect.data.demo import is_demo_data, make_demo_data
+from alldetect.errors import UserError
 from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
 
 log = logging.getLogger("alldetect")
@@ -21,10 +25,32 @@ DEMO_BANNER = """\
 
 
 def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
-    """Build the demo set once; later calls reuse it."""
-    if not is_demo_data(root):
-        log.info("building the synthetic demo data in %s (once) ...", root)
-        make_demo_data(root)
+    """Build the demo set once; later calls reuse it.
+
+    Built in a temporary folder beside `root` and renamed into place, so that runs started together on a fresh
+    checkout (tuning workers, a fold per process) never read a half-written image: the first complete build
+    wins, the others are discarded. A folder left by a killed build (no README yet) is replaced."""
+    root = Path(root)
+    if is_demo_data(root):
+        return root
+    log.info("building the synthetic demo data in %s (once) ...", root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+    try:
+        make_demo_data(building)
+        for _ in range(3):
+            if is_demo_data(root):  # another process finished first
+                break
+            try:
+                os.rename(building, root)  # atomic; refused while root exists and is not empty
+                break
+            except OSError:
+                if root.exists() and not is_demo_data(root):  # a killed build's leftovers
+                    shutil.rmtree(root, ignore_errors=True)
+        else:
+            raise UserError(f"could not put the demo data in place at {root}: remove that folder and try again")
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return root
 
 
