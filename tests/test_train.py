@@ -59,6 +59,20 @@ def _stop_after(epoch_index):
     return on_epoch
 
 
+def test_loader_workers_stop_when_a_fold_ends_even_on_an_exception(tiny_demo, workdir):
+    """Workers ignore SIGTERM (the main process decides when to stop), so workers outliving their run would
+    hang Python's exit; `alldetect tune` did, after trials that ended in a pruning exception."""
+    import multiprocessing
+
+    cfg = _cfg(tiny_demo, "data.num_workers=2", "epochs=2")
+    folds = resolve_folds(cfg)
+    fit_fold(cfg, 0, folds)
+    assert multiprocessing.active_children() == []
+    with pytest.raises(Interrupt) as kept:  # keeps the traceback, and with it fit_fold's frames, alive
+        fit_fold(_cfg(tiny_demo, "data.num_workers=2", "epochs=2", "runs_dir=b"), 0, folds, on_epoch=_stop_after(0))
+    assert kept.value is not None and multiprocessing.active_children() == []
+
+
 @pytest.mark.parametrize("balance", ["loss", "sampler"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdir, balance):
     extra = ["epochs=3", f"class_balance={balance}", "aug.rotate=0.5", "scheduler=cosine", "optimizer=adamw"]

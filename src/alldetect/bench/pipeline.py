@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from alldetect.config import AugConfig
 from alldetect.data.cache import image_cache
-from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
+from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
 from alldetect.data.layouts import build_manifest
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, create_transform
 from alldetect.engine.loop import DeviceBatch, resolve_device
@@ -52,16 +52,17 @@ class NaiveDataset(Dataset):
 def _images_per_s(loader, epochs: int, prepare) -> float:
     """Time `epochs` passes after the first batch (worker start-up is not the pipeline's throughput)."""
     n, start = 0, None
-    for _ in range(epochs + 1):
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(_)
-        for batch in loader:
-            prepare(batch[0])
-            if start is None:
-                start = time.perf_counter()
-                continue
-            n += len(batch[0])
-    return n / (time.perf_counter() - start)
+    with loader:
+        for _ in range(epochs + 1):
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(_)
+            for batch in loader:
+                prepare(batch[0])
+                if start is None:
+                    start = time.perf_counter()
+                    continue
+                n += len(batch[0])
+        return n / (time.perf_counter() - start)
 
 
 def run(data_root: str | Path, images: int = 320, size: int = 300, crop: int = 400, workers: int = 2,
@@ -77,8 +78,8 @@ def run(data_root: str | Path, images: int = 320, size: int = 300, crop: int = 4
         return x
 
     def naive():
-        return DataLoader(NaiveDataset(root, paths, crop, size), batch_size=batch_size, shuffle=True,
-                          num_workers=workers, pin_memory=dev.cuda, persistent_workers=workers > 0)
+        return Loader(NaiveDataset(root, paths, crop, size), batch_size=batch_size, shuffle=True,
+                      num_workers=workers, pin_memory=dev.cuda, persistent_workers=workers > 0)
 
     transform = create_transform(AugConfig())
     labels = np.zeros(len(paths), dtype=int)

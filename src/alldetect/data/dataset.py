@@ -104,9 +104,29 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class Loader(DataLoader):
+    """A DataLoader whose persistent workers can be stopped at a known moment (`close()`, or `with`).
+
+    Its workers ignore SIGTERM (see `_worker_init`), so a loader still alive when Python exits would leave
+    multiprocessing's exit handler waiting for them forever (seen in `alldetect tune`, whose trials' loaders
+    outlived the trials). Every user closes its loaders when done, rather than waiting for garbage collection."""
+
+    def close(self) -> None:
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def make_loader(dataset: CellDataset, batch_size: int, sampler: Sampler, num_workers: int,
-                pin_memory: bool, drop_last: bool = False) -> DataLoader:
-    return DataLoader(
+                pin_memory: bool, drop_last: bool = False) -> Loader:
+    return Loader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         drop_last=drop_last, collate_fn=_batched, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from alldetect.atomic import write_csv
 from alldetect.config import Config, save_config
 from alldetect.data.cache import image_cache
-from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
+from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
 from alldetect.data.folds import FoldFile
 from alldetect.data.transforms import create_transform
 from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -198,6 +198,8 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         raise UserError(_out_of_memory(cfg, size)) from None
     finally:
         tracker.finish(exit_code)
+        data.train_loader.close()
+        data.val_loader.close()
     return FitResult(run_dir, best_epoch, abs(best) if cfg.monitor == "loss" else best,
                      best_state["metrics"], len(history), stopped_early, history)
 
@@ -280,8 +282,8 @@ def _config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
 
 @dataclass
 class FoldData:
-    train_loader: object
-    val_loader: object
+    train_loader: Loader
+    val_loader: Loader
     val_rows: pd.DataFrame
     val_order: np.ndarray  # dataset rows this rank validates, in loader order
     class_weights: torch.Tensor | None

@@ -114,10 +114,11 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
         model = model.to(memory_format=torch.channels_last)
     m = data.manifest
     dataset = CellDataset(data.root, m["path"], m["label"], crop, size)
-    loader = make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
-                         opts["num_workers"], device.type == "cuda")
     start = time.perf_counter()
-    probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})", views=tta_views(opts["tta"]))
+    with make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
+                     opts["num_workers"], device.type == "cuda") as loader:
+        probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})",
+                                 views=tta_views(opts["tta"]))
     seconds = time.perf_counter() - start
     frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
     if data.labelled:
