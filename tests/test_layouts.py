@@ -97,8 +97,37 @@ def test_class_folders_without_subjects_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="alldetect"):
         m = build_manifest(tmp_path)
     assert set(m["source_layout"]) == {"class_folders"}
-    assert m.groupby("label_name")["label"].first().to_dict() == {"leukemia": 0, "normal": 1}
+    assert m.groupby("label_name")["label"].first().to_dict() == {"leukemia": 1, "normal": 0}
     assert m["subject"].nunique() == 6 and "every image is its own group" in caplog.text
+
+
+@pytest.mark.parametrize("names, blast", [(("ALL", "Normal"), "ALL"), (("Healthy", "zz_cells"), "zz_cells"),
+                                          (("aa", "Blasts"), "Blasts"), (("all", "hem"), "all")])
+def test_class_folders_name_the_blast_class_whatever_their_sorted_order(tmp_path, caplog, names, blast):
+    """Label 1 is the blast (all) class: sorted order would make ALL/ 0 and Normal/ 1, silently reversing every
+    precision, recall, prob_all and isbi_valid.predict line."""
+    for cls in names:
+        write_image(tmp_path / cls / "UID_1_1_1_x.bmp")
+    with caplog.at_level(logging.WARNING, logger="alldetect"):
+        m = build_manifest(tmp_path)
+    assert m.groupby("label_name")["label"].first().to_dict() == {c: int(c == blast) for c in names}
+    assert "cannot tell" not in caplog.text
+
+
+def test_class_folders_with_names_that_say_nothing_warn_which_is_which(tmp_path, caplog):
+    for cls in ("a", "b"):
+        write_image(tmp_path / cls / "x.png")
+    with caplog.at_level(logging.WARNING, logger="alldetect"):
+        m = build_manifest(tmp_path)
+    assert m.groupby("label_name")["label"].first().to_dict() == {"a": 0, "b": 1}
+    assert "treating b as `all` (label 1) and a as `hem` (label 0)" in caplog.text
+
+
+def test_more_than_two_class_folders_is_a_clear_error(tmp_path):
+    for cls in ("all", "hem", "other"):
+        write_image(tmp_path / cls / "x.png")
+    with pytest.raises(UserError, match=r"3 class folders \(all, hem, other\).*keep two"):
+        build_manifest(tmp_path)
 
 
 def test_class_folders_all_hem_with_uid_names(tmp_path):

@@ -175,6 +175,30 @@ def _numeric_key(name: str):
     return (0, int(m.group(1)), name) if m else (1, 0, name)
 
 
+# Folder names, lower-cased, that say which class is which; label 1 is the leukemic blast, as in the challenge.
+BLAST_NAMES = {"all", "blast", "blasts", "leukemia", "leukaemia", "leukemic", "leukaemic", "malignant", "cancer"}
+NORMAL_NAMES = {"hem", "normal", "healthy", "benign"}
+
+
+def _class_labels(root: Path, classes: list[str]) -> dict[str, int]:
+    """Two class folder names -> {name: label}. A folder named like a blast class is 1, one named like a normal
+    class 0; when the names say neither, sorted order, with a warning that names the choice."""
+    blast = [c for c in classes if c.lower() in BLAST_NAMES]
+    normal = [c for c in classes if c.lower() in NORMAL_NAMES]
+    if len(blast) == 1:
+        positive = blast[0]
+    elif len(normal) == 1:
+        positive = next(c for c in classes if c != normal[0])
+    else:
+        positive = classes[1]
+        log.warning("cannot tell from the folder names of %s which class holds the blasts: treating %s as `all` "
+                    "(label 1) and %s as `hem` (label 0), in sorted order. Rename them all/ and hem/ to be sure",
+                    root, positive, classes[0])
+    label_of = {c: int(c == positive) for c in classes}
+    log.info("class folders of %s: %s", root, ", ".join(f"{c}={i}" for c, i in label_of.items()))
+    return label_of
+
+
 def _class_folders(root: Path, paths: list[str]) -> pd.DataFrame:
     nested = [p for p in paths if "/" in p]
     loose = [p for p in paths if "/" not in p]
@@ -182,17 +206,15 @@ def _class_folders(root: Path, paths: list[str]) -> pd.DataFrame:
     if len(classes) < 2:
         what = f"only one class folder ({classes[0]})" if classes else "no class folders"
         raise UserError(
-            f"{root} has {what}; a labelled data set needs two or more classes, e.g. {root}/all and {root}/hem"
+            f"{root} has {what}; a labelled data set needs two classes, e.g. {root}/all and {root}/hem"
         )
+    if len(classes) > 2:
+        raise UserError(f"{root} has {len(classes)} class folders ({', '.join(classes)}); alldetect tells two "
+                        "classes apart, blasts (all) from normal cells (hem): keep two folders, e.g. all/ and hem/")
     if loose:
         log.warning("%d image(s) directly in %s belong to no class and are left out: %s",
                     len(loose), root, short_list(loose))
-    lower = {c.lower() for c in classes}
-    if lower == set(CLASS_LABELS):
-        label_of = {c: CLASS_LABELS[c.lower()] for c in classes}
-    else:
-        label_of = {c: i for i, c in enumerate(classes)}
-        log.info("class folders of %s: %s", root, ", ".join(f"{c}={i}" for c, i in label_of.items()))
+    label_of = _class_labels(root, classes)
     subjects = {p: subject_of(Path(p).name) for p in nested}
     grouped = all(subjects.values())
     if not grouped:
