@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +32,8 @@ def make_run(run: Path, arch: str = "proposed", *, weights: bool = False, input_
             net.train()(torch.randn(8, 3, input_size, input_size))
         model = net.state_dict()
     save_checkpoint(run / "best.pt", {"model": model, "config": cfg, "fold_file": fold_file,
-                                      "fold_fingerprint": fingerprint, "epoch": 0, "metrics": {}})
+                                      "fold_fingerprint": fingerprint, "epoch": 0, "metrics": {},
+                                      "saved_at": time.time()})
     if oof is not None:
         write_csv(run / "oof.csv", oof)
     return run

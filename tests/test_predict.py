@@ -173,3 +173,17 @@ def test_real_sample_predictions_know_labels_and_subjects(sample_root, workdir):
     pred = pd.read_csv(workdir / "runs/proposed/fold0/pred_sample.csv", dtype={"subject": str})
     assert len(pred) == 60 and set(pred["label"]) == {0, 1} and pred["subject"].notna().all()
     assert pred["path"].str.startswith("C-NMC_training_data/fold_").all()
+
+
+def test_predictions_of_a_replaced_checkpoint_are_refused_or_removed(runs, workdir):
+    """Retrained or resumed since `predict`: the old probabilities must not slip into a submission."""
+    from alldetect.engine.checkpoint import save_checkpoint
+    from alldetect.ensemble import ensemble_command
+
+    data = _prelim(workdir / "prelim")
+    predict_command(["runs/proposed"], str(data), "prelim", FAST)
+    ensemble_command(["runs/proposed"], oof=False, name="prelim")  # fine while best.pt is the one that predicted
+    state = load_checkpoint(runs / "fold1/best.pt")
+    save_checkpoint(runs / "fold1/best.pt", {**state, "saved_at": state["saved_at"] + 60})  # a better epoch since
+    with pytest.raises(UserError, match=r"predictions 'prelim' of .*fold1.* older best.pt .*alldetect predict"):
+        ensemble_command(["runs/proposed"], oof=False, name="prelim")

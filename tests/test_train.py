@@ -73,6 +73,55 @@ def test_loader_workers_stop_when_a_fold_ends_even_on_an_exception(tiny_demo, wo
     assert kept.value is not None and multiprocessing.active_children() == []
 
 
+def test_resume_with_more_epochs_continues_the_cosine_schedule_downwards(tiny_demo, workdir, caplog):
+    """The loaded scheduler keeps the old T_max: without stretching, epochs 3-4 would climb back to the base lr."""
+    import math
+
+    base = _cfg(tiny_demo, "scheduler=cosine", "optimizer=adamw", "lr=0.01")
+    folds = resolve_folds(base)
+    fit_fold(base, 0, folds)  # epochs=2: the lr reached the end of its cosine
+    with caplog.at_level("WARNING", logger="alldetect"):
+        fit_fold(_cfg(tiny_demo, "scheduler=cosine", "optimizer=adamw", "lr=0.01", "epochs=4", "resume=true"), 0, folds)
+    assert "epochs 2 -> 4: the cosine schedule now spans 4 epochs" in caplog.text
+    history = pd.read_csv(workdir / "runs/proposed/fold0/history.csv")
+    resumed = history.loc[history["epoch"] >= 2, "lr"].to_numpy()
+    assert list(history["epoch"]) == [0, 1, 2, 3]
+    assert resumed[0] == pytest.approx(0.01 * (1 + math.cos(math.pi * 2 / 4)) / 2)  # epoch 3 of a 4-epoch cosine
+    assert resumed[1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 4)) / 2) and resumed[1] < resumed[0]
+
+
+def test_resume_on_another_split_is_refused(tiny_demo, workdir):
+    from alldetect.data.folds import make_fold_file
+
+    cfg = _cfg(tiny_demo, "epochs=1")
+    folds = resolve_folds(cfg)
+    fit_fold(cfg, 0, folds)
+    make_fold_file(tiny_demo, folds.path, k=3, seed=7)  # the fold file made again, differently, at the same path
+    again = _cfg(tiny_demo, "epochs=2", "resume=true")
+    with pytest.raises(UserError, match=r"fold file folds/demo_k3_s42.csv was made again .* splits the images "
+                                        r"differently.*data.fold_file=FILE.*overwrite=true"):
+        fit_fold(again, 0, resolve_folds(again))
+
+
+def test_runs_know_their_fold_files_fold_count(tiny_demo, workdir):
+    """--by official gives 3 folds whatever data.k says; ensemble and report count folds from the fold file."""
+    from alldetect.engine.runs import run_info
+
+    cfg = _cfg(tiny_demo, "data.split_by=official", "data.k=5", "epochs=1")
+    folds = resolve_folds(cfg)
+    assert folds.k == 3
+    fit_fold(cfg, 2, folds)
+    assert run_info(workdir / "runs/proposed/fold2")["k"] == 3
+
+
+def test_overwrite_removes_the_old_models_predictions(tiny_demo, workdir):
+    cfg = _cfg(tiny_demo, "epochs=1")
+    fit_fold(cfg, 0, resolve_folds(cfg))
+    (workdir / "runs/proposed/fold0/pred_test.csv").write_text("path,prob_all\n")
+    fit_fold(_cfg(tiny_demo, "epochs=1", "overwrite=true"), 0, resolve_folds(cfg))
+    assert not (workdir / "runs/proposed/fold0/pred_test.csv").exists()
+
+
 @pytest.mark.parametrize("balance", ["loss", "sampler"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdir, balance):
     extra = ["epochs=3", f"class_balance={balance}", "aug.rotate=0.5", "scheduler=cosine", "optimizer=adamw"]

@@ -236,6 +236,12 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
             raise UserError(f"{run / f'pred_{name}.csv'} does not cover the images of {ref / f'pred_{name}.csv'}: "
                             f"it lacks {len(lacks)} ({short_list(lacks, 3)}) and has {len(extra)} others "
                             f"({short_list(extra, 3)}). Rerun `alldetect predict` for every run with the same --data")
+    stale = [r for r, m in metas.items()
+             if m.get("checkpoint_saved_at") is not None and m["checkpoint_saved_at"] != run_info(r)["saved_at"]]
+    if stale:
+        raise UserError(f"the predictions '{name}' of {short_list([str(r) for r in stale])} were made by an older "
+                        "best.pt than the run holds now (it was retrained or resumed since). Rerun `alldetect predict "
+                        f"{' '.join(str(r) for r in stale)} --data DIR --name {name}`")
     prints = {m.get("data_fingerprint") for m in metas.values()}
     if len(prints) > 1:
         detail = "; ".join(f"{r}: {m.get('data_root')} ({m.get('data_fingerprint')})" for r, m in metas.items())

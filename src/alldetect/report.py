@@ -33,7 +33,7 @@ from alldetect.data.demo import is_demo_data
 from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import resolve_device
-from alldetect.engine.runs import FOLD_DIR_RE, Member
+from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_count
 from alldetect.ensemble import load_oof, metrics_table, safe_name
 from alldetect.errors import UserError
 from alldetect.metrics import METRIC_NAMES, score
@@ -199,7 +199,7 @@ def collect_arch(folder: Path, findings: Findings) -> ArchResult:
         result.oof = oof.frame.assign(prob_all=prob, pred=(prob >= 0.5).astype(int))
         cfg = result.config
         result.params = count_parameters(models[(cfg.get("arch"), cfg.get("input_size"))])[0]
-        k = result.config.get("data", {}).get("k")
+        k = fold_count(result.states[0]) if result.states else None
         done = sorted(result.oof["fold"].unique())
         if k and len(done) < k:
             findings.note(f"{folder}: out-of-fold predictions of {len(done)} of its {k} folds only "
@@ -376,7 +376,7 @@ def protocol_text(findings: Findings) -> str:
     oofs = [a.oof for a in findings.archs if a.oof is not None]
     images = max(len(o) for o in oofs)
     subjects = max(o["subject"].nunique() for o in oofs if "subject" in o) if any("subject" in o for o in oofs) else "?"
-    ks = sorted({s["config"].get("data", {}).get("k") for s in states} - {None})
+    ks = sorted({fold_count(s) for s in states} - {None})
     k = "/".join(map(str, ks)) or "?"
     where = f"fold file{'s' if len(files) > 1 else ''} {', '.join(f'`{f}`' for f in files)}"
     if leaky == {False}:
@@ -577,7 +577,7 @@ def _check_data(findings: Findings, data: str | None) -> list[str]:
             break
     if data:
         a = next(a for a in findings.archs if a.oof is not None)
-        k = a.config.get("data", {}).get("k")
+        k = fold_count(a.states[0])
         if a.oof["fold"].nunique() == k and all((Path(data) / p).is_file() for p in a.oof["path"]):
             digest, _ = fingerprint(Path(data), sorted(a.oof["path"]))
             if digest != a.states[0].get("fold_fingerprint"):

@@ -3,6 +3,8 @@ traceable, and checked against the data on disk whenever they are loaded."""
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 from dataclasses import dataclass
@@ -39,6 +41,12 @@ class FoldFile:
     @property
     def leaky(self) -> bool:
         return self.meta.get("by") == "image"
+
+    @property
+    def assignment(self) -> str:
+        """A digest of which image sits in which fold: equal for two fold files exactly when they split alike."""
+        lines = sorted(f"{p}\t{f}" for p, f in zip(self.table["path"], self.table["fold"]))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def assign_folds(manifest: pd.DataFrame, k: int, seed: int, by: str = "subject") -> np.ndarray:

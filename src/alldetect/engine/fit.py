@@ -9,6 +9,7 @@ runs/<arch>/fold<k>/
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     resume_state = _prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
         cfg = _config_for_resume(cfg, resume_state, run_dir)
+        _check_same_split(resume_state, folds, run_dir)
     if d.main:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -116,6 +118,7 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler is not None and resume_state.get("scheduler"):
             scheduler.load_state_dict(resume_state["scheduler"])
+            _stretch_cosine(scheduler, cfg.epochs)
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         start_epoch, best, best_epoch = resume_state["epoch"] + 1, resume_state["best"], resume_state["best_epoch"]
@@ -240,6 +243,8 @@ def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
     if cfg.overwrite and run_dir.exists():
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
+        for old in run_dir.glob("pred_*"):  # predictions of the model being replaced
+            old.unlink()
         shutil.rmtree(run_dir / "wandb", ignore_errors=True)
     elif last.is_file() and not cfg.resume:
         raise UserError(f"{run_dir} already holds a run. Continue it with resume=true, or start over with "
@@ -268,6 +273,32 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def _stretch_cosine(scheduler, epochs: int) -> None:
+    """A resumed run asked for another number of epochs: the cosine schedule continues over the new length from
+    where it is, instead of climbing back up from zero after its old end (the loaded state keeps the old T_max)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == epochs:
+        return
+    old, scheduler.T_max = scheduler.T_max, epochs
+    t = min(scheduler.last_epoch, epochs)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * t / epochs)) / 2
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    log.warning("epochs %d -> %d: the cosine schedule now spans %d epochs; it continues at lr %.3g", old, epochs,
+                epochs, scheduler.optimizer.param_groups[0]["lr"])
+
+
+def _check_same_split(state: dict, folds: FoldFile, run_dir: Path) -> None:
+    """A resumed run must validate on the images it validated on before, never on ones it has trained on."""
+    saved = state.get("fold_assignment")
+    if saved and saved != folds.assignment:
+        old = state.get("fold_file")
+        what = (f"its fold file {folds.path} was made again since the run started" if str(old) == str(folds.path)
+                else f"it was trained on the fold file {old}, and {folds.path}")
+        raise UserError(f"cannot resume {run_dir}: {what} splits the images differently, so its validation fold "
+                        "would hold images it trained on. Resume with the split it was trained on "
+                        "(data.fold_file=FILE), or start over with overwrite=true")
 
 
 def _config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
@@ -353,7 +384,7 @@ def _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoc
         "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale,
         "metrics": metrics, "config": cfg.to_dict(), "wandb_id": wandb_id,
         "fold_file": str(folds.path), "fold_fingerprint": folds.meta.get("fingerprint", ""),
-        "leaky_split": folds.leaky, "saved_at": time.time(),
+        "fold_k": folds.k, "fold_assignment": folds.assignment, "leaky_split": folds.leaky, "saved_at": time.time(),
     }
 
 

@@ -129,6 +129,7 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     meta = {"name": name, "run": str(run), "arch": cfg["arch"], "epoch": state.get("epoch"),
             "data_root": str(data.root), "data_fingerprint": data.fingerprint,
             "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
+            "checkpoint_saved_at": state.get("saved_at"),
             "tta": opts["tta"], "input_size": size, "crop": crop, "made_by": f"alldetect {__version__}"}
     write_text(run / f"pred_{name}.json", json.dumps(meta, indent=2) + "\n")
     _warn_if_trained_on(run, state, data)

@@ -64,6 +64,12 @@ def group_members(runs: list[Path]) -> list[Member]:
     return members
 
 
+def fold_count(state: dict) -> int | None:
+    """How many folds the run's fold file has (older checkpoints: the config's data.k, which a fold file given
+    with data.fold_file or made --by official may not match)."""
+    return state.get("fold_k") or state["config"].get("data", {}).get("k")
+
+
 def run_info(run: Path) -> dict:
     """What a run's best.pt says about how it was trained (fold file, data fingerprint, config), read without
     loading its weights into memory."""
@@ -71,6 +77,6 @@ def run_info(run: Path) -> dict:
 
     state = load_checkpoint(run / "best.pt", mmap=True)
     return {"run": str(run), "arch": state["config"].get("arch"), "fold_file": state.get("fold_file", ""),
-            "fold_fingerprint": state.get("fold_fingerprint", ""), "k": state["config"].get("data", {}).get("k"),
-            "epoch": state.get("epoch"), "config": state["config"]}
+            "fold_fingerprint": state.get("fold_fingerprint", ""), "k": fold_count(state),
+            "epoch": state.get("epoch"), "saved_at": state.get("saved_at"), "config": state["config"]}
 
