@@ -6,6 +6,7 @@ import pytest
 
 from alldetect.cli import main
 from alldetect.data.folds import load_fold_file, make_fold_file
+from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
 from conftest import write_image
 
@@ -127,3 +128,30 @@ def test_skip_bad_with_no_usable_image_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="none of the 2 image"):
         make_fold_file(tmp_path / "data", tmp_path / "f.csv", k=2, seed=0, skip_bad=True)
     assert not (tmp_path / "f.csv").exists()
+
+
+def test_damaged_sidecar_and_repeated_paths_are_clear_errors(tiny_demo, tmp_path):
+    ff = make_fold_file(tiny_demo, tmp_path / "f.csv", k=3, seed=0)
+    sidecar = tmp_path / "f.json"
+    good = sidecar.read_text()
+    sidecar.write_text(good[: len(good) // 2])
+    with pytest.raises(UserError, match=r"sidecar .*f.json is damaged.*alldetect split"):
+        load_fold_file(tmp_path / "f.csv")
+    sidecar.write_text(good)
+    table = pd.concat([ff.table, ff.table.iloc[:1]])
+    table.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(UserError, match=r"lists 1 image\(s\) more than once"):
+        load_fold_file(tmp_path / "f.csv")
+
+
+def test_fold_folders_behind_symbolic_links_are_read(tiny_demo, tmp_path):
+    """A common way to assemble C-NMC from several disks; os.walk skips linked folders unless told."""
+    import shutil
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    shutil.copytree(tiny_demo, data)
+    train = data / "C-NMC_training_data"
+    shutil.move(train / "fold_1", elsewhere)
+    (train / "fold_1").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(train, target_is_directory=True)  # a link back up: no endless walk
+    assert sorted(build_manifest(data)["path"]) == sorted(build_manifest(tiny_demo)["path"])

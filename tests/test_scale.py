@@ -48,6 +48,24 @@ def test_cache_is_invalidated_when_data_change(tiny_demo, workdir):
     assert first != second and first.name.split("-")[1] != second.name.split("-")[1]
 
 
+def test_cache_is_invalidated_when_an_image_is_rewritten_at_the_same_size(tiny_demo, workdir):
+    """Every C-NMC BMP has the same size, so the size-based data fingerprint alone cannot see a replaced image."""
+    import cv2
+
+    data = workdir / "data"
+    shutil.copytree(tiny_demo, data)
+    paths = make_fold_file(data, workdir / "f.csv", k=3, seed=0).table["path"].tolist()
+    first = image_cache(data, paths, 400, 32, workdir / "cache")
+    victim = data / paths[0]
+    img = cv2.imread(str(victim))
+    cv2.imwrite(str(victim), 255 - img)  # other pixels, the same number of bytes
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    second = image_cache(data, paths, 400, 32, workdir / "cache")
+    assert first.file != second.file
+    row = sorted(paths).index(paths[0])
+    assert not np.array_equal(first.array[row], second.array[row])
+
+
 def test_training_with_cache_matches_training_without(tiny_demo, workdir):
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "runs_dir=plain"])
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "runs_dir=cached", "data.cache=true"])

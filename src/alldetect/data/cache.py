@@ -10,6 +10,8 @@ read a stale one. The .u8 file appears by an atomic rename only once complete: a
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +61,12 @@ class CacheSource:
 
 
 def cache_stem(root: Path, paths: list[str], crop: int, size: int) -> str:
+    """The data fingerprint (paths and sizes, shared with fold files, which travel between machines) and, since
+    the cache is local, the files' modification times: an image rewritten at the same size (every C-NMC BMP has
+    the same size) gets a new cache instead of its old decoded pixels."""
     digest, _ = fingerprint(root, paths)
-    return f"{dataset_name(root)}-{digest}-c{crop}-s{size}"
+    times = hashlib.sha256("".join(f"{(Path(root) / p).stat().st_mtime_ns}\n" for p in sorted(paths)).encode())
+    return f"{dataset_name(root)}-{digest}-{times.hexdigest()[:8]}-c{crop}-s{size}"
 
 
 def image_cache(root: str | Path, paths: list[str], crop: int, size: int, cache_dir: str | Path = "data/cache",

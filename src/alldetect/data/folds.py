@@ -152,7 +152,13 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
     if not path.is_file():
         raise UserError(f"fold file {path} does not exist; make one with `alldetect split DATA_ROOT`")
     meta_file = sidecar_path(path)
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"the fold file's sidecar {meta_file} is damaged ({e}); make the fold file again with "
+                        "`alldetect split DATA_ROOT`") from None
     try:
         table = pd.read_csv(path, dtype={"subject": str, "path": str})
     except Exception as e:
@@ -165,6 +171,10 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
     if not data_root and not meta.get("data_root"):
         raise UserError(f"fold file {path} has no sidecar {meta_file.name}: say where its data are (data.root=...)")
     _check_paths_stay_inside(table, path)
+    repeated = table["path"][table["path"].duplicated()].tolist()
+    if repeated:
+        raise UserError(f"fold file {path} lists {len(repeated)} image(s) more than once: {short_list(repeated)}; "
+                        "each image belongs to exactly one fold")
     _check_against_disk(table, root.resolve(), path, meta)
     crossing = _subjects_crossing(table)
     if crossing and meta.get("by") != "image":

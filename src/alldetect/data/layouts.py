@@ -41,7 +41,11 @@ def subject_of(file_name: str) -> str | None:
 def find_images(root: Path) -> list[str]:
     """Relative POSIX paths of every image under root, sorted; hidden folders and files are skipped."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # fold folders may be links
+        here = Path(dirpath)
+        if here != Path(root) and os.path.realpath(here) in {os.path.realpath(a) for a in here.parents}:
+            dirnames[:] = []  # a link back up the tree: its images are found along the real path
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS:
