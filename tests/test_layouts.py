@@ -83,6 +83,16 @@ def test_prelim_labels_name_missing_images(tmp_path):
         build_manifest(images)
 
 
+def test_a_stray_image_beside_a_labels_file_says_the_labels_are_not_used(tmp_path, caplog):
+    root, images = _prelim(tmp_path)
+    write_image(images / "copy of 3.bmp")
+    with caplog.at_level(logging.WARNING, logger="alldetect"):
+        m = build_manifest(images)
+    assert set(m["source_layout"]) == {"unlabelled"}
+    assert "C-NMC_test_prelim_phase_data_labels.csv is not used: 1 image(s)" in caplog.text
+    assert "copy of 3.bmp" in caplog.text
+
+
 def test_final_test_is_unlabelled(tmp_path):
     for i in range(1, 6):
         write_image(tmp_path / "C-NMC_test_final_phase_data" / f"{i}.bmp")

@@ -123,6 +123,11 @@ def _numbered_or_plain(root: Path, paths: list[str]) -> pd.DataFrame | None:
     numbered = all(NUMBERED_RE.match(Path(p).name) for p in paths)
     if numbered and labels_file is not None:
         return _with_labels(root, paths, labels_file)
+    if labels_file is not None:
+        others = [p for p in paths if not NUMBERED_RE.match(Path(p).name)]
+        log.warning("%s is not used: %d image(s) of %s are not named 1.bmp .. N.bmp (%s), so the folder is read as "
+                    "unlabelled. Remove or rename them to score predictions against it",
+                    labels_file, len(others), folder, short_list(others, 3))
     if folder == root or numbered:
         return _frame([dict(path=p, label=UNKNOWN, label_name="unknown", subject=Path(p).stem,
                             source_layout="unlabelled", official_fold=-1) for p in paths])
