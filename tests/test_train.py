@@ -189,6 +189,14 @@ def test_bad_fold_and_override_are_clear_errors(tiny_demo, workdir, capsys):
     assert "lr='fast'" in capsys.readouterr().err
 
 
+def test_mistyped_names_fail_before_any_demo_data_are_built(workdir, capsys):
+    assert main(["train", "resnet5", "fold0"]) == 2
+    assert "unknown architecture 'resnet5'" in capsys.readouterr().err
+    assert main(["train", "proposed", "fld0"]) == 2
+    assert "'fld0' is not a fold" in capsys.readouterr().err
+    assert not (workdir / "data").exists() and not (workdir / "folds").exists()
+
+
 def test_unwritable_run_folder_fails_at_start(tiny_demo, workdir):
     (workdir / "a_file").write_text("not a folder")
     with pytest.raises(UserError, match="cannot write to the run folder"):

@@ -12,6 +12,7 @@ from alldetect.config import Config, load_config
 from alldetect.data.prepare import demo_banner, ensure_demo_data, resolve_folds
 from alldetect.engine.fit import FitResult, fit_fold
 from alldetect.errors import UserError
+from alldetect.models import default_input_size
 
 log = logging.getLogger("alldetect")
 
@@ -37,6 +38,10 @@ def resolve_config(arch: str, overrides: list[str], files: list[str]) -> tuple[C
 
 
 def train_command(arch: str, fold_spec: str, overrides: list[str], files: list[str] | None = None) -> list[FitResult]:
+    # Mistyped names fail at once, before any data are built or folds made (the fold's range is checked below).
+    default_input_size(arch)
+    if fold_spec != "all" and not re.fullmatch(r"fold\d+", fold_spec):
+        raise UserError(f"'{fold_spec}' is not a fold: use fold0, fold1, ... or all")
     cfg, demo = resolve_config(arch, overrides, files or [])
     folds = resolve_folds(cfg)
     if cfg.data.root is None:
