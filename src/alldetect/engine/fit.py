@@ -113,6 +113,7 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
 
     start_epoch, best, best_epoch, stale, wandb_id = 0, None, -1, 0, None
     history = pd.DataFrame()
+    partial = resume_state.get("partial") if resume_state is not None else None  # a half-done epoch to finish
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -125,12 +126,10 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         stale, wandb_id = resume_state["stale"], resume_state.get("wandb_id")
         if (run_dir / "history.csv").is_file():
             history = pd.read_csv(run_dir / "history.csv").query("epoch < @start_epoch")
-        partial = resume_state.get("partial")
         where = f"epoch {start_epoch + 1}" + (f", batch {partial['steps'] + 1}" if partial else "")
         so_far = f"best {cfg.monitor} {abs(best):.4f} at epoch {best_epoch + 1}" if best is not None else "no epoch done"
         log.info("resuming %s from %s (%s)", run_dir, where, so_far)
 
-    partial = resume_state.get("partial") if resume_state is not None else None
     tracker = Tracker()
     if d.main:
         tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
