@@ -7,6 +7,7 @@ import hashlib
 
 import json
 import logging
+from functools import cached_property
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class FoldFile:
     def leaky(self) -> bool:
         return self.meta.get("by") == "image"
 
-    @property
+    @cached_property  # every checkpoint records it: sort and hash the table once, not each epoch
     def assignment(self) -> str:
         """A digest of which image sits in which fold: equal for two fold files exactly when they split alike."""
         lines = sorted(f"{p}\t{f}" for p, f in zip(self.table["path"], self.table["fold"]))
