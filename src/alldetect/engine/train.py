@@ -17,14 +17,20 @@ from alldetect.models import default_input_size
 log = logging.getLogger("alldetect")
 
 
-def parse_fold_spec(spec: str, k: int) -> list[int]:
-    """'fold0' -> [0], 'all' -> [0..k-1]; anything else is an error that lists the choices."""
-    if spec == "all":
-        return list(range(k))
+def fold_number(spec: str, k: int | None = None) -> int | None:
+    """'fold3' -> 3, 'all' -> None; anything else (or a fold >= k, when k is known) is an error that lists the
+    choices. Without k it checks only the form, before any data are built."""
     m = re.fullmatch(r"fold(\d+)", spec)
-    if not m or int(m.group(1)) >= k:
-        raise UserError(f"'{spec}' is not a fold: use fold0 .. fold{k - 1}, or all")
-    return [int(m.group(1))]
+    if spec != "all" and (not m or (k is not None and int(m.group(1)) >= k)):
+        choices = f"fold0 .. fold{k - 1}, or all" if k is not None else "fold0, fold1, ... or all"
+        raise UserError(f"'{spec}' is not a fold: use {choices}")
+    return int(m.group(1)) if m else None
+
+
+def parse_fold_spec(spec: str, k: int) -> list[int]:
+    """'fold0' -> [0], 'all' -> [0..k-1]."""
+    number = fold_number(spec, k)
+    return list(range(k)) if number is None else [number]
 
 
 def resolve_config(arch: str, overrides: list[str], files: list[str]) -> tuple[Config, bool]:
@@ -40,8 +46,7 @@ def resolve_config(arch: str, overrides: list[str], files: list[str]) -> tuple[C
 def train_command(arch: str, fold_spec: str, overrides: list[str], files: list[str] | None = None) -> list[FitResult]:
     # Mistyped names fail at once, before any data are built or folds made (the fold's range is checked below).
     default_input_size(arch)
-    if fold_spec != "all" and not re.fullmatch(r"fold\d+", fold_spec):
-        raise UserError(f"'{fold_spec}' is not a fold: use fold0, fold1, ... or all")
+    fold_number(fold_spec)
     cfg, demo = resolve_config(arch, overrides, files or [])
     folds = resolve_folds(cfg)
     if cfg.data.root is None:
@@ -57,7 +62,6 @@ def train_command(arch: str, fold_spec: str, overrides: list[str], files: list[s
 def cache_command(arch: str, overrides: list[str], files: list[str] | None = None) -> str:
     """Build the decoded-image cache that `data.cache=true` runs of this architecture and size will read."""
     from alldetect.data.cache import image_cache
-    from alldetect.models import default_input_size
 
     cfg, _ = resolve_config(arch, overrides, files or [])
     folds = resolve_folds(cfg)
