@@ -1,17 +1,17 @@
 """Decoded-image cache: every image after the fixed steps (crop, resize) as uint8, in one memory-mapped file
 per (data fingerprint, crop, size), shared by every later run, fold, trial and architecture of that size.
 
-    data/cache/<dataset>-<fingerprint>-c<crop>-s<size>.u8    N x size x size x 3 uint8, rows in sorted path order
-    data/cache/<dataset>-<fingerprint>-c<crop>-s<size>.json  the paths, so a row can be found by path
+    data/cache/<dataset>-<fingerprint>-<mtimes>-c<crop>-s<size>.u8    N x size x size x 3 uint8, rows in sorted
+                                                                     path order
+    data/cache/<dataset>-<fingerprint>-<mtimes>-c<crop>-s<size>.json  the paths, so a row can be found by path
 
-The data fingerprint (relative paths and file sizes) is in the name, so changed data get a new cache and never
-read a stale one. The .u8 file appears by an atomic rename only once complete: a killed build leaves nothing.
+The data fingerprint (relative paths and file sizes) and a digest of the files' modification times are in the
+name (see `cache_stem`), so changed data get a new cache and never read a stale one. The .u8 file appears by an atomic rename only once complete: a killed build leaves nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
