@@ -229,9 +229,10 @@ def test_out_of_memory_names_a_batch_size_to_try(tiny_demo, workdir, monkeypatch
 
 def test_full_disk_fails_before_training(tiny_demo, workdir, monkeypatch):
     import alldetect.engine.fit as fit
+    import alldetect.engine.rundir as rundir
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(fit.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     called = []
     monkeypatch.setattr(fit, "train_one_epoch", lambda *a, **k: called.append(1))
     with pytest.raises(UserError, match=r"only 1 MiB free .* checkpoints need about \d+ MiB"):

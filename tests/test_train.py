@@ -34,7 +34,7 @@ def test_train_one_fold_writes_the_run_folder(tiny_demo, workdir, capsys):
     assert ((oof["prob_all"] >= 0) & (oof["prob_all"] <= 1)).all()
     assert (oof["pred"] == (oof["prob_all"] >= 0.5)).all()
     out = capsys.readouterr().out
-    assert "runs/proposed/fold1" in out and "best_epoch" in out
+    assert "runs/proposed/fold1" in out and "kept_epoch" in out and "select=last" in out
 
 
 def test_checkpoint_alone_rebuilds_the_model(tiny_demo, workdir):
@@ -73,21 +73,22 @@ def test_loader_workers_stop_when_a_fold_ends_even_on_an_exception(tiny_demo, wo
     assert kept.value is not None and multiprocessing.active_children() == []
 
 
-def test_resume_with_more_epochs_continues_the_cosine_schedule_downwards(tiny_demo, workdir, caplog):
-    """The loaded scheduler keeps the old T_max: without stretching, epochs 3-4 would climb back to the base lr."""
-    import math
-
-    base = _cfg(tiny_demo, "scheduler=cosine", "optimizer=adamw", "lr=0.01")
-    folds = resolve_folds(base)
-    fit_fold(base, 0, folds)  # epochs=2: the lr reached the end of its cosine
+def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_demo, workdir, caplog):
+    """The schedule is a function of the update and the run's length: epochs 3-4 of a 2-epoch run resumed with
+    epochs=4 get the learning rates of a run planned with 4 epochs from the start (not a restart at the top)."""
+    extra = ["scheduler=cosine", "optimizer=adamw", "lr=0.01"]
+    folds = resolve_folds(_cfg(tiny_demo, *extra))
+    fit_fold(_cfg(tiny_demo, "runs_dir=long", "epochs=4", *extra), 0, folds)
+    fit_fold(_cfg(tiny_demo, *extra), 0, folds)  # epochs=2: the lr reached the end of its cosine
     with caplog.at_level("WARNING", logger="alldetect"):
-        fit_fold(_cfg(tiny_demo, "scheduler=cosine", "optimizer=adamw", "lr=0.01", "epochs=4", "resume=true"), 0, folds)
+        fit_fold(_cfg(tiny_demo, "epochs=4", "resume=true", *extra), 0, folds)
     assert "epochs 2 -> 4: the cosine schedule now spans 4 epochs" in caplog.text
-    history = pd.read_csv(workdir / "runs/proposed/fold0/history.csv")
-    resumed = history.loc[history["epoch"] >= 2, "lr"].to_numpy()
-    assert list(history["epoch"]) == [0, 1, 2, 3]
-    assert resumed[0] == pytest.approx(0.01 * (1 + math.cos(math.pi * 2 / 4)) / 2)  # epoch 3 of a 4-epoch cosine
-    assert resumed[1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 4)) / 2) and resumed[1] < resumed[0]
+    resumed = pd.read_csv(workdir / "runs/proposed/fold0/history.csv")
+    planned = pd.read_csv(workdir / "long/proposed/fold0/history.csv")
+    assert list(resumed["epoch"]) == [0, 1, 2, 3]
+    assert resumed["lr"].iloc[1] < 0.001  # the 2-epoch cosine ended near zero
+    assert resumed["lr"].iloc[2:].tolist() == pytest.approx(planned["lr"].iloc[2:].tolist())
+    assert resumed["lr"].iloc[3] < resumed["lr"].iloc[2] and 0.001 < resumed["lr"].iloc[2] < 0.01
 
 
 def test_resume_on_another_split_is_refused(tiny_demo, workdir):

@@ -129,7 +129,7 @@ def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_demo, workdir, config
     ("dropout: {type: float, low: 0.0, high: 1.0}", r"1.0 is not a valid dropout"),
     ("batch_size: {type: float, low: 8, high: 64}", r"is not a valid batch_size"),
     ("batch_size: {type: categorical, choices: []}", "non-empty list of choices"),
-    ("optimizer: {type: categorical, choices: [sgd, rmsprop]}", r"'rmsprop' is not a valid optimizer"),
+    ("optimizer: {type: categorical, choices: [sgd, adamx]}", r"'adamx' is not a valid optimizer"),
     ("lr: {type: float, low: 0.0, high: 0.1, log: true}", "log range needs low > 0"),
     ("lr: {type: float, lo: 0.0, high: 0.1}", "unknown field"),
     ("lr: [0.001, 0.1]", "needs a mapping with type"),

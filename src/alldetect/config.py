@@ -6,12 +6,13 @@ carried inside them, so a later step can rebuild the model without being told an
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from alldetect.errors import UserError
 
@@ -58,18 +59,32 @@ class Config(_Section):
     dropout: float = Field(0.5, ge=0, lt=1)
     pretrained: bool = False
     pretrained_path: Optional[str] = None
-    # optimisation
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    # optimisation (timm's optimiser and scheduler factories)
+    optimizer: str = "adamw"  # sgd (plain, with `momentum`) | adam | adamw | any of timm.optim.list_optimizers()
     lr: float = Field(3e-4, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)  # layer-wise lr decay (timm); None = off
     batch_size: int = Field(32, ge=1)
+    accum_steps: int = Field(1, ge=1)  # gradient accumulation: one optimiser update per this many batches
+    clip_grad: float = Field(0.0, ge=0)  # clip the gradients' global norm to this; 0 = off
     epochs: int = Field(30, ge=1)
-    scheduler: Literal["none", "cosine", "step"] = "cosine"
+    scheduler: Literal["none", "cosine", "step", "onecycle"] = "cosine"
+    warmup_epochs: Optional[float] = Field(None, ge=0)  # linear warm-up from lr/25; None: 0 (onecycle: 30 %)
+    min_lr: float = Field(0.0, ge=0)  # where cosine and one-cycle end
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
+    freeze_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0)  # mixup alpha (timm.data.Mixup); 0 = off
+    cutmix: float = Field(0.0, ge=0)  # cutmix alpha; 0 = off
+    mix_prob: float = Field(1.0, gt=0, le=1)  # share of batches that mixup / cutmix touch
+    ema: bool = False  # evaluate, select and keep an exponential moving average of the weights (timm ModelEmaV3)
+    ema_decay: float = Field(0.999, gt=0, lt=1)  # reached after a warm-up (timm's decay warm-up)
     patience: int = Field(10, ge=0)  # early stopping after this many epochs without improvement; 0 = off
     monitor: Literal["f1", "accuracy", "roc_auc", "loss"] = "f1"
+    select: Literal["inner", "last", "ema", "outer"] = "last"  # which weights become best.pt (see the README)
+    select_share: float = Field(0.2, gt=0, le=0.5)  # select=inner: share of each class's training images held out
     class_balance: Literal["none", "loss", "sampler"] = "loss"
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -83,6 +98,34 @@ class Config(_Section):
     overwrite: bool = False
     data: DataConfig = DataConfig()
     aug: AugConfig = AugConfig()
+
+    @field_validator("lr", "momentum", "weight_decay", "layer_decay", "clip_grad", "warmup_epochs", "min_lr", "gamma",
+                     "label_smoothing", "mixup", "cutmix", "mix_prob", "ema_decay", "select_share", "dropout")
+    @classmethod
+    def _finite(cls, value):
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value in ("sgd", "adam", "adamw"):
+            return value
+        from timm.optim import list_optimizers
+
+        if value not in list_optimizers():
+            raise ValueError("not an optimiser: use sgd, adam, adamw or another of timm.optim.list_optimizers()")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.select == "ema" and not self.ema:
+            raise ValueError("select=ema keeps the averaged weights: add ema=true")
+        if self.patience and self.select in ("last", "ema"):
+            raise ValueError(f"select={self.select} trains a fixed schedule, so there is nothing to stop early on: "
+                             "use patience=0, or select=inner to stop on a validation split of the training folds")
+        return self
 
     @field_validator("wandb", mode="before")
     @classmethod
@@ -170,8 +213,10 @@ def validate(raw: dict[str, Any], where: str = "the configuration") -> Config:
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 lines.append(f"unknown key '{key}'")
+            elif not key:  # a rule about several keys together
+                lines.append(err["msg"].removeprefix("Value error, "))
             else:
-                lines.append(f"{key}={err.get('input')!r}: {err['msg']}")
+                lines.append(f"{key}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
         raise UserError(
             f"invalid settings in {where}:\n  " + "\n  ".join(lines)
             + f"\nValid keys: {', '.join(sorted(valid_keys()))}"

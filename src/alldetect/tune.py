@@ -26,6 +26,7 @@ from alldetect.config import Config, configs_dir, deep_merge, load_config, tuned
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import TrainingDiverged, fit_fold
+from alldetect.engine.rundir import flatten
 from alldetect.engine.train import parse_fold_spec, resolve_config
 from alldetect.errors import UserError
 from alldetect.search_space import SearchSpace, load_search_space, nest, space_file
@@ -218,17 +219,10 @@ def open_study(name: str, url: str, heartbeat: int, pruner: str, seed: int) -> o
     return study
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def _identity(cfg: Config, search: SearchSpace, folds: list[int], fold_file: FoldFile) -> dict[str, Any]:
     """What makes two trials comparable: stored with the study, checked whenever a worker joins it."""
     split = fold_file.table[["path", "label", "fold"]].sort_values("path").to_csv(index=False)
-    settings = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RUNTIME_KEYS | set(search.params)}
+    settings = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in RUNTIME_KEYS | set(search.params)}
     return {"arch": cfg.arch, "folds": folds, "split": hashlib.sha256(split.encode()).hexdigest()[:16],
             "search_space": search.params, "settings": settings}
 

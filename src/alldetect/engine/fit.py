@@ -1,16 +1,15 @@
 """Fit one fold: everything a later step needs ends up in the run folder.
 
 runs/<arch>/fold<k>/
-  config.yaml   the resolved config          history.csv  one row per epoch
-  best.pt       best weights by `monitor`     last.pt      the latest epoch, for resume=true
-  oof.csv       validation predictions of best.pt (path, subject, label, prob_all, pred, fold)
+  config.yaml   the resolved config          history.csv  one row per epoch (validation fold, and inner split)
+  best.pt       the weights `select=` kept    last.pt      the latest epoch, for resume=true
+  oof.csv       validation-fold predictions of best.pt (path, subject, label, prob_all, pred, fold)
+  inner.csv     select=inner: the inner split's predictions of best.pt
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,27 +24,25 @@ from tqdm.auto import tqdm
 
 from alldetect.atomic import write_csv
 from alldetect.config import Config, save_config
-from alldetect.data.cache import image_cache
-from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
 from alldetect.data.folds import FoldFile
-from alldetect.data.transforms import create_transform
 from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
 from alldetect.engine.distributed import Dist, init_distributed
+from alldetect.engine.folddata import EvalSet, fold_data
 from alldetect.engine.gpu_augment import BatchAugment
+from alldetect.engine.loop import (DeviceBatch, NonFiniteLoss, Updater, predict_probs, resolve_device,
+                                   train_one_epoch)
+from alldetect.engine.optim import Schedule, create_optimizer, set_frozen
+from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_dir, run_dir_for
+from alldetect.engine.select import Selector
 from alldetect.engine.stopping import StopRequested, stop_on_signals
-from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, predict_probs, resolve_device, train_one_epoch
 from alldetect.errors import UserError
-from alldetect.metrics import score
+from alldetect.metrics import METRIC_NAMES, score
 from alldetect.models import create_model, default_input_size
 from alldetect.tracking import Tracker, start_tracker
 
 log = logging.getLogger("alldetect")
 
-# Keys that may change when a run is resumed; any other difference means a different experiment.
-RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "device", "data.num_workers",
-                     "data.root", "data.cache", "data.cache_dir",
-                     "max_batches", "compile", "augment_on"}
-RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "config.yaml")
+__all__ = ["FitResult", "TrainingDiverged", "fit_fold", "run_dir_for"]
 
 
 @dataclass
@@ -53,34 +50,69 @@ class FitResult:
     run_dir: Path
     best_epoch: int
     best_score: float
-    metrics: dict
+    metrics: dict  # the validation fold's scores of best.pt
     epochs_run: int
     stopped_early: bool = False
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    select: str = "last"
 
 
-def run_dir_for(cfg: Config, fold: int) -> Path:
-    return Path(cfg.runs_dir) / cfg.arch / f"fold{fold}"
+@dataclass
+class Progress:
+    """The loop's state, saved in every checkpoint: the last finished epoch, the best selection score so far,
+    its epoch, epochs since it improved, and the W&B run."""
+
+    epoch: int = -1
+    best: float | None = None
+    best_epoch: int = -1
+    stale: int = 0
+    wandb_id: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
+                "wandb_id": self.wandb_id}
+
+    @classmethod
+    def of(cls, state: dict) -> "Progress":
+        return cls(state["epoch"], state["best"], state["best_epoch"], state["stale"], state.get("wandb_id"))
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: a bad setting (a tuning trial fails, the study goes on)."""
 
 
+@dataclass
+class Model:
+    """The weights being trained, what runs them (DDP / compiled), and the moving average that is evaluated."""
+
+    module: nn.Module
+    forward: nn.Module
+    ema: object = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.forward
+
+    def weights(self) -> dict:
+        """What best.pt keeps: the averaged weights with ema=true."""
+        return (self.ema.module if self.ema is not None else self.module).state_dict()
+
+
 def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = None,
              on_epoch: Callable[[int, dict], None] | None = None, run_name: str | None = None,
              job_type: str = "train") -> FitResult:
-    """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` may raise
-    to stop early (Optuna pruning). `run_name` names the W&B run (default <arch>-fold<k>). Under torchrun every
-    rank calls this; only rank 0 writes."""
+    """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` (the validation
+    fold's scores) may raise to stop early (Optuna pruning). `run_name` names the W&B run (default
+    <arch>-fold<k>). Under torchrun every rank calls this; only rank 0 writes."""
     if not 0 <= fold < folds.k:
         raise UserError(f"fold{fold} does not exist: {folds.path} has folds fold0..fold{folds.k - 1}")
     d = init_distributed()
+    if d.enabled and cfg.freeze_epochs:
+        raise UserError("freeze_epochs is not supported with several GPUs (--gpus): train on one")
     run_dir = Path(run_dir or run_dir_for(cfg, fold))
-    resume_state = _prepare_run_dir(cfg, run_dir, d)
+    resume_state = prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
-        cfg = _config_for_resume(cfg, resume_state, run_dir)
-        _check_same_split(resume_state, folds, run_dir)
+        check_resume(cfg, resume_state, folds, run_dir)
     if d.main:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -89,322 +121,221 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest kernels for fixed shapes; CPU runs stay deterministic
     size = cfg.input_size or default_input_size(cfg.arch)
-    data = _fold_data(cfg, folds, fold, size, device, d)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, num_classes=2, dropout=cfg.dropout, pretrained=cfg.pretrained,
-                         pretrained_path=cfg.pretrained_path, input_size=size)
-    if d.enabled and device.type == "cuda":  # batch statistics over the global batch (SyncBN needs CUDA)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if dev.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(cfg, model)
+    data = fold_data(cfg, folds, fold, size, device, d)
+    model = _build_model(cfg, size, device, d, dev)
+    optimizer = create_optimizer(cfg, model.module)
     if d.main:
-        _check_free_space(cfg, model, run_dir)
-    scheduler = _scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler("cuda") if dev.needs_scaler else None
-    loss_fn = nn.CrossEntropyLoss(weight=data.class_weights.to(device) if data.class_weights is not None else None)
-    forward_model = model
-    if d.enabled:
-        forward_model = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    if cfg.compile and device.type == "cuda":
-        forward_model = torch.compile(forward_model)
+        check_free_space(cfg, model.module, run_dir)
+    batches = min(len(data.train_loader), cfg.max_batches) if cfg.max_batches else len(data.train_loader)
+    updates_per_epoch = -(-batches // cfg.accum_steps)
+    updater = _updater(cfg, model, optimizer, Schedule(cfg, optimizer, updates_per_epoch), data.class_weights,
+                       device, dev)
+    # The validation loss is the plain (class-weighted) cross-entropy, comparable across training settings.
+    val_loss_fn = nn.CrossEntropyLoss(weight=data.class_weights.to(device) if data.class_weights is not None else None)
     augment = BatchAugment(cfg.aug) if cfg.augment_on == "gpu" else None
+    selector = Selector(cfg)
 
-    start_epoch, best, best_epoch, stale, wandb_id = 0, None, -1, 0, None
-    history = pd.DataFrame()
+    progress, history = Progress(), pd.DataFrame()
     partial = resume_state.get("partial") if resume_state is not None else None  # a half-done epoch to finish
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scheduler is not None and resume_state.get("scheduler"):
-            scheduler.load_state_dict(resume_state["scheduler"])
-            _stretch_cosine(scheduler, cfg.epochs)
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        start_epoch, best, best_epoch = resume_state["epoch"] + 1, resume_state["best"], resume_state["best_epoch"]
-        stale, wandb_id = resume_state["stale"], resume_state.get("wandb_id")
+        progress = _restore(resume_state, cfg, model, optimizer, updater, run_dir)
         if (run_dir / "history.csv").is_file():
-            history = pd.read_csv(run_dir / "history.csv").query("epoch < @start_epoch")
-        where = f"epoch {start_epoch + 1}" + (f", batch {partial['steps'] + 1}" if partial else "")
-        so_far = f"best {cfg.monitor} {abs(best):.4f} at epoch {best_epoch + 1}" if best is not None else "no epoch done"
-        log.info("resuming %s from %s (%s)", run_dir, where, so_far)
-
+            history = pd.read_csv(run_dir / "history.csv").query("epoch <= @progress.epoch")
     tracker = Tracker()
     if d.main:
         tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
-                                config=cfg.to_dict(), job_type=job_type, resume_id=wandb_id)
+                                config=cfg.to_dict(), job_type=job_type, resume_id=progress.wandb_id)
+        progress.wandb_id = tracker.run_id
+
+    def checkpoint(metrics: dict | None, **extra) -> dict:
+        return _checkpoint(cfg, model, optimizer, updater, progress, metrics, folds, **extra)
+
     stopped_early, exit_code = False, 1
     try:
         with stop_on_signals() as stop:
-            for epoch in range(start_epoch, cfg.epochs):
-                if stale >= cfg.patience > 0:
+            for epoch in range(progress.epoch + 1, cfg.epochs):
+                if selector.should_stop(progress.stale):
                     stopped_early = True
                     break
                 if stop:
                     raise StopRequested(f"stopped by {stop.signal_name} after epoch {epoch}; {run_dir / 'last.pt'} "
                                         "holds it: continue with the same command and resume=true")
+                if cfg.freeze_epochs:
+                    set_frozen(model.module, epoch < cfg.freeze_epochs)
                 carry = partial if partial is not None and partial["epoch"] == epoch else None
                 data.train_loader.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
-                stats = train_one_epoch(forward_model, data.train_loader, optimizer, scaler, loss_fn, dev,
-                                        epoch=epoch, seed=cfg.seed, max_batches=cfg.max_batches,
+                stats = train_one_epoch(model.forward, data.train_loader, updater, dev, epoch=epoch, seed=cfg.seed,
+                                        updates_per_epoch=updates_per_epoch, max_batches=cfg.max_batches,
                                         augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
                                         carry=carry, desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
                 if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
                     if d.main:
-                        state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch - 1, best, best_epoch,
-                                            stale, tracker.run_id, None, folds)
-                        save_checkpoint(run_dir / "last.pt", {**state, "partial": {"epoch": epoch, **stats["carry"]}})
+                        save_checkpoint(run_dir / "last.pt",
+                                        checkpoint(None, partial={"epoch": epoch, **stats["carry"]}))
                     raise StopRequested(
                         f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
                         f"{run_dir / 'last.pt'} holds it: continue with the same command and resume=true")
-                probs, val_loss = predict_probs(forward_model, data.val_loader, dev, loss_fn, desc="validate")
-                probs = d.gather_rows(data.val_order, probs, len(data.val_rows))
-                metrics = score(data.val_rows["label"], probs[:, 1])
-                metrics["loss"] = d.mean(val_loss)
-                value = -metrics["loss"] if cfg.monitor == "loss" else metrics[cfg.monitor]
-                improved = best is None or value > best
-                if improved:
-                    best, best_epoch, stale = value, epoch, 0
-                else:
-                    stale += 1
-                row = _history_row(epoch, stats, metrics, optimizer, d.world)
+                outer_probs, metrics = _evaluate(model.evaluated, data.outer, dev, val_loss_fn, d, "validate")
+                inner_probs = inner = None
+                if data.inner is not None:
+                    inner_probs, inner = _evaluate(model.evaluated, data.inner, dev, val_loss_fn, d, "select")
+                chosen = selector.chooses(epoch, inner if data.inner is not None else metrics, progress.best)
+                progress.epoch = epoch
+                if selector.curve is not None:
+                    judged = inner if data.inner is not None else metrics
+                    progress.stale = 0 if chosen else progress.stale + 1
+                    if chosen:
+                        progress.best = judged[cfg.monitor]
+                if chosen:
+                    progress.best_epoch = epoch
+                row = _history_row(epoch, stats, metrics, inner, updater.schedule.lr, chosen, d.world)
                 history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-                if scheduler is not None:
-                    scheduler.step()
                 if d.main:
                     write_csv(run_dir / "history.csv", history)
-                    state = _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale,
-                                        tracker.run_id, metrics, folds)
-                    if improved:
-                        save_checkpoint(run_dir / "best.pt", state)
-                        _write_oof(run_dir, data.val_rows, probs, fold)
+                    state = checkpoint(metrics)
+                    if chosen:
+                        save_checkpoint(run_dir / "best.pt", {**state, "model": model.weights()})
+                        _write_predictions(run_dir / "oof.csv", data.outer.rows, outer_probs, fold)
+                        if inner_probs is not None:
+                            _write_predictions(run_dir / "inner.csv", data.inner.rows, inner_probs, fold)
                     save_checkpoint(run_dir / "last.pt", state)
-                    tracker.log({**{f"val/{k}": v for k, v in metrics.items() if k != "confusion"},
-                                 "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
+                    logged = {f"val/{k}": v for k, v in metrics.items() if k != "confusion"}
+                    if inner is not None:
+                        logged.update({f"inner/{k}": v for k, v in inner.items() if k != "confusion"})
+                    tracker.log({**logged, "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
                                  "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
-                    tqdm.write(_epoch_line(cfg, fold, epoch, row, improved))
+                    tqdm.write(_epoch_line(cfg, fold, row, chosen))
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
-        if best is None:
+        if progress.best_epoch < 0:
             raise UserError(f"{run_dir} finished without a completed epoch")
         d.barrier()  # rank 0 has written best.pt
         best_state = load_checkpoint(run_dir / "best.pt")
-        tracker.summary({"best_epoch": best_epoch + 1, **{f"best/{k}": v for k, v in best_state["metrics"].items()
-                                                          if k != "confusion"}})
+        tracker.summary({"best_epoch": progress.best_epoch + 1,
+                         **{f"best/{k}": v for k, v in best_state["metrics"].items() if k != "confusion"}})
         exit_code = 0
     except NonFiniteLoss as e:
-        raise TrainingDiverged(f"{e}. Training stopped; {run_dir / 'last.pt'} keeps the last good epoch. "
-                        "Try a lower lr (e.g. lr=1e-4) or class_balance=none") from None
+        kept = (f"{run_dir / 'last.pt'} keeps the last good epoch ({progress.epoch + 1})" if progress.epoch >= 0
+                else "no epoch finished, so no checkpoint was written")
+        raise TrainingDiverged(f"{e}. Training stopped; {kept}. Try a lower lr (e.g. lr=1e-4), clip_grad=1, "
+                               "or class_balance=none") from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(_out_of_memory(cfg, size)) from None
     finally:
         tracker.finish(exit_code)
-        data.train_loader.close()
-        data.val_loader.close()
-    return FitResult(run_dir, best_epoch, abs(best) if cfg.monitor == "loss" else best,
-                     best_state["metrics"], len(history), stopped_early, history)
+        data.close()
+    return FitResult(run_dir, progress.best_epoch, best_state["metrics"][cfg.monitor], best_state["metrics"],
+                     len(history), stopped_early, history, cfg.select)
 
 
-def _check_free_space(cfg: Config, model: nn.Module, run_dir: Path) -> None:
-    """Fail now, not after the first epoch, when best.pt + last.pt + a temporary copy would not fit."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    slots = {"sgd": 1 if cfg.momentum else 0, "adam": 2, "adamw": 2}[cfg.optimizer]
-    needed = 3 * weights * (1 + slots)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise UserError(f"only {free / 2**20:.0f} MiB free where {run_dir} lies; this run's checkpoints need about "
-                        f"{needed / 2**20:.0f} MiB (best.pt, last.pt and a temporary copy). Free some space or "
-                        "choose another runs_dir=")
+def _build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: DeviceBatch) -> Model:
+    torch.manual_seed(cfg.seed)
+    module = create_model(cfg.arch, num_classes=2, dropout=cfg.dropout, pretrained=cfg.pretrained,
+                          pretrained_path=cfg.pretrained_path, input_size=size)
+    if d.enabled and device.type == "cuda":  # batch statistics over the global batch (SyncBN needs CUDA)
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    module = module.to(device)
+    if dev.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    forward = module
+    if d.enabled:
+        forward = DistributedDataParallel(module, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if cfg.compile and device.type == "cuda":
+        forward = torch.compile(forward)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        # timm's decay warm-up (1 - (1 + step) ** -2/3, capped at ema_decay) suits short runs as well as long ones
+        ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
+    return Model(module, forward, ema)
+
+
+def _updater(cfg: Config, model: Model, optimizer, schedule: Schedule, class_weights, device, dev) -> Updater:
+    mixup = None
+    if cfg.mixup or cfg.cutmix:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
+                      label_smoothing=cfg.label_smoothing, num_classes=2)
+    weight = class_weights.to(device) if class_weights is not None else None
+    # With mixup the targets arrive smoothed already (timm's Mixup applies label_smoothing to them).
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.0 if mixup else cfg.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda") if dev.needs_scaler else None
+    return Updater(model.module, optimizer, schedule, loss_fn, scaler, cfg.accum_steps, cfg.clip_grad, model.ema,
+                   mixup)
+
+
+def _restore(state: dict, cfg: Config, model: Model, optimizer, updater: Updater, run_dir: Path) -> Progress:
+    model.module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if model.ema is not None:
+        model.ema.module.load_state_dict(state["ema"])
+    if updater.scaler is not None and state.get("scaler"):
+        updater.scaler.load_state_dict(state["scaler"])
+    progress = Progress.of(state)
+    partial = state.get("partial")
+    where = f"epoch {progress.epoch + 2}" + (f", batch {partial['steps'] + 1}" if partial else "")
+    so_far = (f"best selection score {progress.best:.4f} at epoch {progress.best_epoch + 1}"
+              if progress.best is not None else f"{progress.epoch + 1} epoch(s) done")
+    log.info("resuming %s from %s (%s)", run_dir, where, so_far)
+    saved_epochs = state["config"].get("epochs")
+    if saved_epochs != cfg.epochs and cfg.scheduler != "none":
+        log.warning("epochs %s -> %d: the %s schedule now spans %d epochs and continues from where the run is",
+                    saved_epochs, cfg.epochs, cfg.scheduler, cfg.epochs)
+    return progress
+
+
+def _evaluate(model: nn.Module, which: EvalSet, dev: DeviceBatch, loss_fn, d: Dist, desc: str) -> tuple[np.ndarray, dict]:
+    probs, loss = predict_probs(model, which.loader, dev, loss_fn, desc=desc)
+    probs = d.gather_rows(which.order, probs, len(which.rows))
+    metrics = score(which.rows["label"], probs[:, 1])
+    metrics["loss"] = d.mean(loss)
+    return probs, metrics
 
 
 def _out_of_memory(cfg: Config, size: int) -> str:
     smaller = max(1, cfg.batch_size // 2)
     return (f"the GPU ran out of memory training {cfg.arch} at batch_size={cfg.batch_size}, input {size} x {size}. "
-            f"Try batch_size={smaller}" + ("" if cfg.amp else ", amp=true") + ", or a smaller input_size; "
-            "resume=true continues from the last completed epoch")
+            f"Try batch_size={smaller}" + ("" if cfg.amp else ", amp=true") + " (or accum_steps=2 to keep the "
+            "effective batch), or a smaller input_size; resume=true continues from the last completed epoch")
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:
-    """Refuse to overwrite a run by accident; return the last.pt state when resuming. Rank 0 checks and
-    prepares the folder; the other ranks wait for it, then read the same checkpoint."""
-    last = run_dir / "last.pt"
-    if not d.main:
-        d.barrier()
-        return load_checkpoint(last) if cfg.resume and last.is_file() else None
-    try:
-        return _prepare_on_main(cfg, run_dir, last)
-    finally:
-        d.barrier()
-
-
-def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
-    if cfg.overwrite and run_dir.exists():
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        for old in run_dir.glob("pred_*"):  # predictions of the model being replaced
-            old.unlink()
-        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
-    elif last.is_file() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a run. Continue it with resume=true, or start over with "
-                        "overwrite=true (or choose another runs_dir=)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
-            stale_tmp.unlink()
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another runs_dir=") from None
-    if cfg.resume and last.is_file():
-        return load_checkpoint(last)
-    if cfg.resume:
-        log.warning("resume=true but %s has no last.pt: starting a new run", run_dir)
-    return None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _stretch_cosine(scheduler, epochs: int) -> None:
-    """A resumed run asked for another number of epochs: the cosine schedule continues over the new length from
-    where it is, instead of climbing back up from zero after its old end (the loaded state keeps the old T_max)."""
-    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == epochs:
-        return
-    old, scheduler.T_max = scheduler.T_max, epochs
-    t = min(scheduler.last_epoch, epochs)
-    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * t / epochs)) / 2
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-    log.warning("epochs %d -> %d: the cosine schedule now spans %d epochs; it continues at lr %.3g", old, epochs,
-                epochs, scheduler.optimizer.param_groups[0]["lr"])
-
-
-def _check_same_split(state: dict, folds: FoldFile, run_dir: Path) -> None:
-    """A resumed run must validate on the images it validated on before, never on ones it has trained on."""
-    saved = state.get("fold_assignment")
-    if saved and saved != folds.assignment:
-        old = state.get("fold_file")
-        what = (f"its fold file {folds.path} was made again since the run started" if str(old) == str(folds.path)
-                else f"it was trained on the fold file {old}, and {folds.path}")
-        raise UserError(f"cannot resume {run_dir}: {what} splits the images differently, so its validation fold "
-                        "would hold images it trained on. Resume with the split it was trained on "
-                        "(data.fold_file=FILE), or start over with overwrite=true")
-
-
-def _config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
-    saved, now = _flatten(state["config"]), _flatten(cfg.to_dict())
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UserError(f"cannot resume {run_dir} with different settings ({detail}). Resume with the run's own "
-                        "settings, or start over with overwrite=true")
-    return cfg
-
-
-@dataclass
-class FoldData:
-    train_loader: Loader
-    val_loader: Loader
-    val_rows: pd.DataFrame
-    val_order: np.ndarray  # dataset rows this rank validates, in loader order
-    class_weights: torch.Tensor | None
-    batch: int  # per process
-
-
-def _fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch.device, d: Dist) -> FoldData:
-    train_rows = folds.table[folds.table["fold"] != fold].reset_index(drop=True)
-    val_rows = folds.table[folds.table["fold"] == fold].reset_index(drop=True)
-    labels = train_rows["label"].to_numpy()
-    if len(np.unique(labels)) < 2 or val_rows.empty:
-        raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
-    if cfg.batch_size % d.world:
-        raise UserError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {d.world} processes")
-    counts = np.bincount(labels, minlength=2).astype(float)
-    class_weights = sample_weights = None
-    if cfg.class_balance == "loss":
-        class_weights = torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32)
-    elif cfg.class_balance == "sampler":
-        sample_weights = 1.0 / counts[labels]
-    train_source = val_source = None
-    if cfg.data.cache:
-        paths = folds.table["path"].tolist()
-        if d.main:  # one rank builds it, the others open it once it is there
-            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
-        d.barrier()
-        if not d.main:
-            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
-        train_source, val_source = cache.source(train_rows["path"]), cache.source(val_rows["path"])
-    transform = create_transform(cfg.aug) if cfg.augment_on == "cpu" else None
-    train_ds = CellDataset(folds.data_root, train_rows["path"], labels, cfg.data.crop, size, transform, cfg.seed,
-                           train_source)
-    val_ds = CellDataset(folds.data_root, val_rows["path"], val_rows["label"], cfg.data.crop, size, None, cfg.seed,
-                         val_source)
-    pin, batch = device.type == "cuda", cfg.batch_size // d.world
-    train_sampler = EpochSampler(len(train_ds), cfg.seed, True, sample_weights, d.rank, d.world)
-    val_sampler = EpochSampler(len(val_ds), cfg.seed, False, None, d.rank, d.world)
-    return FoldData(
-        make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin, drop_last=len(train_ds) > cfg.batch_size),
-        make_loader(val_ds, batch, val_sampler, cfg.data.num_workers, pin),
-        val_rows, val_sampler.order(), class_weights, batch,
-    )
-
-
-def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _scheduler(cfg: Config, optimizer):
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    return None
-
-
-def _checkpoint(cfg, model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale, wandb_id, metrics, folds):
+def _checkpoint(cfg: Config, model: Model, optimizer, updater: Updater, progress: Progress, metrics: dict | None,
+                folds: FoldFile, **extra) -> dict:
     return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale,
-        "metrics": metrics, "config": cfg.to_dict(), "wandb_id": wandb_id,
+        "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+        "ema": model.ema.module.state_dict() if model.ema is not None else None,
+        "scaler": updater.scaler.state_dict() if updater.scaler is not None else None,
+        **progress.as_dict(), "metrics": metrics, "config": cfg.to_dict(), "select": cfg.select,
         "fold_file": str(folds.path), "fold_fingerprint": folds.meta.get("fingerprint", ""),
         "fold_k": folds.k, "fold_assignment": folds.assignment, "leaky_split": folds.leaky, "saved_at": time.time(),
+        **extra,
     }
 
 
-def _write_oof(run_dir: Path, val_rows: pd.DataFrame, probs: np.ndarray, fold: int) -> None:
-    oof = val_rows[["path", "subject", "label"]].assign(
+def _write_predictions(path: Path, rows: pd.DataFrame, probs: np.ndarray, fold: int) -> None:
+    table = rows[["path", "subject", "label"]].assign(
         prob_all=probs[:, 1].round(6), pred=(probs[:, 1] >= 0.5).astype(int), fold=fold)
-    write_csv(run_dir / "oof.csv", oof)
+    write_csv(path, table)
 
 
-def _history_row(epoch: int, stats: dict, metrics: dict, optimizer, world: int = 1) -> dict:
-    return {
-        "epoch": epoch, "train_loss": round(stats["loss"], 6), "val_loss": round(metrics["loss"], 6),
-        **{k: round(metrics[k], 6) for k in ("f1", "accuracy", "precision", "recall", "roc_auc")},
-        "lr": optimizer.param_groups[0]["lr"], "seconds": round(stats["seconds"], 2),
-        "images_per_s": round(world * stats["images"] / max(stats["seconds"], 1e-9), 1),
-        "data_wait": round(stats["data_wait"], 4),
-    }
+def _history_row(epoch: int, stats: dict, metrics: dict, inner: dict | None, lr: float, chosen: bool,
+                 world: int = 1) -> dict:
+    row = {"epoch": epoch, "train_loss": round(stats["loss"], 6), "val_loss": round(metrics["loss"], 6),
+           **{k: round(metrics[k], 6) for k in METRIC_NAMES}}
+    if inner is not None:
+        row.update({"inner_loss": round(inner["loss"], 6), **{f"inner_{k}": round(inner[k], 6) for k in METRIC_NAMES}})
+    row.update({"selected": int(chosen), "lr": lr, "seconds": round(stats["seconds"], 2),
+                "images_per_s": round(world * stats["images"] / max(stats["seconds"], 1e-9), 1),
+                "data_wait": round(stats["data_wait"], 4)})
+    return row
 
 
-def _epoch_line(cfg: Config, fold: int, epoch: int, row: dict, improved: bool) -> str:
-    star = " *" if improved else ""
-    return (f"{cfg.arch} fold{fold} epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+def _epoch_line(cfg: Config, fold: int, row: dict, chosen: bool) -> str:
+    inner = f"  inner f1 {row['inner_f1']:.4f}" if "inner_f1" in row else ""
+    star = " *" if chosen and cfg.select in ("inner", "outer") else ""
+    return (f"{cfg.arch} fold{fold} epoch {row['epoch'] + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
             f"val_loss {row['val_loss']:.4f}  f1 {row['f1']:.4f}  acc {row['accuracy']:.4f}  "
-            f"auc {row['roc_auc']:.4f}  {row['images_per_s']:.0f} img/s  wait {row['data_wait']:.0%}{star}")
+            f"auc {row['roc_auc']:.4f}{inner}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  "
+            f"wait {row['data_wait']:.0%}{star}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,17 +71,67 @@ def logits_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-CHECK_EVERY = 20  # steps between reads of the loss on the host: each read makes the CPU wait for the GPU
+CHECK_EVERY = 20  # updates between reads of the loss on the host: each read makes the CPU wait for the GPU
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: DeviceBatch, *, epoch: int,
-                    seed: int, max_batches: int = 0, desc: str = "train", augment_batch=None, reduce=None,
-                    stop=None, carry: dict | None = None) -> dict:
+@dataclass
+class Updater:
+    """Turns batches' losses into optimiser updates: gradient accumulation (`accum` batches an update), clipping
+    of the gradients' global norm, the learning rate of each update, mixup/cutmix and the moving average of the
+    weights. `module` is the bare model (under DistributedDataParallel or torch.compile)."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object  # engine.optim.Schedule
+    loss_fn: nn.Module
+    scaler: object = None
+    accum: int = 1
+    clip: float = 0.0
+    ema: object = None  # timm ModelEmaV3
+    mixup: object = None  # timm.data.Mixup
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup / cutmix on the device. timm's Mixup draws from numpy's global generator: seed it per step (and
+        restore it after), so a resumed run mixes the same pairs. An odd batch is left unmixed."""
+        if self.mixup is None:
+            return x, y
+        if len(x) % 2:
+            from timm.data.mixup import mixup_target
+
+            return x, mixup_target(y, 2, 1.0, self.mixup.label_smoothing)
+        state = np.random.get_state()
+        np.random.seed(seed % 2**32)
+        try:
+            return self.mixup(x, y)
+        finally:
+            np.random.set_state(state)
+
+    def step(self, update: int) -> None:
+        """Apply the accumulated gradients as update number `update` of the run."""
+        self.schedule.set(update)
+        if self.clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None], self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.module, step=update + 1)
+
+
+def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch, *, epoch: int, seed: int,
+                    updates_per_epoch: int, max_batches: int = 0, desc: str = "train", augment_batch=None,
+                    reduce=None, stop=None, carry: dict | None = None) -> dict:
     """Train one epoch (or, with `carry` from a stopped run, the rest of it: the loader already skips the
     steps done). Returns the mean loss, images, seconds, the fraction of time spent waiting for data, and
     `completed`; with `completed` False (a stop was requested) also the sums needed to carry on later.
 
-    The loss is summed on the device and read every CHECK_EVERY steps, so the CPU queues work ahead instead of
+    A stop is honoured only after a whole update (never inside an accumulation), so a resumed epoch starts on one.
+    The loss is summed on the device and read every CHECK_EVERY updates, so the CPU queues work ahead instead of
     syncing each step; a NaN or infinite loss raises NonFiniteLoss then. `reduce` averages a number over
     data-parallel ranks, so every rank sees the same loss and stop request and they act together."""
     model.train()
@@ -90,8 +141,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
     total_loss, images, wait = carry["loss_sum"], carry["images"], carry["wait"]
     n_batches = first + len(loader)
     n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    accum = updater.accum
     start = tick = time.perf_counter() - carry["seconds"]
     completed, step = True, first - 1
+    updater.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, initial=first, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None)
     for step, (x, y, _) in enumerate(loader, start=first):
@@ -102,20 +155,22 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, loss_fn, dev: D
         step_seed = sample_seed(seed, epoch, step)
         torch.manual_seed(step_seed)  # dropout (and GPU augmentation) are functions of (seed, epoch, step)
         x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
-        with dev.autocast():
-            loss = loss_fn(logits_of(model(x)), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        x, target = updater.targets(x, y, step_seed)
+        group_end = min(step - step % accum + accum, n_batches)
+        boundary = step + 1 == group_end
+        sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with dev.autocast():
+                loss = updater.loss_fn(logits_of(model(x)), target)
+            scaled = loss / (group_end - (step - step % accum))
+            (updater.scaler.scale(scaled) if updater.scaler is not None else scaled).backward()
+        if boundary:
+            updater.step(epoch * updates_per_epoch + step // accum)
         loss_sum += loss.detach().double() * len(y)
         images += len(y)
-        check = (step + 1) % CHECK_EVERY == 0 or step + 1 == n_batches
-        stopping = stop is not None and (bool(stop) if reduce is None else check and reduce(float(bool(stop))) > 0)
+        check = boundary and ((step // accum + 1) % CHECK_EVERY == 0 or step + 1 == n_batches)
+        stopping = stop is not None and boundary and (
+            bool(stop) if reduce is None else check and reduce(float(bool(stop))) > 0)
         if check or stopping:
             total_loss = loss_sum.item() if reduce is None else reduce(loss_sum.item())
             if not math.isfinite(total_loss):

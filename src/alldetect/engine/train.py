@@ -11,6 +11,7 @@ import pandas as pd
 from alldetect.config import Config, load_config
 from alldetect.data.prepare import demo_banner, ensure_demo_data, resolve_folds
 from alldetect.engine.fit import FitResult, fit_fold
+from alldetect.engine.select import OPTIMISTIC, selection_text
 from alldetect.errors import UserError
 from alldetect.models import default_input_size
 
@@ -72,15 +73,18 @@ def cache_command(arch: str, overrides: list[str], files: list[str] | None = Non
 
 
 def summary_table(cfg: Config, results: list[FitResult], fold_file: Path, demo: bool) -> str:
-    rows = [{"run": str(r.run_dir), "best_epoch": r.best_epoch + 1, "epochs": r.epochs_run,
+    rows = [{"run": str(r.run_dir), "kept_epoch": r.best_epoch + 1, "epochs": r.epochs_run,
              **{k: round(r.metrics[k], 4) for k in ("f1", "accuracy", "precision", "recall", "roc_auc")}}
             for r in results]
     table = pd.DataFrame(rows).to_string(index=False)
     note = "  (SYNTHETIC demo data)" if demo else ""
-    lines = [f"\n{cfg.arch}: validation scores at the best epoch (by {cfg.monitor}), folds from {fold_file}{note}",
-             table]
+    lines = [f"\n{cfg.arch}: validation-fold scores of {selection_text(cfg.select, cfg.monitor)} (select={cfg.select}), "
+             f"folds from {fold_file}{note}", table]
     if len(results) > 1:
         f1 = pd.Series([r.metrics["f1"] for r in results])
         lines.append(f"mean weighted F1 over {len(results)} folds: {f1.mean():.4f} +/- {f1.std():.4f}")
-    lines.append("Each run folder holds config.yaml, history.csv, best.pt, last.pt and oof.csv.")
+    if cfg.select == "outer":
+        lines.append(f"{OPTIMISTIC}; select=last or select=inner give scores that are not")
+    extra = " and inner.csv" if cfg.select == "inner" else ""
+    lines.append(f"Each run folder holds config.yaml, history.csv, best.pt, last.pt and oof.csv{extra}.")
     return "\n".join(lines)

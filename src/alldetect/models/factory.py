@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from alldetect.errors import UserError
-from alldetect.models.proposed import ProposedCNN
+from alldetect.models.proposed import ProposedCNN, conv_group_matcher
 
 # The report's five and their natural input sizes (the report resized all of them to fit its GPU).
 REPORT_ARCHS = {"proposed": 300, "alexnet": 224, "vgg16": 224, "resnet50": 224, "inception_v3": 299}
@@ -60,6 +60,9 @@ def _alexnet(num_classes, dropout, pretrained, pretrained_path):
             raise _offline_error("alexnet", e) from None
         model.load_state_dict(state)
     model.classifier[6] = nn.Linear(4096, num_classes)
+    # what timm models carry: layer groups for layer-wise lr decay, and the head's name (freeze_epochs)
+    model.group_matcher = lambda coarse=False: conv_group_matcher(model.features, coarse)
+    model.pretrained_cfg = {"classifier": "classifier"}
     return model
 
 

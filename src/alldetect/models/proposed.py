@@ -47,3 +47,26 @@ class ProposedCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+    def group_matcher(self, coarse: bool = False):
+        """Layer groups for timm's layer-wise learning-rate decay: one per block (coarse) or per convolution."""
+        return conv_group_matcher(self.features, coarse)
+
+
+def conv_group_matcher(features: nn.Sequential, coarse: bool = False):
+    """Maps a parameter name to its layer group, for a `features` Sequential followed by a `classifier`: each
+    convolution (with the batch-norm after it) is a group, or with `coarse` each block ended by a pooling layer;
+    the classifier comes last (timm's convention for an unmatched name)."""
+    group, groups = 0, {}
+    for i, layer in enumerate(features):
+        if isinstance(layer, nn.Conv2d) and (not coarse or i == 0):
+            group += 1
+        elif isinstance(layer, nn.MaxPool2d) and coarse:
+            group += 1
+        groups[str(i)] = group
+
+    def match(name: str):
+        parts = name.split(".")
+        return groups[parts[1]] if parts[0] == "features" else float("inf")
+
+    return match

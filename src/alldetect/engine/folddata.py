@@ -1,0 +1,86 @@
+"""The images of one fold's run: loaders for training, the validation fold and (select=inner) an inner split of
+the training folds, and the class weights of what it trains on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from alldetect.config import Config
+from alldetect.data.cache import image_cache
+from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
+from alldetect.data.folds import FoldFile
+from alldetect.data.transforms import create_transform
+from alldetect.engine.distributed import Dist
+from alldetect.engine.select import carve_inner
+from alldetect.errors import UserError
+
+
+@dataclass
+class EvalSet:
+    """Images scored after every epoch, in dataset order once gathered from the ranks."""
+
+    loader: Loader
+    rows: pd.DataFrame
+    order: np.ndarray  # dataset rows this rank predicts, in loader order
+
+
+@dataclass
+class FoldData:
+    train_loader: Loader
+    outer: EvalSet  # the validation fold: what the run's scores and oof.csv are of
+    inner: EvalSet | None  # select=inner: held-out subjects of the training folds, which pick the epoch
+    class_weights: torch.Tensor | None
+    batch: int  # per process
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.outer.loader, self.inner.loader if self.inner else None):
+            if loader is not None:
+                loader.close()
+
+
+def fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch.device, d: Dist) -> FoldData:
+    train_rows = folds.table[folds.table["fold"] != fold].reset_index(drop=True)
+    val_rows = folds.table[folds.table["fold"] == fold].reset_index(drop=True)
+    inner_rows = None
+    if cfg.select == "inner":
+        train_rows, inner_rows = carve_inner(train_rows, cfg.select_share, cfg.seed, fold)
+    labels = train_rows["label"].to_numpy()
+    if len(np.unique(labels)) < 2 or val_rows.empty:
+        raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
+    if cfg.batch_size % d.world:
+        raise UserError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {d.world} processes")
+    counts = np.bincount(labels, minlength=2).astype(float)
+    class_weights = sample_weights = None
+    if cfg.class_balance == "loss":
+        class_weights = torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32)
+    elif cfg.class_balance == "sampler":
+        sample_weights = 1.0 / counts[labels]
+    cache = None
+    if cfg.data.cache:
+        paths = folds.table["path"].tolist()
+        if d.main:  # one rank builds it, the others open it once it is there
+            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
+        d.barrier()
+        if not d.main:
+            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
+    pin, batch = device.type == "cuda", cfg.batch_size // d.world
+
+    def dataset(rows: pd.DataFrame, transform=None) -> CellDataset:
+        source = cache.source(rows["path"]) if cache is not None else None
+        return CellDataset(folds.data_root, rows["path"], rows["label"], cfg.data.crop, size, transform, cfg.seed,
+                           source)
+
+    def eval_set(rows: pd.DataFrame) -> EvalSet:
+        sampler = EpochSampler(len(rows), cfg.seed, False, None, d.rank, d.world)
+        return EvalSet(make_loader(dataset(rows), batch, sampler, cfg.data.num_workers, pin), rows, sampler.order())
+
+    train_ds = dataset(train_rows, create_transform(cfg.aug) if cfg.augment_on == "cpu" else None)
+    train_sampler = EpochSampler(len(train_ds), cfg.seed, True, sample_weights, d.rank, d.world)
+    return FoldData(
+        make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin,
+                    drop_last=len(train_ds) > cfg.batch_size),
+        eval_set(val_rows), eval_set(inner_rows) if inner_rows is not None else None, class_weights, batch)

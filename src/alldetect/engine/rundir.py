@@ -1,0 +1,112 @@
+"""A run folder before training: refuse to overwrite a run by accident, check that a resume continues the same
+experiment on the same split, and that the checkpoints will fit on the disk."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from alldetect.config import Config, validate
+from alldetect.data.folds import FoldFile
+from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.distributed import Dist
+from alldetect.errors import UserError
+
+log = logging.getLogger("alldetect")
+
+# Keys that may change when a run is resumed; any other difference means a different experiment.
+RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "device", "data.num_workers",
+                     "data.root", "data.cache", "data.cache_dir",
+                     "max_batches", "compile", "augment_on"}
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "inner.csv", "config.yaml")
+
+
+def run_dir_for(cfg: Config, fold: int) -> Path:
+    return Path(cfg.runs_dir) / cfg.arch / f"fold{fold}"
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:
+    """Refuse to overwrite a run by accident; return the last.pt state when resuming. Rank 0 checks and
+    prepares the folder; the other ranks wait for it, then read the same checkpoint."""
+    last = run_dir / "last.pt"
+    if not d.main:
+        d.barrier()
+        return load_checkpoint(last) if cfg.resume and last.is_file() else None
+    try:
+        return _prepare_on_main(cfg, run_dir, last)
+    finally:
+        d.barrier()
+
+
+def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
+    if cfg.overwrite and run_dir.exists():
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        for old in run_dir.glob("pred_*"):  # predictions of the model being replaced
+            old.unlink()
+        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+    elif last.is_file() and not cfg.resume:
+        raise UserError(f"{run_dir} already holds a run. Continue it with resume=true, or start over with "
+                        "overwrite=true (or choose another runs_dir=)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
+            stale_tmp.unlink()
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another runs_dir=") from None
+    if cfg.resume and last.is_file():
+        return load_checkpoint(last)
+    if cfg.resume:
+        log.warning("resume=true but %s has no last.pt: starting a new run", run_dir)
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume(cfg: Config, state: dict, folds: FoldFile, run_dir: Path) -> None:
+    """A resumed run must be the same experiment (only RESUMABLE_CHANGES may differ) and validate on the images
+    it validated on before, never on ones it has trained on."""
+    try:  # keys added since the run started read as their defaults (runs before select= chose on the outer fold)
+        saved = flatten(validate({"select": "outer", **state["config"]}).to_dict())
+    except UserError:
+        saved = flatten(state["config"])
+    now = flatten(cfg.to_dict())
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise UserError(f"cannot resume {run_dir} with different settings ({detail}). Resume with the run's own "
+                        "settings, or start over with overwrite=true")
+    assigned = state.get("fold_assignment")
+    if assigned and assigned != folds.assignment:
+        old = state.get("fold_file")
+        what = (f"its fold file {folds.path} was made again since the run started" if str(old) == str(folds.path)
+                else f"it was trained on the fold file {old}, and {folds.path}")
+        raise UserError(f"cannot resume {run_dir}: {what} splits the images differently, so its validation fold "
+                        "would hold images it trained on. Resume with the split it was trained on "
+                        "(data.fold_file=FILE), or start over with overwrite=true")
+
+
+def check_free_space(cfg: Config, model: nn.Module, run_dir: Path) -> None:
+    """Fail now, not after the first epoch, when best.pt + last.pt + a temporary copy would not fit."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = {"sgd": 1 if cfg.momentum else 0, "momentum": 1 if cfg.momentum else 0}.get(cfg.optimizer, 2)
+    needed = 3 * weights * (1 + slots + int(cfg.ema))
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UserError(f"only {free / 2**20:.0f} MiB free where {run_dir} lies; this run's checkpoints need about "
+                        f"{needed / 2**20:.0f} MiB (best.pt, last.pt and a temporary copy). Free some space or "
+                        "choose another runs_dir=")

@@ -1,0 +1,83 @@
+"""Which weights a run keeps (`select=`), decided without looking at the images its scores are reported on.
+
+  inner  a subject-grouped validation split carved out of the training folds picks the epoch (and early stopping)
+  last   a fixed schedule: the final weights
+  ema    a fixed schedule: the final exponential moving average of the weights
+  outer  the epoch that scores best on the validation fold itself: its scores on that fold are OPTIMISTIC
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from alldetect.config import Config
+from alldetect.errors import UserError
+
+OPTIMISTIC = "OPTIMISTIC: the epoch was chosen on the very images it is scored on (select=outer)"
+
+
+def is_optimistic(config: dict) -> bool:
+    """Runs made before `select=` existed chose their epoch on the validation fold, as select=outer does."""
+    return config.get("select", "outer") == "outer"
+
+
+def selection_text(select: str, monitor: str) -> str:
+    return {
+        "inner": f"the epoch with the best {monitor} on an inner split of the training folds",
+        "last": "the final weights of a fixed schedule",
+        "ema": "the final moving average of the weights (fixed schedule)",
+        "outer": f"the epoch with the best {monitor} on this validation fold: OPTIMISTIC",
+    }[select]
+
+
+class Selector:
+    """Decides after each epoch whether its weights become best.pt. One comparator: higher is better, except for
+    the loss."""
+
+    def __init__(self, cfg: Config):
+        self.mode, self.monitor, self.last_epoch = cfg.select, cfg.monitor, cfg.epochs - 1
+        self.patience = cfg.patience
+
+    @property
+    def curve(self) -> str | None:
+        """Whose scores decide: 'inner', 'outer', or None (a fixed schedule)."""
+        return {"inner": "inner", "outer": "outer"}.get(self.mode)
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.monitor == "loss" else value > best
+
+    def chooses(self, epoch: int, metrics: dict | None, best: float | None) -> bool:
+        if self.curve is None:
+            return epoch == self.last_epoch
+        return self.better(metrics[self.monitor], best)
+
+    def should_stop(self, stale: int) -> bool:
+        return self.curve is not None and stale >= self.patience > 0
+
+
+def carve_inner(rows: pd.DataFrame, share: float, seed: int, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the training rows of one fold into (fit, inner) by subject: for each class, whole subjects in a
+    seeded random order go to the inner split until it holds about `share` of that class's images, at least one
+    subject, and never the last one."""
+    rng = np.random.default_rng([seed, fold, 7])
+    inner_subjects: list[str] = []
+    for label, group in rows.groupby("label"):
+        sizes = group.groupby("subject").size()
+        if len(sizes) < 2:
+            name = "all" if label == 1 else "hem"
+            raise UserError(
+                f"select=inner needs two or more subjects of each class in the training folds of fold{fold}, and "
+                f"they hold one '{name}' subject ({sizes.index[0]}). Use select=last (a fixed schedule), or a "
+                "split with fewer folds")
+        order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
+        taken = 0
+        for subject in order[:-1]:
+            inner_subjects.append(subject)
+            taken += sizes[subject]
+            if taken >= share * sizes.sum():
+                break
+    inner = rows["subject"].isin(inner_subjects)
+    return rows[~inner].reset_index(drop=True), rows[inner].reset_index(drop=True)
