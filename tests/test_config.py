@@ -5,16 +5,24 @@ from alldetect.errors import UserError
 
 
 def test_layers_base_then_arch_then_overrides():
-    cfg = load_config("proposed", ["lr=3e-4", "epochs=20", "data.k=3"])
-    assert cfg.optimizer == "sgd" and cfg.batch_size == 30 and cfg.input_size == 300  # proposed.yaml
+    cfg = load_config("proposed", ["lr=3e-4", "epochs=20", "data.k=3", "recipe=report"])
+    assert cfg.optimizer == "sgd" and cfg.batch_size == 30 and cfg.input_size == 300  # recipe, proposed.yaml
     assert cfg.lr == pytest.approx(3e-4) and cfg.epochs == 20 and cfg.data.k == 3  # overrides, typed
     assert cfg.data.crop == 400 and cfg.aug.rot90 == 0.5  # base.yaml
 
 
-def test_report_recipe_in_proposed_config():
-    cfg = load_config("proposed")
+def test_report_recipe():
+    cfg = load_config("proposed", ["recipe=report"])
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.monitor) == ("sgd", 2e-4, 30, 100, "accuracy")
+    assert (cfg.momentum, cfg.weight_decay, cfg.scheduler, cfg.input_size) == (0.0, 0.0, "none", 300)
     assert (cfg.aug.rot90, cfg.aug.rot270, cfg.aug.hflip, cfg.aug.vflip) == (0.5, 0.5, 0.5, 0.5)
+    assert load_config("resnet50", ["recipe=report", "lr=0.01"]).lr == 0.01  # overrides still win
+    assert load_config("proposed").optimizer != "sgd"  # the report's recipe is not the default
+
+
+def test_unknown_recipe_lists_the_recipes():
+    with pytest.raises(UserError, match=r"recipe=paper: no such recipe; choose one of .*report"):
+        load_config("proposed", ["recipe=paper"])
 
 
 def test_demo_profile_applies_on_top():

@@ -148,7 +148,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdi
 def test_resume_with_other_settings_is_refused(tiny_demo, workdir):
     folds = resolve_folds(_cfg(tiny_demo))
     fit_fold(_cfg(tiny_demo, "epochs=1"), 0, folds)
-    with pytest.raises(UserError, match=r"lr: 0.0002 -> 0.1"):
+    with pytest.raises(UserError, match=rf"lr: {_cfg(tiny_demo).lr} -> 0.1"):
         fit_fold(_cfg(tiny_demo, "epochs=2", "resume=true", "lr=0.1"), 0, folds)
 
 

@@ -210,7 +210,7 @@ def test_tuned_true_adds_the_tuned_layer(configs):
     cfg = load_config("proposed", ["tuned=true"], profile="demo")
     assert cfg.lr == 0.005 and cfg.aug.rotate == 0.25 and cfg.input_size == 64  # after the arch and demo layers
     assert load_config("proposed", ["tuned=true", "lr=0.1"]).lr == 0.1  # overrides still win
-    assert load_config("proposed").lr == 2e-4  # off by default
+    assert load_config("proposed").lr == load_config("proposed", ["tuned=false"]).lr != 0.005  # off by default
 
 
 TINY_TRIAL = ["epochs=1", "optimizer=adamw"]  # adamw: scores that differ between trials

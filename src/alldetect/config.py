@@ -1,4 +1,4 @@
-"""Typed configuration: YAML layers (base -> architecture -> profile -> files) plus `key=value` overrides.
+"""Typed configuration: YAML layers (base -> architecture -> profile -> recipe -> files) plus `key=value` overrides.
 
 Every setting of a run lives here; the resolved config is written next to the run's checkpoints and
 carried inside them, so a later step can rebuild the model without being told anything.
@@ -53,6 +53,7 @@ class Config(_Section):
     runs_dir: str = "runs"
     folds_dir: str = "folds"
     study: str = "alldetect"  # W&B group (alldetect tune groups its trials by the study's name)
+    recipe: Optional[str] = None  # add configs/recipes/<recipe>.yaml after the arch/profile layers (e.g. report)
     tuned: bool = False  # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
     # model
     input_size: Optional[int] = Field(None, ge=32)  # None: the architecture's natural size
@@ -229,8 +230,8 @@ def load_config(
     files: list[str | Path] | None = None,
     profile: str | None = None,
 ) -> Config:
-    """base.yaml -> <arch>.yaml (if any) -> <profile>.yaml -> tuned/<arch>.yaml (tuned=true) -> each of `files`
-    -> overrides -> $ALLDETECT_DATA."""
+    """base.yaml -> <arch>.yaml (if any) -> <profile>.yaml -> recipes/<recipe>.yaml (recipe=NAME) ->
+    tuned/<arch>.yaml (tuned=true) -> each of `files` -> overrides -> $ALLDETECT_DATA."""
     cdir = configs_dir()
     layers = [read_yaml(cdir / "base.yaml")]
     if (cdir / f"{arch}.yaml").is_file():
@@ -240,6 +241,10 @@ def load_config(
     over = parse_overrides(overrides or [])
     later = [read_yaml(f) for f in files or []] + [over]
     raw = _merge_all(layers + later)
+    recipe = raw.get("recipe")
+    if recipe:  # a published recipe: after the architecture and profile, before tuned settings and files
+        layers.append(read_yaml(recipe_path(str(recipe))))
+        raw = _merge_all(layers + later)
     if _wants_tuned(raw):
         layers.append(read_yaml(tuned_config_path(arch, must_exist=True)))
         raw = _merge_all(layers + later)
@@ -248,6 +253,17 @@ def load_config(
     if env_root and "root" not in over.get("data", {}):
         raw.setdefault("data", {})["root"] = env_root
     return validate(raw, where="the config files and overrides")
+
+
+def recipe_path(name: str) -> Path:
+    """configs/recipes/<name>.yaml: a named set of training settings (the report's, a paper's)."""
+    folder = configs_dir() / "recipes"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise UserError(f"recipe={name}: no such recipe; choose one of {', '.join(known) or '(none)'} "
+                        f"(files in {folder})")
+    return path
 
 
 def tuned_config_path(arch: str, must_exist: bool = False) -> Path:

@@ -1,0 +1,127 @@
+"""Recipes x architectures on real C-NMC cells: out-of-fold weighted F1 of subject-grouped folds, nothing chosen on
+the images scored. Run through bench/real-cnmc.sh (see its header); every finished run is kept, so a benchmark
+that dies picks up where it stopped.
+
+Per run (recipe, architecture, seed) it trains every fold and reads each fold's oof.csv, then prints one table:
+  wF1 mean / sd over folds   the challenge metric, each fold scored on its own
+  pooled wF1, ROC-AUC        all out-of-fold predictions together
+  peek wF1                   the mean over folds of the best epoch's wF1 *on the fold itself* (history.csv): what
+                             choosing the epoch on the validation fold (select=outer) would have printed; optimistic
+  minutes                    wall-clock time of the run (all folds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score, roc_auc_score
+
+HERE = Path(__file__).resolve().parent
+RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.py)
+    "report": ["recipe=report"],
+    "previous": ["--config", str(HERE / "recipes/previous-defaults.yaml")],
+    "defaults": [],
+    "reference": None,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_root", help="the folder holding C-NMC_training_data/ (../shared/tools/get-cnmc-fold1.sh)")
+    p.add_argument("--out", default="bench/results/real-cnmc")
+    p.add_argument("--archs", default="resnet18,proposed")
+    p.add_argument("--recipes", default="report,previous,defaults,reference")
+    p.add_argument("--try", dest="tries", action="append", default=[], metavar="NAME=K=V,K=V",
+                   help="an extra recipe of overrides, e.g. --try lr3e-3=lr=3e-3,warmup_epochs=1")
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--seeds", default="42")
+    a = p.parse_args()
+    out = Path(a.out).resolve()
+    recipes = {r: RECIPES[r] for r in a.recipes.split(",") if r}
+    for t in a.tries:
+        name, _, items = t.partition("=")
+        recipes[name] = items.split(",")
+    fold_file = make_folds(Path(a.data_root), out, a.k)
+    rows = []
+    for arch in a.archs.split(","):
+        for recipe, overrides in recipes.items():
+            for seed in [int(s) for s in a.seeds.split(",")]:
+                run = out / "runs" / recipe / f"s{seed}" / arch
+                minutes = train(run, arch, overrides, fold_file, a, seed)
+                rows.append({"recipe": recipe, "arch": arch, "seed": seed, **scores(run), "minutes": minutes})
+                pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    table = summary(pd.DataFrame(rows))
+    text = (f"{len(pd.read_csv(fold_file))} real C-NMC images, {a.k} subject-grouped folds ({fold_file.name}), "
+            f"{a.size} x {a.size}, {a.epochs} epochs, seeds {a.seeds}; {os.cpu_count()} CPU cores\n"
+            + table.to_string(index=False))
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+
+
+def make_folds(data_root: Path, out: Path, k: int) -> Path:
+    fold_file = out / "folds" / f"cnmc_k{k}_s42.csv"
+    if not fold_file.is_file():
+        subprocess.run([sys.executable, "-m", "alldetect", "split", str(data_root), "--k", str(k), "--out",
+                        str(fold_file)], check=True)
+    return fold_file
+
+
+def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a, seed: int) -> float:
+    """Train every fold into `run` unless a finished run is there; returns the minutes it took (then or before)."""
+    done = run / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())["minutes"]
+    start = time.time()
+    if overrides is None:
+        cmd = [sys.executable, str(HERE / "reference_timm.py"), str(fold_file), str(data_root_of(fold_file)),
+               str(run), "--arch", arch, "--size", str(a.size), "--epochs", str(a.epochs), "--seed", str(seed)]
+    else:
+        cmd = [sys.executable, "-m", "alldetect", "train", arch, "all", f"data.fold_file={fold_file}",
+               f"input_size={a.size}", f"epochs={a.epochs}", f"seed={seed}", f"runs_dir={run.parent}",
+               "data.cache=true", f"data.cache_dir={run.parents[3] / 'cache'}", "wandb=off", "resume=true",
+               *overrides]
+    print(f"[real-cnmc] {arch} {run.parents[1].name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    minutes = (time.time() - start) / 60
+    done.write_text(json.dumps({"minutes": minutes}))
+    return minutes
+
+
+def data_root_of(fold_file: Path) -> str:
+    return json.loads(fold_file.with_suffix(".json").read_text())["data_root"]
+
+
+def scores(run: Path) -> dict:
+    oofs = [pd.read_csv(f) for f in sorted(run.glob("fold*/oof.csv"))]
+    oof = pd.concat(oofs)
+    per_fold = [f1_score(o["label"], o["pred"], average="weighted") for o in oofs]
+    peeks = [pd.read_csv(h)["f1"].max() for h in sorted(run.glob("fold*/history.csv"))]
+    return {"folds": len(oofs), "f1_mean": np.mean(per_fold), "f1_sd": np.std(per_fold, ddof=1),
+            "f1_pooled": f1_score(oof["label"], oof["pred"], average="weighted"),
+            "roc_auc": roc_auc_score(oof["label"], oof["prob_all"]),
+            "peek_f1": np.mean(peeks) if peeks else np.nan,
+            **{f"f1_fold{i}": f for i, f in enumerate(per_fold)}}
+
+
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    g = rows.groupby(["arch", "recipe"], sort=False)
+    return pd.DataFrame({
+        "wF1 mean": g["f1_mean"].mean().round(4), "sd over folds": g["f1_sd"].mean().round(4),
+        "sd over seeds": g["f1_mean"].std(ddof=1).round(4), "pooled wF1": g["f1_pooled"].mean().round(4),
+        "ROC-AUC": g["roc_auc"].mean().round(4), "peek wF1": g["peek_f1"].mean().round(4),
+        "minutes": g["minutes"].mean().round(1), "seeds": g.size(),
+    }).reset_index()
+
+
+if __name__ == "__main__":
+    main()
