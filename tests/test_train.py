@@ -211,3 +211,14 @@ def test_no_data_configured_uses_the_demo_data(workdir, capsys):
     assert (workdir / "data/demo/README.md").read_text().startswith("# Synthetic demo data")
     assert (workdir / "folds/demo_k3_s42.csv").is_file()
     assert len(pd.read_csv(workdir / "folds/demo_k3_s42.csv")) == 600
+
+
+def test_a_fold_file_alone_names_its_data(tiny_demo, workdir):
+    """data.fold_file= without data.root=: the fold file's sidecar says where the images are."""
+    from alldetect.data.folds import make_fold_file
+
+    make_fold_file(tiny_demo, workdir / "mine.csv", k=3, seed=1)
+    [result] = train_command("proposed", "fold2", [*FAST, "epochs=1", f"data.fold_file={workdir / 'mine.csv'}"])
+    oof = pd.read_csv(workdir / "runs/proposed/fold2/oof.csv")
+    assert len(oof) and load_checkpoint(workdir / "runs/proposed/fold2/best.pt")["config"]["data"]["root"] == str(
+        tiny_demo.resolve())

@@ -60,9 +60,9 @@ def demo_banner(root: Path = DEMO_ROOT) -> str:
 
 def resolve_folds(cfg: Config) -> FoldFile:
     """Load the configured fold file (checked against the data), or make the default one on first use."""
+    if cfg.data.fold_file:  # its sidecar knows the data root when none is given
+        return load_fold_file(cfg.data.fold_file, cfg.data.root)
     root = Path(cfg.data.root)
-    if cfg.data.fold_file:
-        return load_fold_file(cfg.data.fold_file, root)
     path = default_fold_path(cfg.folds_dir, root, cfg.data.k, cfg.seed, cfg.data.split_by)
     if path.is_file():
         return load_fold_file(path, root)
