@@ -17,10 +17,11 @@ from alldetect.models import create_model
 
 def make_run(run: Path, arch: str = "proposed", *, weights: bool = False, input_size: int = 32, crop: int = 400,
              fold_file: str = "folds/data_k3_s42.csv", fingerprint: str = "abc123", seed: int = 0,
-             oof: pd.DataFrame | None = None) -> Path:
+             oof: pd.DataFrame | None = None, select: str = "last") -> Path:
     """best.pt with the run's config; real (randomly initialised) weights only when `weights`, with batch-norm
     statistics taken from one batch of noise so that the output depends on the input."""
-    cfg = load_config(arch, [f"input_size={input_size}", "dropout=0.0", f"data.crop={crop}", "data.k=3"]).to_dict()
+    cfg = load_config(arch, [f"input_size={input_size}", "dropout=0.0", f"data.crop={crop}", "data.k=3",
+                             f"select={select}"]).to_dict()
     model = {}
     if weights:
         torch.manual_seed(seed)

@@ -1,4 +1,5 @@
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -29,14 +30,15 @@ def _images(fold: int):
     return paths, labels
 
 
-def _member(root, arch, quality, seed, fingerprint="abc123", fold_file="folds/data_k3_s42.csv", folds=range(3)):
+def _member(root, arch, quality, seed, fingerprint="abc123", fold_file="folds/data_k3_s42.csv", folds=range(3),
+            select="last"):
     """runs/<arch>/fold0..2 with OOF probabilities that separate the classes better as `quality` grows."""
     rng = np.random.default_rng(seed)
     for fold in folds:
         paths, labels = _images(fold)
         probs = np.clip(0.5 + quality * (np.array(labels) - 0.5) + rng.normal(0, 0.25, len(labels)), 0.01, 0.99)
         make_run(root / arch / f"fold{fold}", arch, fingerprint=fingerprint, fold_file=fold_file,
-                 oof=oof_frame(paths, labels, probs.round(6), fold))
+                 oof=oof_frame(paths, labels, probs.round(6), fold), select=select)
     return root / arch
 
 
@@ -114,6 +116,21 @@ def test_equal_weight_oof_ensemble_is_the_mean_of_members(two_members, workdir, 
         assert f"{expected['f1']:.4f}" in out
     assert metrics["weights"] == {"proposed": 0.5, "resnet50": 0.5} and metrics["threshold"] == 0.5
     assert "per-subject accuracy" in out and set(metrics["scores"]["ensemble"]["per_subject_accuracy"]) == set(SUBJECTS)
+
+
+def test_members_that_chose_epochs_on_their_validation_folds_are_labelled_optimistic(workdir, capsys):
+    honest = _member(workdir / "runs", "proposed", 0.3, 1)
+    ensemble_command([str(honest)], oof=True, name=None)
+    out = capsys.readouterr().out
+    assert "OPTIMISTIC" not in out and re.search(r"^proposed .* last$", out, re.M)
+    peeking = _member(workdir / "runs", "resnet50", 0.5, 2, select="outer")
+    ensemble_command([str(honest), str(peeking)], oof=True, name=None)
+    out = capsys.readouterr().out
+    assert "OPTIMISTIC: resnet50 chose each fold's epoch on the images it is scored on" in out
+    metrics = json.loads((workdir / "submissions/oof_proposed+resnet50/metrics.json").read_text())
+    assert metrics["scores"]["proposed"]["selection"] == "last"
+    assert metrics["scores"]["resnet50"]["selection"] == metrics["scores"]["ensemble"]["selection"] == \
+        "outer (OPTIMISTIC)"
 
 
 def test_oof_weights_and_threshold_are_cross_fitted_and_recorded(two_members, workdir, capsys):

@@ -210,6 +210,20 @@ def test_leaky_split_is_stated_above_the_table(workdir, tiny_demo, checkpoints):
     assert "subject-grouped" not in readme
 
 
+def test_runs_that_chose_epochs_on_their_validation_folds_are_called_optimistic(workdir, tiny_demo, checkpoints):
+    runs = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.3, 1)
+    readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
+    assert "Optimistic" not in readme and "OPTIMISTIC" not in readme
+    for best in runs.glob("fold*/best.pt"):
+        state = torch.load(best, weights_only=True)
+        best.unlink()  # a link to the shared checkpoint: write a file of its own
+        save_checkpoint(best, {**state, "config": {**state["config"], "select": "outer"}})
+    readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
+    table_at = readme.index("| model |")
+    assert "**Optimistic**: proposed kept each fold's epoch" in readme[:table_at]
+    assert "outer (OPTIMISTIC)" in readme[table_at:]
+
+
 def test_bad_input_clear_errors_and_a_page_that_lists_what_is_missing(workdir, tiny_demo, checkpoints, capsys):
     assert main(["report"]) == 2
     assert "no runs folder runs" in capsys.readouterr().err

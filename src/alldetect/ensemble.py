@@ -26,6 +26,7 @@ from sklearn.metrics import log_loss
 from alldetect import __version__
 from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.layouts import NUMBERED_RE
+from alldetect.engine.select import selection_label
 from alldetect.engine.runs import Member, find_fold_runs, group_members, run_info
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import METRIC_NAMES, best_threshold, score
@@ -179,7 +180,8 @@ def load_oof(members: list[Member]) -> Predictions:
     frame = first.reset_index()[["path", "label", "fold"] + (["subject"] if "subject" in first else [])]
     probs = np.column_stack([t.loc[frame["path"], "prob_all"].to_numpy(float) for t in tables])
     info = {"fold_file": infos[0]["fold_file"], "fold_fingerprint": infos[0]["fold_fingerprint"],
-            "runs": {m.name: [str(r) for r in m.runs] for m in members}}
+            "runs": {m.name: [str(r) for r in m.runs] for m in members},
+            "selection": {m.name: selection_label(i["config"] for i in infos if i["member"] == m.name) for m in members}}
     return Predictions(frame, probs, [m.name for m in members], info)
 
 
@@ -283,6 +285,8 @@ def metrics_table(scores: dict[str, dict]) -> pd.DataFrame:
             row["subject_acc"] = round(s["subject_accuracy"], 4)
         row["threshold"] = f"{t:.3f}" if isinstance(t, float) else "per fold" if isinstance(t, dict) else str(t)
         row["confusion"] = str(s["confusion"]).replace(" ", "")
+        if "selection" in s:
+            row["select"] = s["selection"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -372,15 +376,19 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     labels, folds = oof.labels, oof.frame["fold"].to_numpy()
     weights, threshold = opts["weights"], opts["threshold"]
     scores, columns = {}, {}
+    selection = oof.info["selection"]
     for i, name in enumerate(oof.members):
         p, t, per_fold = cross_fitted(oof.probs[:, [i]], labels, folds, "equal", threshold)
-        scores[name] = _scored(labels, p, t, per_fold, oof.subjects)
+        scores[name] = {**_scored(labels, p, t, per_fold, oof.subjects), "selection": selection[name]}
         columns[f"prob_{name}"] = oof.probs[:, i].round(6)
     if weights == "oof":
         p, t, per_fold = cross_fitted(oof.probs, labels, folds, "equal", threshold)
         scores["equal weights"] = _scored(labels, p, t, per_fold, oof.subjects)
     p, t, per_fold = cross_fitted(oof.probs, labels, folds, weights, threshold)
     scores["ensemble"] = _scored(labels, p, t, per_fold, oof.subjects)
+    optimistic = [m for m, text in selection.items() if "OPTIMISTIC" in text]
+    for s in [s for n, s in scores.items() if n not in selection]:  # the averages inherit their members' choice
+        s["selection"] = "outer (OPTIMISTIC)" if optimistic else "/".join(sorted(set(selection.values())))
     final = fit_combiner(oof.probs, labels, weights, threshold)  # on all OOF: what --name would use
     result = {"mode": "oof", "members": oof.members, "weights_mode": weights, "threshold_mode": str(threshold),
               "weights": dict(zip(oof.members, final.weights)), "threshold": final.threshold,
@@ -393,6 +401,9 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     write_json(out_dir / "metrics.json", result)
     title = f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={threshold}, weights={weights}"
     print(render(title, scores, oof.frame))
+    if optimistic:
+        print(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
+              "(select=outer); retrain with select=last (the default) or select=inner for scores that are not")
     _print_combiner(final, oof.members, weights, threshold, bool(per_fold))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'oof.csv'}")
     return result

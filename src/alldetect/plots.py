@@ -104,7 +104,8 @@ def calibration_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: P
 def training_figure(name: str, histories: dict[int, pd.DataFrame], monitor: str, best_epochs: dict[int, int | None],
                     path: Path) -> Path:
     """Loss (training solid, validation dashed) and the validation score per epoch, one colour per fold;
-    a dot marks each fold's best epoch: the one its best.pt and oof.csv come from (`best_epochs`, 0-based)."""
+    a dot marks each fold's kept epoch: the one its best.pt and oof.csv come from (`best_epochs`, 0-based). With
+    select=inner, the inner split's score (which chose that epoch) is drawn dotted beside the fold's."""
     fig = Figure(figsize=(11, 4.2))
     loss_ax, score_ax = fig.subplots(1, 2)
     score_col = monitor if monitor != "loss" else "f1"
@@ -113,13 +114,15 @@ def training_figure(name: str, histories: dict[int, pd.DataFrame], monitor: str,
         loss_ax.plot(epoch, h["train_loss"], color=_colour(i), lw=1.4, label=f"fold{fold}")
         loss_ax.plot(epoch, h["val_loss"], color=_colour(i), lw=1.4, ls="--")
         score_ax.plot(epoch, h[score_col], color=_colour(i), lw=1.4, label=f"fold{fold}")
+        if f"inner_{score_col}" in h:  # select=inner: the curve that chose the epoch, beside the fold's
+            score_ax.plot(epoch, h[f"inner_{score_col}"], color=_colour(i), lw=1.2, ls=":")
         best = h[h["epoch"] == best_epochs.get(fold)]
         if len(best):
             score_ax.plot(best["epoch"] + 1, best[score_col], "o", color=_colour(i), ms=6)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log",
                 title=f"{name}: loss (solid: training, dashed: validation)")
     label = {"f1": "weighted F1"}.get(score_col, score_col)
-    score_ax.set(xlabel="epoch", ylabel=f"validation {label}", title=f"{name}: validation {label} (dot: best epoch)")
+    score_ax.set(xlabel="epoch", ylabel=f"validation {label}", title=f"{name}: validation {label} (dot: weights kept)")
     loss_ax.legend(fontsize=8, loc="upper right")
     score_ax.legend(fontsize=8, loc="lower right")
     for ax in (loss_ax, score_ax):

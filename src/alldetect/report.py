@@ -34,6 +34,7 @@ from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import resolve_device
 from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_count
+from alldetect.engine.select import selection_label, selection_text
 from alldetect.ensemble import load_oof, metrics_table, safe_name
 from alldetect.errors import UserError
 from alldetect.metrics import METRIC_NAMES, score
@@ -308,8 +309,17 @@ def comparison_table(findings: Findings) -> pd.DataFrame:
             row[f"{k}_mean"] = float(per_fold[k].mean())
             row[f"{k}_std"] = float(per_fold[k].std(ddof=1)) if len(per_fold) > 1 else float("nan")
         row["params"], row["images_per_s"] = _size_and_speed(name, findings)
+        row["selection"] = _selection_of(name, findings)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _selection_of(name: str, findings: Findings) -> str:
+    """How the model's fold runs chose their weights (select=); an ensemble is as optimistic as its members."""
+    archs = {a.name: a for a in findings.archs}
+    members = [name] if name in archs else next(e.members for e in findings.ensembles if e.name == name)
+    texts = {selection_label([s["config"] for s in archs[m].states]) for m in members}
+    return next((t for t in texts if "OPTIMISTIC" in t), None) or "/".join(sorted(texts))
 
 
 def _size_and_speed(name: str, findings: Findings) -> tuple[float, float]:
@@ -363,6 +373,7 @@ def display_table(numbers: pd.DataFrame) -> pd.DataFrame:
         out[label] = [_cell(m, s) for m, s in zip(numbers[f"{k}_mean"], numbers[f"{k}_std"])]
     out["parameters"] = [f"{int(p):,}" if not np.isnan(p) else "?" for p in numbers["params"]]
     out["images/s"] = [f"{s:.1f}" if not np.isnan(s) else "not measured" for s in numbers["images_per_s"]]
+    out["selection"] = numbers["selection"]
     return out
 
 
@@ -394,6 +405,14 @@ def protocol_text(findings: Findings) -> str:
                 "not compare directly.")
     if len(files) > 1:
         text += " The architectures were trained on different fold files."
+    optimistic = [a.name for a in findings.archs if a.states and "OPTIMISTIC" in selection_label([s["config"] for s in a.states])]
+    if optimistic:
+        text += (f" **Optimistic**: {', '.join(optimistic)} kept each fold's epoch with the best score on that fold "
+                 "itself (select=outer), so their scores (and those of ensembles of them) flatter them; retrain "
+                 "with select=last or select=inner for scores that do not.")
+    else:
+        text += (" Nothing behind these scores was chosen on the images they are of: each run kept its weights by "
+                 "`select=` (see the Runs table) without looking at its validation fold.")
     return text
 
 
@@ -490,7 +509,8 @@ def _runs_table(findings: Findings) -> pd.DataFrame:
                      "input": cfg.get("input_size") or (default_input_size(cfg["arch"]) if cfg else "?"),
                      "epochs": cfg.get("epochs", "?"), "optimiser": cfg.get("optimizer", "?"), "lr": cfg.get("lr", "?"),
                      "batch": cfg.get("batch_size", "?"), "pretrained": cfg.get("pretrained", "?"),
-                     "best epoch per fold": ", ".join(str(s.get("epoch", -1) + 1) for s in a.states) or "-"})
+                     "selection": selection_label([s["config"] for s in a.states]),
+                     "kept epoch per fold": ", ".join(str(s.get("epoch", -1) + 1) for s in a.states) or "-"})
     return pd.DataFrame(rows)
 
 
@@ -519,8 +539,11 @@ def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[st
             best = {int(FOLD_DIR_RE.match(r.name).group(1)): s.get("epoch") for r, s in zip(a.runs, a.states)}
             path = plots.training_figure(a.name, a.histories, monitor, best,
                                          fig_dir / f"training_{safe_name(a.name)}.png")
-            figures["training"].append((rel(path), f"{a.name}: loss and validation score per epoch, per fold "
-                                                   f"(best.pt keeps the epoch with the best {monitor})."))
+            select = a.config.get("select", "outer")
+            inner = " Dotted: the inner split of the training folds that chose the epoch." if select == "inner" else ""
+            figures["training"].append((rel(path), f"{a.name}: loss and validation-fold score per epoch, per fold; "
+                                                   f"the dot marks the weights kept: "
+                                                   f"{selection_text(select, monitor)}.{inner}"))
     archs = {a.name: a for a in findings.archs}
     for name, oof in models.items():
         source = archs.get(name) or archs[next(e.members[0] for e in findings.ensembles if e.name == name)]

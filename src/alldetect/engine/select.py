@@ -17,9 +17,11 @@ from alldetect.errors import UserError
 OPTIMISTIC = "OPTIMISTIC: the epoch was chosen on the very images it is scored on (select=outer)"
 
 
-def is_optimistic(config: dict) -> bool:
-    """Runs made before `select=` existed chose their epoch on the validation fold, as select=outer does."""
-    return config.get("select", "outer") == "outer"
+def selection_label(configs) -> str:
+    """How some runs chose their weights, e.g. "last" or "outer (OPTIMISTIC)" (runs from before select=)."""
+    modes = sorted({c.get("select", "outer") for c in configs})
+    text = "/".join(modes)
+    return f"{text} (OPTIMISTIC)" if "outer" in modes else text
 
 
 def selection_text(select: str, monitor: str) -> str:
