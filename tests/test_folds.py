@@ -155,3 +155,18 @@ def test_fold_folders_behind_symbolic_links_are_read(tiny_demo, tmp_path):
     (train / "fold_1").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "loop").symlink_to(train, target_is_directory=True)  # a link back up: no endless walk
     assert sorted(build_manifest(data)["path"]) == sorted(build_manifest(tiny_demo)["path"])
+
+
+def test_split_says_when_a_fold_holds_a_single_person_of_a_class():
+    from alldetect.data.folds import few_subjects_note
+
+    table = pd.DataFrame({"subject": ["1", "2", "3", "4", "H1", "H2", "H3"], "label": [1, 1, 1, 1, 0, 0, 0],
+                          "fold": [0, 1, 2, 2, 0, 1, 2], "path": list("abcdefg")})
+    assert few_subjects_note(table) == (
+        "note: 3 'hem' subjects in all, so fold0, fold1, fold2 hold(s) one 'hem' person: that fold's 'hem' scores "
+        "are one person's, and its model trains on 2 'hem' people. Compare models on the mean over folds, and "
+        "weigh the spread")
+    table["fold"] = [0, 1, 0, 1, 0, 1, 0]
+    table.loc[table["subject"] == "H3", "fold"] = 1
+    table = pd.concat([table, table.assign(subject=table["subject"] + "b", path=table["path"] + "b")])
+    assert few_subjects_note(table) is None

@@ -137,14 +137,31 @@ def _subjects_crossing(table: pd.DataFrame) -> int:
 
 
 def fold_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-fold images, subjects and share of `all`, as `alldetect split` prints it."""
+    """Per-fold images, subjects (all of them, and per class) and share of `all`, as `alldetect split` prints it."""
     g = table.groupby("fold")
     return pd.DataFrame({
         "images": g.size(),
         "subjects": g["subject"].nunique(),
+        "all_subjects": table[table["label"] == 1].groupby("fold")["subject"].nunique(),
+        "hem_subjects": table[table["label"] == 0].groupby("fold")["subject"].nunique(),
         "all": g["label"].sum(),
         "share_all": g["label"].mean().round(3),
-    })
+    }).fillna(0).astype({"all_subjects": int, "hem_subjects": int})
+
+
+def few_subjects_note(table: pd.DataFrame) -> str | None:
+    """A warning when some fold holds a single person of a class: its scores then say how one person's cells
+    are classified, and the training folds hold one person fewer of that class."""
+    summary = fold_summary(table)
+    for name in ("hem", "all"):
+        column = summary[f"{name}_subjects"]
+        if (column <= 1).any():
+            total = int(table[table["label"] == (1 if name == "all" else 0)]["subject"].nunique())
+            single = ", ".join(f"fold{f}" for f in column.index[column <= 1])
+            return (f"note: {total} '{name}' subjects in all, so {single} hold(s) one '{name}' person: that fold's "
+                    f"'{name}' scores are one person's, and its model trains on {total - 1} '{name}' people. Compare "
+                    "models on the mean over folds, and weigh the spread")
+    return None
 
 
 def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_leaky: bool = True) -> FoldFile:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from alldetect.data.folds import default_fold_path, fold_summary, make_fold_file
+from alldetect.data.folds import default_fold_path, few_subjects_note, fold_summary, make_fold_file
 from alldetect.data.images import inspect_images
 from alldetect.data.layouts import build_manifest
 
@@ -50,4 +50,7 @@ def split_command(root: str, k: int, seed: int, by: str, out: str | None, folds_
         lines.append(f"warning: leaky split by image: {crossing} subject(s) have images in more than one fold")
     else:
         lines.append("no subject appears in more than one fold")
+    note = few_subjects_note(folds.table)
+    if note:
+        lines.append(note)
     return "\n".join(lines)
