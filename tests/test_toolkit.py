@@ -242,3 +242,29 @@ def test_select_ema_without_ema_and_patience_on_a_fixed_schedule_are_clear_error
         _cfg("select=last", "patience=3")
     with pytest.raises(UserError, match="lr=.inf.: must be a finite number"):
         _cfg("lr=inf")
+
+
+def test_every_key_on_stopped_mid_accumulation_resumes_to_the_same_weights(tiny_demo, workdir, monkeypatch):
+    """SIGTERM inside an accumulation: the step finishes, the stop waits for the update, and resume=true reaches
+    the weights (raw and averaged), history and predictions of an uninterrupted run."""
+    import alldetect.engine.fit as fit
+    from alldetect.engine.stopping import StopRequested
+    from test_reliability import SignalAt, _same_history
+
+    extra = [*FAST, f"data.root={tiny_demo}", "epochs=3", "batch_size=4", "accum_steps=2", "mixup=0.4",
+             "cutmix=0.5", "label_smoothing=0.1", "ema=true", "select=ema", "warmup_epochs=1", "clip_grad=1",
+             "layer_decay=0.8", "freeze_epochs=1", "scheduler=onecycle", "aug.rotate=0.5"]
+    folds = resolve_folds(load_config("proposed", extra))
+    fit_fold(load_config("proposed", [*extra, "runs_dir=a"]), 0, folds)
+    SignalAt.n, SignalAt.at = 0, 7  # epoch 2 (6 batches an epoch), its first batch: inside an accumulation
+    monkeypatch.setattr(fit.nn, "CrossEntropyLoss", SignalAt)
+    with pytest.raises(StopRequested, match=r"stopped by SIGTERM in epoch 2 after batch 2"):
+        fit_fold(load_config("proposed", [*extra, "runs_dir=b"]), 0, folds)
+    monkeypatch.setattr(fit.nn, "CrossEntropyLoss", torch.nn.CrossEntropyLoss)
+    fit_fold(load_config("proposed", [*extra, "runs_dir=b", "resume=true"]), 0, folds)
+    a = load_checkpoint(workdir / "a/proposed/fold0/last.pt")
+    b = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    _same_history(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
+    assert (workdir / "a/proposed/fold0/oof.csv").read_text() == (workdir / "b/proposed/fold0/oof.csv").read_text()
