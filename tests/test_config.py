@@ -74,3 +74,14 @@ def test_bad_config_file(tmp_path):
 def test_valid_keys_are_dotted():
     keys = valid_keys()
     assert "data.root" in keys and "aug.rot90" in keys and "lr" in keys and "data" not in keys
+
+
+def test_data_root_precedence_command_line_then_config_file_then_environment(tmp_path, monkeypatch):
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text("data:\n  root: /data/from-file\n")
+    monkeypatch.setenv("ALLDETECT_DATA", "/data/from-env")
+    assert load_config("proposed").data.root == "/data/from-env"
+    assert load_config("proposed", files=[config_file]).data.root == "/data/from-file"
+    assert load_config("proposed", ["data.root=/data/from-cli"], files=[config_file]).data.root == "/data/from-cli"
+    monkeypatch.delenv("ALLDETECT_DATA")
+    assert load_config("proposed").data.root is None

@@ -249,8 +249,9 @@ def load_config(
         layers.append(read_yaml(tuned_config_path(arch, must_exist=True)))
         raw = _merge_all(layers + later)
     raw["arch"] = arch
+    # Precedence of the data root: key=value > --config files > $ALLDETECT_DATA > the configs/ layers.
     env_root = os.environ.get(DATA_ENV)
-    if env_root and "root" not in over.get("data", {}):
+    if env_root and not any(isinstance(layer.get("data"), dict) and "root" in layer["data"] for layer in later):
         raw.setdefault("data", {})["root"] = env_root
     return validate(raw, where="the config files and overrides")
 

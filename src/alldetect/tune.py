@@ -24,7 +24,7 @@ import yaml
 from alldetect.atomic import write_text
 from alldetect.config import Config, configs_dir, deep_merge, load_config, tuned_config_path, validate
 from alldetect.data.folds import FoldFile
-from alldetect.data.prepare import resolve_folds
+from alldetect.data.prepare import data_line, resolve_folds
 from alldetect.engine.fit import TrainingDiverged, fit_fold
 from alldetect.engine.rundir import flatten
 from alldetect.engine.train import parse_fold_spec, resolve_config
@@ -114,6 +114,7 @@ def _trial_base(arch: str, overrides: list[str], files: list[str]) -> tuple[Conf
         cfg = load_config(arch, [*overrides, f"data.root={cfg.data.root}"], [demo_tune, *files], profile="demo")
         print(f"tuning on the demo data: {_shown(demo_tune)} after the demo profile (epochs={cfg.epochs})")
     fold_file = resolve_folds(cfg)
+    print(data_line(cfg, fold_file), flush=True)
     if cfg.data.root is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(fold_file.data_root)})})
     return cfg, demo, fold_file

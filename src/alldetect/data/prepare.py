@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from alldetect.config import Config
+from alldetect.config import DATA_ENV, Config
 from alldetect.data.demo import is_demo_data, make_demo_data
 from alldetect.errors import UserError
 from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
@@ -56,6 +56,17 @@ def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
 
 def demo_banner(root: Path = DEMO_ROOT) -> str:
     return DEMO_BANNER.format(root=root)
+
+
+def data_line(cfg: Config, folds: FoldFile) -> str:
+    """Which images a command reads, and where that came from: printed before any work."""
+    if cfg.data.root is None:
+        source = f"from the sidecar of {folds.path}"
+    elif os.environ.get(DATA_ENV) == cfg.data.root:
+        source = f"from ${DATA_ENV}"
+    else:
+        source = "data.root"
+    return f"data: {folds.data_root} ({source}); folds: {folds.path} ({folds.k} folds, {len(folds.table)} images)"
 
 
 def resolve_folds(cfg: Config) -> FoldFile:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from alldetect.config import Config, load_config
-from alldetect.data.prepare import demo_banner, ensure_demo_data, resolve_folds
+from alldetect.data.prepare import data_line, demo_banner, ensure_demo_data, resolve_folds
 from alldetect.engine.fit import FitResult, fit_fold
 from alldetect.engine.select import OPTIMISTIC, selection_text
 from alldetect.errors import UserError
@@ -50,6 +50,7 @@ def train_command(arch: str, fold_spec: str, overrides: list[str], files: list[s
     fold_number(fold_spec)
     cfg, demo = resolve_config(arch, overrides, files or [])
     folds = resolve_folds(cfg)
+    print(data_line(cfg, folds), flush=True)
     if cfg.data.root is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(folds.data_root)})})
     wanted = parse_fold_spec(fold_spec, folds.k)
@@ -66,6 +67,7 @@ def cache_command(arch: str, overrides: list[str], files: list[str] | None = Non
 
     cfg, _ = resolve_config(arch, overrides, files or [])
     folds = resolve_folds(cfg)
+    print(data_line(cfg, folds), flush=True)
     size = cfg.input_size or default_input_size(arch)
     cache = image_cache(folds.data_root, folds.table["path"].tolist(), cfg.data.crop, size, cfg.data.cache_dir)
     return (f"cache ready: {cache.file} ({len(cache.paths)} images at {size} x {size}, "
