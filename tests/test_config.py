@@ -85,3 +85,8 @@ def test_data_root_precedence_command_line_then_config_file_then_environment(tmp
     assert load_config("proposed", ["data.root=/data/from-cli"], files=[config_file]).data.root == "/data/from-cli"
     monkeypatch.delenv("ALLDETECT_DATA")
     assert load_config("proposed").data.root is None
+
+
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(UserError, match="resume=true and overwrite=true contradict each other"):
+        load_config("proposed", ["resume=true", "overwrite=true"])

@@ -223,3 +223,20 @@ def test_a_fold_file_alone_names_its_data(tiny_demo, workdir):
     oof = pd.read_csv(workdir / "runs/proposed/fold2/oof.csv")
     assert len(oof) and load_checkpoint(workdir / "runs/proposed/fold2/best.pt")["config"]["data"]["root"] == str(
         tiny_demo.resolve())
+
+
+def test_any_result_of_a_run_guards_its_folder(tiny_demo, workdir):
+    """Deleting last.pt (to save disk) must not let a plain rerun replace best.pt, oof.csv and history.csv."""
+    folds = resolve_folds(_cfg(tiny_demo))
+    fit_fold(_cfg(tiny_demo, "epochs=1"), 0, folds)
+    run = workdir / "runs/proposed/fold0"
+    (run / "last.pt").unlink()
+    (run / "pred_test.csv").write_text("path,prob_all\n")
+    before = (run / "oof.csv").read_text()
+    with pytest.raises(UserError, match=r"already holds a run \(best.pt, history.csv, oof.csv, pred_test.csv\)"):
+        fit_fold(_cfg(tiny_demo, "epochs=1"), 0, folds)
+    with pytest.raises(UserError, match=r"cannot resume .*its last.pt is gone.*overwrite=true"):
+        fit_fold(_cfg(tiny_demo, "epochs=1", "resume=true"), 0, folds)
+    assert (run / "oof.csv").read_text() == before and (run / "pred_test.csv").is_file()
+    fit_fold(_cfg(tiny_demo, "epochs=1", "overwrite=true"), 0, folds)
+    assert (run / "last.pt").is_file() and not (run / "pred_test.csv").exists()

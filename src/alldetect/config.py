@@ -121,6 +121,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: resume=true continues the run in "
+                             "its folder, overwrite=true deletes it first. Choose one")
         if self.select == "ema" and not self.ema:
             raise ValueError("select=ema keeps the averaged weights: add ema=true")
         if self.patience and self.select in ("last", "ema"):

@@ -22,6 +22,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "devi
                      "data.root", "data.cache", "data.cache_dir",
                      "max_batches", "compile", "augment_on"}
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "inner.csv", "config.yaml")
+RESULT_FILES = set(RUN_FILES) - {"config.yaml"}  # what a plain rerun must never replace (with pred_*)
 
 
 def run_dir_for(cfg: Config, fold: int) -> Path:
@@ -42,15 +43,20 @@ def prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:
 
 
 def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
+    results = [p.name for p in sorted(run_dir.glob("*")) if p.name in RESULT_FILES or p.name.startswith("pred_")] \
+        if run_dir.is_dir() else []
     if cfg.overwrite and run_dir.exists():
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
         for old in run_dir.glob("pred_*"):  # predictions of the model being replaced
             old.unlink()
         shutil.rmtree(run_dir / "wandb", ignore_errors=True)
-    elif last.is_file() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a run. Continue it with resume=true, or start over with "
-                        "overwrite=true (or choose another runs_dir=)")
+    elif results and not cfg.resume:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(results)}). Continue it with resume=true, or "
+                        "start over with overwrite=true (or choose another runs_dir=)")
+    elif results and cfg.resume and not last.is_file():
+        raise UserError(f"cannot resume {run_dir}: its last.pt is gone (it holds {', '.join(results)}). Start "
+                        "over with overwrite=true (or choose another runs_dir=)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
