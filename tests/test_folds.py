@@ -170,3 +170,41 @@ def test_split_says_when_a_fold_holds_a_single_person_of_a_class():
     table.loc[table["subject"] == "H3", "fold"] = 1
     table = pd.concat([table, table.assign(subject=table["subject"] + "b", path=table["path"] + "b")])
     assert few_subjects_note(table) is None
+
+
+def test_a_fold_file_of_other_images_is_never_replaced(tiny_demo, tmp_path):
+    """Two data sets of one folder name: splitting the second must not replace the first's fold file."""
+    import shutil
+
+    other = tmp_path / "elsewhere" / tiny_demo.name
+    shutil.copytree(tiny_demo, other)
+    out = tmp_path / "folds/demo_k3_s42.csv"
+    make_fold_file(tiny_demo, out, k=3, seed=42)
+    before = out.read_text()
+    make_fold_file(other, out, k=3, seed=42)  # the same images, moved: may replace it (same content)
+    assert out.read_text() == before
+    next(other.rglob("*.bmp")).unlink()
+    with pytest.raises(UserError, match=r"holds a split of other images .*runs trained on it need it as it is"):
+        make_fold_file(other, out, k=3, seed=42)
+    assert out.read_text() == before
+
+
+def test_two_processes_never_make_one_fold_file_at_once(tiny_demo, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "folds/demo_k3_s42.csv"
+    lock = out.with_name(f".{out.name}.lock")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from alldetect.locks import exclusive; from pathlib import Path\n"
+        f"with exclusive(Path({str(lock)!r}), 'x'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"the fold file {out} is in use by another process \(pid {holder.pid}\)"):
+            make_fold_file(tiny_demo, out, k=3, seed=42)
+    finally:
+        holder.kill()
+        holder.wait()
+    make_fold_file(tiny_demo, out, k=3, seed=42)  # a killed holder's lock is no obstacle
+    assert out.is_file()

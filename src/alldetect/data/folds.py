@@ -20,6 +20,7 @@ from alldetect.atomic import write_csv, write_text
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import build_manifest, dataset_name
 from alldetect.errors import UserError, short_list
+from alldetect.locks import exclusive
 
 log = logging.getLogger("alldetect")
 
@@ -96,8 +97,31 @@ def default_fold_path(folds_dir: str | Path, data_root: str | Path, k: int, seed
 
 def make_fold_file(data_root: str | Path, out: str | Path, k: int, seed: int, by: str = "subject",
                    skip_bad: bool = False) -> FoldFile:
-    """Scan, check and split the data; write the fold CSV and its JSON sidecar atomically."""
-    data_root = Path(data_root).resolve()
+    """Scan, check and split the data; write the fold CSV and its JSON sidecar atomically, holding a lock on it so
+    that two processes never make one fold file at once. A fold file of other data is never replaced."""
+    data_root, out = Path(data_root).resolve(), Path(out)
+    with exclusive(out.with_name(f".{out.name}.lock"), f"the fold file {out}"):
+        return _make_fold_file(data_root, out, k, seed, by, skip_bad)
+
+
+def _check_not_other_data(path: Path, data_root: Path, digest: str) -> None:
+    """A fold file of other images (two data sets of one folder name) is never replaced: runs trained on it need
+    it as it is. The same images, moved or split again, may replace it."""
+    sidecar = sidecar_path(path)
+    if not (path.is_file() and sidecar.is_file()):
+        return
+    try:
+        meta = json.loads(sidecar.read_text())
+        theirs, made_from = meta.get("fingerprint"), meta.get("data_root")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return  # a damaged sidecar: nothing to protect
+    if theirs and theirs != digest:
+        raise UserError(f"{path} holds a split of other images (made from {made_from}, data fingerprint {theirs}; "
+                        f"{data_root} has {digest}), and runs trained on it need it as it is. Write this split "
+                        "elsewhere (split --out FILE, or folds_dir=DIR when training), or remove that fold file first")
+
+
+def _make_fold_file(data_root: Path, out: Path, k: int, seed: int, by: str, skip_bad: bool) -> FoldFile:
     manifest = build_manifest(data_root)
     manifest, bad = drop_bad_images(manifest, data_root, skip_bad)
     if len(bad):
@@ -105,6 +129,7 @@ def make_fold_file(data_root: str | Path, out: str | Path, k: int, seed: int, by
                     short_list(f"{r.path} ({r.problem})" for r in bad.itertuples()))
     folds = assign_folds(manifest, k, seed, by)
     digest, sizes = fingerprint(data_root, manifest["path"].tolist())
+    _check_not_other_data(out, data_root, digest)
     table = manifest.assign(fold=folds, bytes=sizes)[FOLD_COLUMNS].sort_values("path").reset_index(drop=True)
     if by == "image" and _subjects_crossing(table):
         log.warning("--by image reproduces the report's leaky split: %d subject(s) have images in more than one "
@@ -122,7 +147,6 @@ def make_fold_file(data_root: str | Path, out: str | Path, k: int, seed: int, by
         "skipped": [f"{r.path}: {r.problem}" for r in bad.itertuples()],
         "made_by": f"alldetect {__version__}",
     }
-    out = Path(out)
     write_csv(out, table)
     write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
     return FoldFile(out, table, meta, data_root)

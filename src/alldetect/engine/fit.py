@@ -9,6 +9,7 @@ runs/<arch>/fold<k>/
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_
 from alldetect.engine.select import Selector
 from alldetect.engine.stopping import StopRequested, stop_on_signals
 from alldetect.errors import UserError
+from alldetect.locks import exclusive
 from alldetect.metrics import METRIC_NAMES, score
 from alldetect.models import create_model, default_input_size
 from alldetect.tracking import Tracker, start_tracker
@@ -110,6 +112,12 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     if d.enabled and cfg.freeze_epochs:
         raise UserError("freeze_epochs is not supported with several GPUs (--gpus): train on one")
     run_dir = Path(run_dir or run_dir_for(cfg, fold))
+    lock = exclusive(run_dir / ".lock", f"the run folder {run_dir}") if d.main else contextlib.nullcontext()
+    with lock:
+        return _fit_locked(cfg, fold, folds, run_dir, d, on_epoch, run_name, job_type)
+
+
+def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist, on_epoch, run_name, job_type):
     resume_state = prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
         check_resume(cfg, resume_state, folds, run_dir)
