@@ -208,3 +208,19 @@ def test_two_processes_never_make_one_fold_file_at_once(tiny_demo, tmp_path):
         holder.wait()
     make_fold_file(tiny_demo, out, k=3, seed=42)  # a killed holder's lock is no obstacle
     assert out.is_file()
+
+
+def test_a_hand_edited_fold_number_is_refused(tiny_demo, tmp_path):
+    out = tmp_path / "f.csv"
+    make_fold_file(tiny_demo, out, k=3, seed=42)
+    table = pd.read_csv(out)
+    table.loc[0, "fold"] = 7
+    table.to_csv(out, index=False)
+    with pytest.raises(UserError, match=r"should hold folds 0..2 \(k=3 in its sidecar\), each with images, but "
+                                        r"holds .*fold7: 1 image\(s\).*edited by hand"):
+        load_fold_file(out)
+    table["fold"] = table["fold"].astype(object)
+    table.loc[0, "fold"] = "x"
+    table.to_csv(out, index=False)
+    with pytest.raises(UserError, match=r"is not a whole number"):
+        load_fold_file(out)

@@ -209,6 +209,7 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
     if missing_cols:
         raise UserError(f"fold file {path} lacks column(s) {', '.join(sorted(missing_cols))}; "
                         f"expected {','.join(FOLD_COLUMNS)}")
+    _check_fold_numbers(table, path, meta)
     root = Path(data_root or meta.get("data_root") or "")
     if not data_root and not meta.get("data_root"):
         raise UserError(f"fold file {path} has no sidecar {meta_file.name}: say where its data are (data.root=...)")
@@ -225,6 +226,23 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
     if crossing and not allow_leaky:
         raise UserError(f"fold file {path} is a leaky split by image; this step needs a subject-grouped one")
     return FoldFile(path, table, meta, root.resolve())
+
+
+def _check_fold_numbers(table: pd.DataFrame, path: Path, meta: dict) -> None:
+    """Folds are 0..k-1, each holding images, k as the sidecar says (a hand-edited number would make a tiny fold)."""
+    folds = pd.to_numeric(table["fold"], errors="coerce")
+    if folds.isna().any() or (folds % 1 != 0).any() or (folds < 0).any():
+        bad = table.loc[folds.isna() | (folds % 1 != 0) | (folds < 0), "path"].tolist()
+        raise UserError(f"fold file {path}: the fold of {short_list(bad)} is not a whole number 0 or more")
+    present = sorted(set(folds.astype(int)))
+    k = int(meta.get("k") or len(present))
+    if present != list(range(k)):
+        counts = folds.astype(int).value_counts().sort_index()
+        detail = ", ".join(f"fold{f}: {n} image(s)" for f, n in counts.items())
+        raise UserError(f"fold file {path} should hold folds 0..{k - 1} (k={k}{' in its sidecar' if meta.get('k') else ''}), "
+                        f"each with images, but holds {detail}. Was it edited by hand? Make it again with "
+                        "`alldetect split`")
+    table["fold"] = folds.astype(int)
 
 
 def _check_paths_stay_inside(table: pd.DataFrame, path: Path) -> None:
