@@ -138,8 +138,9 @@ def test_unlabelled_folder_has_no_label_column(runs, workdir, capsys):
 def test_bad_images_empty_folders_and_runs_without_checkpoint(runs, workdir):
     data = _prelim(workdir / "prelim", n=4)
     (data / "3.bmp").write_bytes(b"")
-    with pytest.raises(UserError, match=r"3\.bmp: empty file"):
+    with pytest.raises(UserError, match=r"3\.bmp: empty file.*move them out of the folder") as error:
         predict_command(["runs/proposed"], str(data), "x", FAST)
+    assert "skip_bad=true" not in str(error.value)  # an option predict does not take
     (workdir / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         predict_command(["runs/proposed"], str(workdir / "empty"), "x", FAST)
@@ -151,6 +152,14 @@ def test_bad_images_empty_folders_and_runs_without_checkpoint(runs, workdir):
         predict_command(["runs/vgg16/fold0"], str(data), "x", FAST)
     with pytest.raises(UserError, match="runs/nothing does not exist"):
         predict_command(["runs/nothing"], str(data), "x", FAST)
+
+
+def test_a_damaged_checkpoint_in_a_later_fold_stops_predict_before_it_writes(runs, workdir):
+    data = _prelim(workdir / "prelim", n=4)
+    (runs / "fold1/best.pt").write_bytes(b"truncated")
+    with pytest.raises(UserError, match=r"fold1/best.pt: damaged or not a checkpoint"):
+        predict_command(["runs/proposed"], str(data), "x", FAST)
+    assert not list(runs.glob("fold*/pred_x.*"))
 
 
 def test_cli_options_and_errors(runs, workdir, capsys):

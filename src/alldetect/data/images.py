@@ -57,17 +57,20 @@ def inspect_images(root: Path, paths: list[str], workers: int = 8) -> pd.DataFra
     return pd.DataFrame(results, columns=["width", "height", "mode", "problem"]).assign(path=paths)
 
 
-def drop_bad_images(manifest: pd.DataFrame, root: Path, skip_bad: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check every image; raise a clear error for bad ones, or (skip_bad) leave them out and list them."""
+SKIP_BAD_HINT = "or pass --skip-bad (data.skip_bad=true) to leave them out and list them"
+
+
+def drop_bad_images(manifest: pd.DataFrame, root: Path, skip_bad: bool,
+                    hint: str = SKIP_BAD_HINT) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check every image; raise a clear error for bad ones (ending with `hint`, what else the user may do), or
+    (skip_bad) leave them out and list them."""
     info = inspect_images(root, manifest["path"].tolist())
     bad = info[info["problem"] != ""]
     if len(bad) and not skip_bad:
         listing = "; ".join(f"{r.path}: {r.problem}" for r in bad.head(5).itertuples())
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise UserError(
-            f"{len(bad)} image(s) under {root} cannot be used: {listing}{more}. Fix or remove them, "
-            "or pass --skip-bad (data.skip_bad=true) to leave them out and list them"
-        )
+            f"{len(bad)} image(s) under {root} cannot be used: {listing}{more}. Fix or remove them, {hint}")
     keep = manifest[~manifest["path"].isin(bad["path"])].reset_index(drop=True)
     if keep.empty:
         raise UserError(f"none of the {len(manifest)} image(s) under {root} can be used (e.g. {bad['path'].iloc[0]}: "

@@ -83,7 +83,9 @@ def load_held_out(data: str | Path) -> HeldOutData:
     """Find the images (any layout the project reads) and check every one up front."""
     root = Path(data).resolve()
     manifest = build_manifest(root)
-    manifest, _ = drop_bad_images(manifest, root, skip_bad=False)
+    manifest, _ = drop_bad_images(manifest, root, skip_bad=False, hint=(
+        "or move them out of the folder: every image of a held-out set gets a prediction, so predict has no "
+        "--skip-bad"))
     digest, _ = fingerprint(root, manifest["path"].tolist())
     return HeldOutData(root, manifest, digest)
 
@@ -161,6 +163,8 @@ def predict_command(runs: list[str], data: str, name: str, overrides: list[str] 
     opts = parse_options(raw, OPTIONS, "predict")
     name = check_name(name)
     fold_runs = find_fold_runs(paths)
+    for run in fold_runs:  # every checkpoint is checked before any prediction file is written
+        rebuild_model(load_checkpoint(run / "best.pt", mmap=True), run)
     held_out = load_held_out(data)
     device = resolve_device(opts["device"])
     log.info("predicting %d image(s) of %s (%s) with %d run(s), tta=%s", len(held_out.manifest), held_out.root,
