@@ -238,3 +238,16 @@ def test_full_disk_fails_before_training(tiny_demo, workdir, monkeypatch):
     with pytest.raises(UserError, match=r"only 1 MiB free .* checkpoints need about \d+ MiB"):
         fit_fold(_cfg(tiny_demo), 0, resolve_folds(_cfg(tiny_demo)))
     assert not called
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_get_the_users_umask_not_the_temporary_files_0600(workdir, umask, mode):
+    """Teammates on a shared machine read each other's runs and fold files as their umask allows."""
+    old = os.umask(umask)
+    try:
+        write_text(workdir / "a.txt", "x")
+        save_checkpoint(workdir / "b.pt", {"model": {}, "config": {}})
+    finally:
+        os.umask(old)
+    assert (workdir / "a.txt").stat().st_mode & 0o777 == mode
+    assert (workdir / "b.pt").stat().st_mode & 0o777 == mode
