@@ -90,3 +90,14 @@ def test_data_root_precedence_command_line_then_config_file_then_environment(tmp
 def test_resume_and_overwrite_together_are_refused():
     with pytest.raises(UserError, match="resume=true and overwrite=true contradict each other"):
         load_config("proposed", ["resume=true", "overwrite=true"])
+
+
+def test_arch_is_the_commands_argument_not_a_setting(tmp_path):
+    with pytest.raises(UserError, match=r"'arch=resnet50': the architecture is the command's first argument"):
+        load_config("proposed", ["arch=resnet50"])
+    assert "arch" not in valid_keys()
+    other = tmp_path / "other.yaml"
+    other.write_text("arch: resnet50\nlr: 0.01\n")
+    with pytest.raises(UserError, match=r"other.yaml sets arch: resnet50, but the command trains proposed"):
+        load_config("proposed", files=[other])
+    assert load_config("resnet50", files=[other]).lr == 0.01

@@ -122,6 +122,15 @@ def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_demo, workdir, config
     assert "trial 0 failed" in capsys.readouterr().out and "loss became nan" in study.trials[0].user_attrs["error"]
 
 
+def test_search_space_numbers_written_like_1e_2_are_numbers(tmp_path):
+    """YAML reads 1e-2 (no dot) as a string; the config accepts it as a number, and so does a search space."""
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {type: float, low: 1e-5, high: 1e-2, log: true}\nepochs: {type: int, low: '2', high: 4}\n")
+    space = load_search_space(path, load_config("proposed"))
+    assert space.params["lr"] == {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "step": None}
+    assert (space.params["epochs"]["low"], space.params["epochs"]["high"]) == (2, 4)
+
+
 @pytest.mark.parametrize("entry, message", [
     ("learning_rate: {type: float, low: 0.1, high: 1.0}", "unknown config key"),
     ("lr: {type: float, low: 0.01, high: 0.01}", "empty range"),

@@ -178,8 +178,11 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """The settings a user may give (arch is the command's argument, not one of them)."""
     keys = []
     for name, field in model.model_fields.items():
+        if not prefix and name == "arch":
+            continue
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += valid_keys(ann, f"{prefix}{name}.")
@@ -197,6 +200,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise UserError(f"'{item}' is not a key=value override (e.g. lr=3e-4 or data.root=/data/C-NMC)")
+        if key == "arch":
+            raise UserError(f"'{item}': the architecture is the command's first argument (e.g. ./train.sh resnet50 "
+                            "fold0), not a setting")
         if key not in keys:
             raise UserError(f"unknown config key '{key}'. Valid keys: {', '.join(sorted(keys))}")
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -251,6 +257,10 @@ def load_config(
     if _wants_tuned(raw):
         layers.append(read_yaml(tuned_config_path(arch, must_exist=True)))
         raw = _merge_all(layers + later)
+    for f, layer in zip(files or [], later):
+        if layer.get("arch") not in (None, arch):
+            raise UserError(f"{f} sets arch: {layer['arch']}, but the command trains {arch}: the architecture is the "
+                            "command's first argument; remove arch from the file or name it on the command line")
     raw["arch"] = arch
     # Precedence of the data root: key=value > --config files > $ALLDETECT_DATA > the configs/ layers.
     env_root = os.environ.get(DATA_ENV)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from alldetect.config import Config, configs_dir, deep_merge, read_yaml, valid_keys
 from alldetect.errors import UserError
@@ -106,7 +106,7 @@ def _normalise(where: str, spec: Any) -> dict[str, Any]:
             raise UserError(f"{where}: choices {choices} repeat a value")
         return {"type": kind, "choices": choices}
     number = int if kind == "int" else (int, float)
-    low, high = spec.get("low"), spec.get("high")
+    low, high = _number(spec.get("low"), kind), _number(spec.get("high"), kind)
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
             raise UserError(f"{where}: {name} must be a finite {'integer' if kind == 'int' else 'number'}, "
@@ -115,7 +115,7 @@ def _normalise(where: str, spec: Any) -> dict[str, Any]:
         raise UserError(f"{where}: inverted range, low={low} is above high={high}")
     if low == high:
         raise UserError(f"{where}: empty range, low = high = {low}; fix the value in the config instead")
-    log, step = bool(spec.get("log", False)), spec.get("step")
+    log, step = bool(spec.get("log", False)), _number(spec.get("step"), kind)
     if log and low <= 0:
         raise UserError(f"{where}: a log range needs low > 0, not {low}")
     if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0):
@@ -126,6 +126,16 @@ def _normalise(where: str, spec: Any) -> dict[str, Any]:
         step = step or 1
     return {"type": kind, "low": low if kind == "int" else float(low), "high": high if kind == "int" else float(high),
             "log": log, "step": step if step is None or kind == "int" else float(step)}
+
+
+def _number(value: Any, kind: str) -> Any:
+    """YAML reads 1e-2 (no dot) as a string; the config accepts it as a number, and so does a search space."""
+    if isinstance(value, str):
+        try:
+            return TypeAdapter(int if kind == "int" else float).validate_python(value)
+        except ValidationError:
+            return value  # reported as not a number by the caller
+    return value
 
 
 def _check_values(where: str, key: str, p: dict, base: Config) -> None:
