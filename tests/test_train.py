@@ -172,9 +172,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_demo, workdir, monke
             return loss * float("nan") if calls["n"] > 5 else loss  # epoch 1 has 3 batches
 
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", PoisonedLoss)
-    with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last.pt keeps the last good epoch"):
+    with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last.pt keeps the last good epoch \(1\)"):
         fit_fold(_cfg(tiny_demo, "epochs=3"), 0, resolve_folds(_cfg(tiny_demo)))
     assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["epoch"] == 0
+    calls["n"] = 5  # from the first step: no epoch finishes, and the message must not claim a checkpoint
+    with pytest.raises(UserError, match=r"loss became nan at epoch 1.*no epoch finished, so no checkpoint was "
+                                        r"written") as error:
+        fit_fold(_cfg(tiny_demo, "epochs=3", "runs_dir=b"), 0, resolve_folds(_cfg(tiny_demo)))
+    assert "last.pt" not in str(error.value) and not (workdir / "b/proposed/fold0/last.pt").exists()
 
 
 def test_wandb_offline_writes_a_run(tiny_demo, workdir):
