@@ -251,3 +251,22 @@ def test_outputs_get_the_users_umask_not_the_temporary_files_0600(workdir, umask
         os.umask(old)
     assert (workdir / "a.txt").stat().st_mode & 0o777 == mode
     assert (workdir / "b.pt").stat().st_mode & 0o777 == mode
+
+
+def test_an_image_that_goes_bad_after_the_split_is_a_clean_error_with_loader_workers(tiny_demo, workdir, capsys):
+    """Same size, garbage bytes (so the fold file's check passes): the worker's error arrives as its message."""
+    import shutil
+
+    from alldetect.cli import main
+
+    data = workdir / "data"
+    shutil.copytree(tiny_demo, data)
+    assert main(["train", "proposed", "fold0", *FAST, f"data.root={data}", "epochs=1"]) == 0
+    victim = sorted(data.rglob("*.bmp"))[0]
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    capsys.readouterr()
+    code = main(["train", "proposed", "fold0", *FAST, f"data.root={data}", "epochs=1", "overwrite=true",
+                 "data.num_workers=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot read image {victim}" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err

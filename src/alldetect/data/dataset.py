@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from alldetect.data.images import preprocess, read_rgb
 from alldetect.data.transforms import sample_seed
+from alldetect.errors import UserError
 
 
 class CellDataset(Dataset):
@@ -97,6 +98,12 @@ class EpochSampler(Sampler[int]):
         return -(-self.n // self.world) - self.skip
 
 
+def unwrap_worker_message(message: str) -> str:
+    """torch re-raises a worker's exception with its traceback as the message: keep what was raised."""
+    marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+    return message.rsplit(marker, 1)[1].strip() if message.startswith("Caught ") and marker in message else message
+
+
 def _worker_init(_: int) -> None:
     # The main process decides when to stop on SIGINT/SIGTERM (after the current step, with a checkpoint);
     # workers that died first would break that step. They end with the main process anyway.
@@ -110,6 +117,19 @@ class Loader(DataLoader):
     Its workers ignore SIGTERM (see `_worker_init`), so a loader still alive when Python exits would leave
     multiprocessing's exit handler waiting for them forever (seen in `alldetect tune`, whose trials' loaders
     outlived the trials). Every user closes its loaders when done, rather than waiting for garbage collection."""
+
+    def __iter__(self):
+        """As DataLoader's, but a UserError raised in a worker (an image that went bad) arrives as its own clear
+        message, not wrapped in the worker's traceback."""
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except UserError as e:
+                raise UserError(unwrap_worker_message(str(e))) from None
+            yield batch
 
     def close(self) -> None:
         iterator = getattr(self, "_iterator", None)
