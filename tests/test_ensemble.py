@@ -341,3 +341,13 @@ def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, 
     assert main(["visualize", "runs/resnet10t/fold0", str(image)]) == 0
     assert f"p(all) {probability_text(first['prob_all'])}" in capsys.readouterr().out  # as validation saw it
     assert (workdir / f"reports/visualize/resnet10t_fold0/{image.stem}/gradcam.png").is_file()
+
+
+def test_single_folds_never_replace_the_full_result_of_the_same_members(two_members, workdir, capsys):
+    ensemble_command([str(m) for m in two_members], oof=True, name=None)
+    full = (workdir / "submissions/oof_proposed+resnet50/metrics.json").read_text()
+    ensemble_command(["runs/proposed/fold0", "runs/proposed/fold2", "runs/resnet50/fold0", "runs/resnet50/fold2"],
+                     oof=True, name=None)
+    assert (workdir / "submissions/oof_proposed+resnet50/metrics.json").read_text() == full
+    assert json.loads((workdir / "submissions/oof_proposed-fold0.2+resnet50-fold0.2/metrics.json").read_text())[
+        "images"] == 16

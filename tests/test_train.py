@@ -267,3 +267,12 @@ def test_a_run_folder_takes_one_training_at_a_time(tiny_demo, workdir):
         holder.wait()
     fit_fold(_cfg(tiny_demo, "epochs=1"), 0, resolve_folds(_cfg(tiny_demo)))  # a killed holder's lock is stale
     assert (run / "best.pt").is_file() and not (run / ".lock.pid").exists()
+
+
+def test_a_data_root_that_is_a_file_says_so_before_naming_a_fold_file(workdir, monkeypatch, capsys):
+    (workdir / "images.zip").write_bytes(b"PK")
+    monkeypatch.setenv("ALLDETECT_DATA", str(workdir / "images.zip"))
+    assert main(["train", "proposed", "fold0", *FAST]) == 2
+    captured = capsys.readouterr()
+    assert "images.zip is a file, not a folder" in captured.err and "fold file" not in captured.err + captured.out
+    assert not (workdir / "folds").exists()

@@ -27,7 +27,7 @@ from alldetect import __version__
 from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.layouts import NUMBERED_RE
 from alldetect.engine.select import selection_label
-from alldetect.engine.runs import Member, find_fold_runs, group_members, run_info
+from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members, run_info
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import METRIC_NAMES, best_threshold, score
 from alldetect.options import choice, parse_options, split_options
@@ -470,6 +470,16 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
     return record
 
 
+def _member_label(member: Member) -> str:
+    """The member's name, with its folds when it is not all of its folder's (so that a result of single folds
+    never replaces the full one): proposed, or proposed-fold0.2."""
+    trained = find_fold_runs([member.folder]) if not (member.folder / "best.pt").is_file() else member.runs
+    if {r.resolve() for r in member.runs} == {r.resolve() for r in trained}:
+        return member.name
+    folds = sorted(int(m.group(1)) for r in member.runs if (m := FOLD_DIR_RE.match(r.name)))
+    return f"{member.name}-fold{'.'.join(map(str, folds))}"
+
+
 def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: list[str] | None = None,
                      out: str = "submissions") -> dict:
     paths, raw = split_options([*runs, *(overrides or [])])
@@ -483,6 +493,6 @@ def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: li
         check_name(name)
     members = group_members(find_fold_runs(paths))
     if oof:
-        label = name or "+".join(m.name for m in members)
+        label = name or "+".join(_member_label(m) for m in members)
         return oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")
     return submission(members, name, opts, Path(out))

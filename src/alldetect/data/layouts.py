@@ -56,6 +56,9 @@ def find_images(root: Path) -> list[str]:
 def build_manifest(root: str | Path) -> pd.DataFrame:
     """The manifest of the data set under `root`; raises UserError when no layout fits."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the data folder {root} is a file, not a folder: point data.root= (or ALLDETECT_DATA) at "
+                        "the folder that holds the images")
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist (set data.root=PATH or ALLDETECT_DATA)")
     paths = find_images(root)

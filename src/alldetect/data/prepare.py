@@ -10,6 +10,7 @@ from pathlib import Path
 
 from alldetect.config import DATA_ENV, Config
 from alldetect.data.demo import is_demo_data, make_demo_data
+from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
 from alldetect.data.folds import (FoldFile, default_fold_path, fold_summary, load_fold_file,
                                   make_fold_file)
@@ -75,6 +76,8 @@ def resolve_folds(cfg: Config) -> FoldFile:
     if cfg.data.fold_file:  # its sidecar knows the data root when none is given
         return load_fold_file(cfg.data.fold_file, cfg.data.root)
     root = Path(cfg.data.root)
+    if not root.is_dir():  # say so before naming a fold file after it
+        build_manifest(root)
     path = default_fold_path(cfg.folds_dir, root, cfg.data.k, cfg.seed, cfg.data.split_by)
     if path.is_file():
         return load_fold_file(path, root)
