@@ -206,3 +206,26 @@ def test_sixteen_bit_png_named(tmp_path):
     from alldetect.data.images import check_image
 
     assert "16-bit" in check_image(tmp_path / "x.png")[3]
+
+
+def test_sixteen_bit_rgb_and_32_bit_bmp_are_read_as_8_bit_rgb_and_said_so(tmp_path, caplog):
+    """They decode to the same 8-bit RGB cv2 reads for training; index and split name them, nothing is silent."""
+    import cv2
+
+    from alldetect.data.index import index_command
+
+    root = tmp_path / "C-NMC_training_data"
+    for i, subject in enumerate(["1", "2", "3"]):
+        write_image(root / f"fold_0/all/UID_{subject}_1_1_all.bmp")
+        write_image(root / f"fold_0/hem/UID_H{subject}_1_1_hem.bmp")
+    wide = (np.random.default_rng(0).random((64, 64, 3)) * 65535).astype(np.uint16)
+    cv2.imwrite(str(root / "fold_0/all/UID_1_2_1_all.png"), wide)
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(root / "fold_0/hem/UID_H1_2_1_hem.bmp")
+    text = index_command(str(tmp_path))
+    assert "2 image(s) are not 24-bit RGB and are converted when read" in text
+    assert "UID_1_2_1_all.png (16-bit RGB, read as 8-bit)" in text
+    assert "UID_H1_2_1_hem.bmp (32-bit BMP, read without its 4th byte)" in text
+    assert "every image is readable (24-bit RGB, or converted as listed)" in text
+    with caplog.at_level("WARNING", logger="alldetect"):
+        kept, bad = drop_bad_images(build_manifest(tmp_path), tmp_path, skip_bad=False)
+    assert len(kept) == 8 and bad.empty and "converted when read" in caplog.text

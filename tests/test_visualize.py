@@ -101,9 +101,11 @@ def test_unreadable_image_stops_before_any_work_and_names_it(workdir, tiny_demo,
     run = make_run(workdir / "runs" / "proposed" / "fold0", "proposed", weights=True, input_size=32)
     good = next(tiny_demo.glob("C-NMC_training_data/fold_*/*/*.bmp"))
     (workdir / "broken.bmp").write_bytes(b"BM not really")
-    assert main(["visualize", str(run), str(good), "broken.bmp", "absent.png"]) == 2
+    Image.new("L", (64, 64)).save(workdir / "grey.png")  # training refuses it: so does visualize
+    assert main(["visualize", str(run), str(good), "broken.bmp", "absent.png", "grey.png"]) == 2
     err = capsys.readouterr().err
-    assert "cannot read 2 image(s): broken.bmp, absent.png" in err
+    assert "cannot use 3 image(s): broken.bmp (not a readable image" in err
+    assert "absent.png (missing), grey.png (greyscale, not 24-bit RGB)" in err
     assert not (workdir / "reports").exists()
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from alldetect import plots
-from alldetect.data.images import preprocess, read_rgb
+from alldetect.data.images import check_image, preprocess, read_rgb
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import DeviceBatch, logits_of, resolve_device
 from alldetect.engine.predict import rebuild_model
@@ -144,16 +144,21 @@ def grad_cam(model: nn.Module, block: Block, x: torch.Tensor, target: int) -> np
 
 
 def _check_images(images: list[str]) -> list[np.ndarray]:
-    """Read every image first, so that one bad file stops the command before any work, naming them all."""
+    """Check and read every image first (by the rule training uses), so that one bad file stops the command before
+    any work, naming them all."""
     read, bad = [], []
     for path in images:
+        problem = check_image(Path(path))[3] if Path(path).is_file() else "missing"
+        if problem:
+            bad.append(f"{path} ({problem})")
+            continue
         try:
             read.append(read_rgb(Path(path)))
         except UserError:
-            bad.append(path)
+            bad.append(f"{path} (unreadable)")
     if bad:
-        raise UserError(f"cannot read {len(bad)} image(s): {short_list(bad)} (missing, unreadable or not an "
-                        "image); name image files alldetect can read (BMP, PNG, JPEG, TIFF)")
+        raise UserError(f"cannot use {len(bad)} image(s): {short_list(bad)}; name 24-bit RGB image files "
+                        "(BMP, PNG, JPEG, TIFF), as training uses")
     return read
 
 

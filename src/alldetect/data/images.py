@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,34 +14,47 @@ from PIL import Image
 
 from alldetect.errors import UserError, short_list
 
+log = logging.getLogger("alldetect")
+
 # Read 24-bit RGB only: C-NMC images are 24-bit BMPs; anything else would be silently converted otherwise.
 ACCEPTED_MODES = {"RGB"}
 
 
 def check_image(path: Path) -> tuple[int, int, str, str]:
     """(width, height, mode, problem); problem is '' for an image the pipeline reads correctly."""
+    width, height, mode, problem, _ = inspect_image(path)
+    return width, height, mode, problem
+
+
+def inspect_image(path: Path) -> tuple[int, int, str, str, str]:
+    """(width, height, mode, problem, note). problem: why the pipeline cannot use it ('' if it can). note: how a
+    usable image that is not plain 24-bit RGB is converted when read ('' for 24-bit RGB): 16 bits per channel
+    are read as 8 (OpenCV scales them), a 32-bit BMP without its fourth byte."""
     try:
         if path.stat().st_size == 0:
-            return 0, 0, "", "empty file"
+            return 0, 0, "", "empty file", ""
         with Image.open(path) as im:
             width, height, mode = im.width, im.height, im.mode
             if mode not in ACCEPTED_MODES:
-                return width, height, mode, f"{_describe_mode(mode)}, not 24-bit RGB"
+                return width, height, mode, f"{_describe_mode(mode)}, not 24-bit RGB", ""
+            raw = str(im.tile[0][3][0] if isinstance(im.tile[0][3], tuple) else im.tile[0][3]) if im.tile else ""
+            note = ("16-bit RGB, read as 8-bit" if ";16" in raw
+                    else "32-bit BMP, read without its 4th byte" if raw.startswith(("BGRX", "BGRA")) else "")
             if im.format == "BMP" and im.tile and im.tile[0][0] == "raw":
                 # Uncompressed BMP: the file must hold every row the header promises.
                 offset, args = im.tile[0][2], im.tile[0][3]
                 stride = args[1] if isinstance(args, tuple) and len(args) > 1 else ((width * 24 + 31) // 32) * 4
                 if path.stat().st_size < offset + stride * height:
-                    return width, height, mode, "truncated (the file is shorter than its header says)"
+                    return width, height, mode, "truncated (the file is shorter than its header says)", ""
             else:
                 im.load()
     except Image.DecompressionBombError:
-        return 0, 0, "", "too large to decode safely"
+        return 0, 0, "", "too large to decode safely", ""
     except (OSError, ValueError, SyntaxError) as e:
-        return 0, 0, "", f"not a readable image ({e})"
+        return 0, 0, "", f"not a readable image ({e})", ""
     if width < 8 or height < 8:
-        return width, height, mode, f"too small ({width}x{height})"
-    return width, height, mode, ""
+        return width, height, mode, f"too small ({width}x{height})", ""
+    return width, height, mode, "", note
 
 
 def _describe_mode(mode: str) -> str:
@@ -50,11 +64,20 @@ def _describe_mode(mode: str) -> str:
 
 
 def inspect_images(root: Path, paths: list[str], workers: int = 8) -> pd.DataFrame:
-    """One row per path: width, height, mode, problem. Threads, because this is I/O."""
+    """One row per path: width, height, mode, problem, note. Threads, because this is I/O."""
     root = Path(root)
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda p: check_image(root / p), paths))
-    return pd.DataFrame(results, columns=["width", "height", "mode", "problem"]).assign(path=paths)
+        results = list(pool.map(lambda p: inspect_image(root / p), paths))
+    return pd.DataFrame(results, columns=["width", "height", "mode", "problem", "note"]).assign(path=paths)
+
+
+def converted_note(info: pd.DataFrame) -> str | None:
+    """'3 image(s) are converted when read: a.png (16-bit RGB, read as 8-bit), ...', or None."""
+    converted = info[(info["problem"] == "") & (info["note"] != "")]
+    if converted.empty:
+        return None
+    return (f"{len(converted)} image(s) are not 24-bit RGB and are converted when read: "
+            + short_list(f"{r.path} ({r.note})" for r in converted.itertuples()))
 
 
 SKIP_BAD_HINT = "or pass --skip-bad (data.skip_bad=true) to leave them out and list them"
@@ -71,6 +94,9 @@ def drop_bad_images(manifest: pd.DataFrame, root: Path, skip_bad: bool,
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise UserError(
             f"{len(bad)} image(s) under {root} cannot be used: {listing}{more}. Fix or remove them, {hint}")
+    note = converted_note(info)
+    if note:
+        log.warning("%s", note)
     keep = manifest[~manifest["path"].isin(bad["path"])].reset_index(drop=True)
     if keep.empty:
         raise UserError(f"none of the {len(manifest)} image(s) under {root} can be used (e.g. {bad['path'].iloc[0]}: "

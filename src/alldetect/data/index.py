@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from alldetect.data.folds import default_fold_path, few_subjects_note, fold_summary, make_fold_file
-from alldetect.data.images import inspect_images
+from alldetect.data.images import converted_note, inspect_images
 from alldetect.data.layouts import build_manifest
 
 log = logging.getLogger("alldetect")
@@ -35,8 +35,11 @@ def index_command(root: str) -> str:
     if len(bad):
         lines += [f"{len(bad)} unusable image(s) (leave them out with --skip-bad):"]
         lines += [f"  {r.path}: {r.problem}" for r in bad.itertuples()]
-    else:
-        lines += ["every image is readable 24-bit RGB"]
+    converted = converted_note(frame)
+    if converted:
+        lines += [converted]
+    if not len(bad):
+        lines += ["every image is readable" + (" (24-bit RGB, or converted as listed)" if converted else " 24-bit RGB")]
     return "\n".join(lines)
 
 
