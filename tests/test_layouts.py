@@ -229,3 +229,30 @@ def test_sixteen_bit_rgb_and_32_bit_bmp_are_read_as_8_bit_rgb_and_said_so(tmp_pa
     with caplog.at_level("WARNING", logger="alldetect"):
         kept, bad = drop_bad_images(build_manifest(tmp_path), tmp_path, skip_bad=False)
     assert len(kept) == 8 and bad.empty and "converted when read" in caplog.text
+
+
+def test_identical_images_under_two_classes_or_people_are_named(tmp_path, capsys):
+    import shutil
+
+    from alldetect.cli import main
+    from alldetect.data.index import index_command
+
+    root = tmp_path / "C-NMC_training_data"
+    for subject in ["1", "2", "3"]:
+        for i in range(2):
+            write_image(root / f"fold_0/all/UID_{subject}_{i}_1_all.bmp")
+            write_image(root / f"fold_0/hem/UID_H{subject}_{i}_1_hem.bmp")
+    clean = index_command(str(tmp_path))
+    assert "byte for byte" not in clean
+    shutil.copy(root / "fold_0/all/UID_1_0_1_all.bmp", root / "fold_0/hem/UID_H2_7_1_hem.bmp")
+    shutil.copy(root / "fold_0/all/UID_2_0_1_all.bmp", root / "fold_0/all/UID_3_7_1_all.bmp")
+    shutil.copy(root / "fold_0/hem/UID_H3_0_1_hem.bmp", root / "fold_0/hem/UID_H3_9_1_hem.bmp")  # one person: fine
+    text = index_command(str(tmp_path))
+    c = "C-NMC_training_data/fold_0"
+    assert (f"1 image(s) appear, byte for byte, under both classes: {c}/all/UID_1_0_1_all.bmp = "
+            f"{c}/hem/UID_H2_7_1_hem.bmp") in text
+    assert (f"1 image(s) appear, byte for byte, under two or more people: {c}/all/UID_2_0_1_all.bmp = "
+            f"{c}/all/UID_3_7_1_all.bmp") in text
+    assert "UID_H3_9_1_hem" not in text
+    assert main(["split", str(tmp_path), "--k", "2", "--out", str(tmp_path / "f.csv")]) == 0
+    assert "under both classes" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from alldetect.data.folds import default_fold_path, few_subjects_note, fold_summary, make_fold_file
+from alldetect.data.duplicates import duplicates_note, identical_groups
 from alldetect.data.images import converted_note, inspect_images
 from alldetect.data.layouts import build_manifest
 
@@ -35,6 +36,9 @@ def index_command(root: str) -> str:
     if len(bad):
         lines += [f"{len(bad)} unusable image(s) (leave them out with --skip-bad):"]
         lines += [f"  {r.path}: {r.problem}" for r in bad.itertuples()]
+    duplicates = duplicates_note(identical_groups(Path(root), manifest))
+    if duplicates:
+        lines += [duplicates]
     converted = converted_note(frame)
     if converted:
         lines += [converted]
@@ -53,7 +57,7 @@ def split_command(root: str, k: int, seed: int, by: str, out: str | None, folds_
         lines.append(f"warning: leaky split by image: {crossing} subject(s) have images in more than one fold")
     else:
         lines.append("no subject appears in more than one fold")
-    note = few_subjects_note(folds.table)
-    if note:
-        lines.append(note)
+    for note in (few_subjects_note(folds.table), duplicates_note(identical_groups(folds.data_root, folds.table))):
+        if note:
+            lines.append(note)
     return "\n".join(lines)
