@@ -133,7 +133,8 @@ def test_atomic_checkpoint_write_never_leaves_a_truncated_file(workdir, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"could not write .*last.pt \(No space left on device\): the previous "
+                                        r"last.pt is kept as it was"):
         save_checkpoint(workdir / "last.pt", {"model": {"w": torch.zeros(3)}, "config": {}})
     assert torch.equal(load_checkpoint(workdir / "last.pt")["model"]["w"], torch.ones(3))
     assert sorted(p.name for p in workdir.iterdir()) == ["last.pt"]
@@ -270,3 +271,59 @@ def test_an_image_that_goes_bad_after_the_split_is_a_clean_error_with_loader_wor
     err = capsys.readouterr().err
     assert code == 2 and f"cannot read image {victim}" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(tiny_demo, workdir, monkeypatch):
+    """A full disk or a file-size limit (ulimit -f) at epoch 2: a clear error, last.pt and history.csv of epoch 1,
+    and resume=true finishes the run."""
+    import alldetect.engine.checkpoint as checkpoint
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def limited(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 1 writes best.pt and last.pt; epoch 2's first write fails
+            with open(f, "wb") as fh:
+                fh.write(b"part")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", limited)
+    with pytest.raises(UserError, match=r"training stopped in epoch 2: could not write .*(best|last).pt "
+                                        r"\(.*failed writing file\).*resume=true"):
+        fit_fold(_cfg(tiny_demo, "epochs=3", "select=outer"), 0, resolve_folds(_cfg(tiny_demo)))
+    run = workdir / "runs/proposed/fold0"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0]
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    fit_fold(_cfg(tiny_demo, "epochs=3", "select=outer", "resume=true"), 0, resolve_folds(_cfg(tiny_demo)))
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1, 2]
+
+
+def test_impossible_output_places_are_clear_errors_before_any_work(tiny_demo, workdir, capsys):
+    """Each output folder lies under a file (impossible even for root): a message naming it, exit 2, no traceback."""
+    from alldetect.cli import main
+    from fake_runs import make_run, oof_frame
+
+    (workdir / "afile").write_text("")
+    bad = str(workdir / "afile" / "sub")
+    make_run(workdir / "runs/proposed/fold0", weights=True, input_size=32,
+             oof=oof_frame(["x/UID_1_1_1_all.bmp", "x/UID_H1_1_1_hem.bmp"], [1, 0], [0.7, 0.2], 0))
+    image = str(next(tiny_demo.rglob("*.bmp")))
+    cases = [
+        (["split", str(tiny_demo), "--k", "3", "--out", f"{bad}/f.csv"], "the fold file's folder"),
+        (["train", "proposed", "fold0", *FAST, f"data.root={tiny_demo}", f"folds_dir={bad}"], "the fold file's folder"),
+        (["train", "proposed", "fold0", *FAST, f"data.root={tiny_demo}", "data.cache=true",
+          f"data.cache_dir={bad}", "runs_dir=elsewhere"], "the image cache folder"),
+        (["train", "proposed", "fold0", *FAST, f"data.root={tiny_demo}", f"runs_dir={bad}"], "the run folder"),
+        (["ensemble", "runs/proposed", "--oof", "--out", bad], "the output folder (--out)"),
+        (["visualize", "runs/proposed/fold0", image, "--out", bad], "the output folder (--out)"),
+        (["demo-data", bad], "the demo data folder"),
+        (["report", "--out", bad, "--no-speed"], "the reports folder"),
+        (["tune", "proposed", "--trials", "0", "--out", f"{bad}/t.yaml", f"data.root={tiny_demo}"], "the folder of --out"),
+    ]
+    for argv, what in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"cannot write to {what}" in err and "afile" in err and "Traceback" not in err, (argv, err)

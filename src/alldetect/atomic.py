@@ -11,24 +11,47 @@ import os
 import tempfile
 from pathlib import Path
 
+from alldetect.errors import UserError
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Make `folder` and prove that a file can be written in it, before any work that would write there; else a
+    UserError that names it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {folder} ({e.strerror or e}); choose another place") from None
+    return folder
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed. A failed write
+    (a full disk, a file-size limit, a folder that cannot be written) is a UserError that says what was kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file of the user's gets
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file of the user's gets
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "writ" in str(e).lower()):
+            kept = f"the previous {path.name} is kept as it was" if path.exists() else "nothing was written there"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+            raise UserError(f"could not write {path} ({reason}): {kept}") from None
         raise
 
 

@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `alldetect ... | head` closed the pipe: stop quietly, as other CLI tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # a file or folder that cannot be read or written, where no check caught it first
+        if args.verbose:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; run with -v for the full traceback", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,7 +24,7 @@ from scipy.optimize import minimize
 from sklearn.metrics import log_loss
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, write_csv, write_text
+from alldetect.atomic import atomic_path, check_writable, write_csv, write_text
 from alldetect.data.layouts import NUMBERED_RE
 from alldetect.engine.select import selection_label
 from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members, run_info
@@ -492,6 +492,7 @@ def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: li
 
         check_name(name)
     members = group_members(find_fold_runs(paths))
+    check_writable(out, "the output folder (--out)")
     if oof:
         label = name or "+".join(_member_label(m) for m in members)
         return oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")

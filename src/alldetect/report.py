@@ -34,6 +34,7 @@ from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import resolve_device
 from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_count
+from alldetect.atomic import check_writable
 from alldetect.engine.select import selection_label, selection_text
 from alldetect.ensemble import load_oof, metrics_table, safe_name
 from alldetect.errors import UserError
@@ -625,8 +626,7 @@ def report_command(runs: str = "runs", submissions: str = "submissions", name: s
     start = time.perf_counter()
     findings = collect(Path(runs), Path(submissions))
     name = safe_name(name or "+".join(a.name for a in findings.archs if a.oof is not None))
-    final = Path(out) / name
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = check_writable(out, "the reports folder (--out)") / name
     notes = _check_data(findings, data)
     speed_note = _measure_speeds(findings, device)
     numbers = comparison_table(findings)

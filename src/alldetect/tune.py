@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 import yaml
 
-from alldetect.atomic import write_text
+from alldetect.atomic import check_writable, write_text
 from alldetect.config import Config, configs_dir, deep_merge, load_config, tuned_config_path, validate
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
@@ -77,12 +77,14 @@ def tune_command(arch: str, overrides: list[str], files: list[str] | None = None
         raise UserError(f"--trials {trials}: give the number of trials to add (0 only reports the study)")
     if heartbeat < 1:
         raise UserError(f"--heartbeat {heartbeat}: give the seconds between heartbeats (1 or more)")
+    if out:  # every output place is checked before any work
+        check_writable(Path(out).parent, "the folder of --out")
+    if storage is None:
+        check_writable("studies", "the studies folder")
     cfg, demo, fold_file = _trial_base(arch, overrides, files or [])
     wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)})
     search = load_search_space(space_file(arch, space), cfg)
     name = study or (f"{arch}-demo" if demo else arch)
-    if storage is None:
-        Path("studies").mkdir(exist_ok=True)
     url = storage or f"sqlite:///{Path('studies') / f'{name}.db'}"
     the_study = open_study(name, url, heartbeat, pruner, cfg.seed)
     check_study_matches(the_study, url, _identity(cfg, search, wanted, fold_file))

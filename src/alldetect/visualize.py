@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from alldetect import plots
+from alldetect.atomic import check_writable
 from alldetect.data.images import check_image, preprocess, read_rgb
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import DeviceBatch, logits_of, resolve_device
@@ -222,6 +223,7 @@ def visualize_command(run: str, images: list[str], out: str = "reports/visualize
         log.info("%s holds %d fold runs: using %s (name runs/<arch>/fold<k> for another)", run, len(runs), runs[0])
     run_dir = runs[0]
     pictures = _check_images(images)
+    check_writable(out, "the output folder (--out)")
     state = load_checkpoint(run_dir / "best.pt")
     model, size, crop = rebuild_model(state, run_dir)
     dev = resolve_device(device)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from alldetect.atomic import atomic_path, write_text
+from alldetect.atomic import atomic_path, check_writable, write_text
 from alldetect.data.images import fingerprint, preprocess, read_rgb
 from alldetect.data.layouts import dataset_name
 
@@ -77,6 +77,7 @@ def image_cache(root: str | Path, paths: list[str], crop: int, size: int, cache_
     file, index = Path(cache_dir) / f"{stem}.u8", Path(cache_dir) / f"{stem}.json"
     if file.is_file() and index.is_file() and json.loads(index.read_text())["paths"] == paths:
         return ImageCache(file, paths, size)
+    check_writable(cache_dir, "the image cache folder (data.cache_dir)")
     log.info("caching %d decoded images at %d x %d in %s (once for this data and size)", len(paths), size, size, file)
     with atomic_path(file) as tmp:
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size, 3))

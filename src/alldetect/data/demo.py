@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from alldetect.atomic import write_text
+from alldetect.atomic import check_writable, write_text
 from alldetect.errors import UserError
 
 SIZE = 450
@@ -106,7 +106,7 @@ def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, s
         raise UserError(f"--subjects {subjects}: the demo data need at least 6 subjects (3 folds x 2 classes)")
     if per_subject < 1:
         raise UserError(f"--per-subject {per_subject}: need at least one image per subject")
-    out = Path(out)
+    out = check_writable(out, "the demo data folder")
     root = out / "C-NMC_training_data"
     n_all = int(round(subjects * 69 / 118))  # the real share of ALL subjects
     seeds = np.random.SeedSequence(seed).spawn(subjects)

@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from alldetect import __version__
-from alldetect.atomic import write_csv, write_text
+from alldetect.atomic import check_writable, write_csv, write_text
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import build_manifest, dataset_name
 from alldetect.errors import UserError, short_list
@@ -100,6 +100,7 @@ def make_fold_file(data_root: str | Path, out: str | Path, k: int, seed: int, by
     """Scan, check and split the data; write the fold CSV and its JSON sidecar atomically, holding a lock on it so
     that two processes never make one fold file at once. A fold file of other data is never replaced."""
     data_root, out = Path(data_root).resolve(), Path(out)
+    check_writable(out.parent, "the fold file's folder")
     with exclusive(out.with_name(f".{out.name}.lock"), f"the fold file {out}"):
         return _make_fold_file(data_root, out, k, seed, by, skip_bad)
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from alldetect.atomic import write_csv
+from alldetect.atomic import check_writable, write_csv
 from alldetect.config import Config, save_config
 from alldetect.data.folds import FoldFile
 from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -112,6 +112,8 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
     if d.enabled and cfg.freeze_epochs:
         raise UserError("freeze_epochs is not supported with several GPUs (--gpus): train on one")
     run_dir = Path(run_dir or run_dir_for(cfg, fold))
+    if d.main:
+        check_writable(run_dir, "the run folder")
     lock = exclusive(run_dir / ".lock", f"the run folder {run_dir}") if d.main else contextlib.nullcontext()
     with lock:
         return _fit_locked(cfg, fold, folds, run_dir, d, on_epoch, run_name, job_type)
@@ -199,14 +201,19 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                 row = _history_row(epoch, stats, metrics, inner, updater.schedule.lr, chosen, d.world)
                 history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
                 if d.main:
-                    write_csv(run_dir / "history.csv", history)
-                    state = checkpoint(metrics)
-                    if chosen:
-                        save_checkpoint(run_dir / "best.pt", {**state, "model": model.weights()})
-                        _write_predictions(run_dir / "oof.csv", data.outer.rows, outer_probs, fold)
-                        if inner_probs is not None:
-                            _write_predictions(run_dir / "inner.csv", data.inner.rows, inner_probs, fold)
-                    save_checkpoint(run_dir / "last.pt", state)
+                    try:  # checkpoints first: history.csv is never ahead of last.pt
+                        state = checkpoint(metrics)
+                        if chosen:
+                            save_checkpoint(run_dir / "best.pt", {**state, "model": model.weights()})
+                            _write_predictions(run_dir / "oof.csv", data.outer.rows, outer_probs, fold)
+                            if inner_probs is not None:
+                                _write_predictions(run_dir / "inner.csv", data.inner.rows, inner_probs, fold)
+                        save_checkpoint(run_dir / "last.pt", state)
+                        write_csv(run_dir / "history.csv", history)
+                    except UserError as e:
+                        raise UserError(f"training stopped in epoch {epoch + 1}: {e}. Make room (or raise the limit) "
+                                        "and continue with the same command and resume=true, from the last epoch "
+                                        "last.pt holds") from None
                     logged = {f"val/{k}": v for k, v in metrics.items() if k != "confusion"}
                     if inner is not None:
                         logged.update({f"inner/{k}": v for k, v in inner.items() if k != "confusion"})

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from alldetect import __version__
-from alldetect.atomic import write_csv, write_text
+from alldetect.atomic import check_writable, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
@@ -163,8 +163,9 @@ def predict_command(runs: list[str], data: str, name: str, overrides: list[str] 
     opts = parse_options(raw, OPTIONS, "predict")
     name = check_name(name)
     fold_runs = find_fold_runs(paths)
-    for run in fold_runs:  # every checkpoint is checked before any prediction file is written
+    for run in fold_runs:  # every checkpoint and run folder is checked before any prediction file is written
         rebuild_model(load_checkpoint(run / "best.pt", mmap=True), run)
+        check_writable(run, "the run folder")
     held_out = load_held_out(data)
     device = resolve_device(opts["device"])
     log.info("predicting %d image(s) of %s (%s) with %d run(s), tta=%s", len(held_out.manifest), held_out.root,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from alldetect.atomic import check_writable
 from alldetect.config import Config, validate
 from alldetect.data.folds import FoldFile
 from alldetect.engine.checkpoint import load_checkpoint
@@ -57,15 +58,9 @@ def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
     elif results and cfg.resume and not last.is_file():
         raise UserError(f"cannot resume {run_dir}: its last.pt is gone (it holds {', '.join(results)}). Start "
                         "over with overwrite=true (or choose another runs_dir=)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
-            stale_tmp.unlink()
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another runs_dir=") from None
+    check_writable(run_dir, "the run folder")
+    for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
+        stale_tmp.unlink()
     if cfg.resume and last.is_file():
         return load_checkpoint(last)
     if cfg.resume:

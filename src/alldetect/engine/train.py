@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from alldetect.atomic import check_writable
 from alldetect.config import Config, load_config
 from alldetect.data.prepare import data_line, demo_banner, ensure_demo_data, resolve_folds
 from alldetect.engine.fit import FitResult, fit_fold
@@ -49,6 +50,8 @@ def train_command(arch: str, fold_spec: str, overrides: list[str], files: list[s
     default_input_size(arch)
     fold_number(fold_spec)
     cfg, demo = resolve_config(arch, overrides, files or [])
+    if cfg.data.cache:  # every output place is checked before any work
+        check_writable(cfg.data.cache_dir, "the image cache folder (data.cache_dir)")
     folds = resolve_folds(cfg)
     print(data_line(cfg, folds), flush=True)
     if cfg.data.root is None:
