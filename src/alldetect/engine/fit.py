@@ -293,7 +293,10 @@ def _restore(state: dict, cfg: Config, model: Model, optimizer, updater: Updater
     where = f"epoch {progress.epoch + 2}" + (f", batch {partial['steps'] + 1}" if partial else "")
     so_far = (f"best selection score {progress.best:.4f} at epoch {progress.best_epoch + 1}"
               if progress.best is not None else f"{progress.epoch + 1} epoch(s) done")
-    log.info("resuming %s from %s (%s)", run_dir, where, so_far)
+    if progress.epoch + 1 >= cfg.epochs and not partial:
+        log.info("%s has finished its %d epochs already (epochs=N continues it for longer)", run_dir, cfg.epochs)
+    else:
+        log.info("resuming %s from %s (%s)", run_dir, where, so_far)
     saved_epochs = state["config"].get("epochs")
     if saved_epochs != cfg.epochs and cfg.scheduler != "none":
         log.warning("epochs %s -> %d: the %s schedule now spans %d epochs and continues from where the run is",
