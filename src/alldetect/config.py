@@ -205,7 +205,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                             "fold0), not a setting")
         if key not in keys:
             raise UserError(f"unknown config key '{key}'. Valid keys: {', '.join(sorted(keys))}")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        out = deep_merge(out, nest({key: yaml.safe_load(raw) if raw.strip() else None}))
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'lr': 1e-3, 'aug.rotate': 0.3} -> {'lr': 1e-3, 'aug': {'rotate': 0.3}}"""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
         node = out
         *parents, leaf = key.split(".")
         for p in parents:

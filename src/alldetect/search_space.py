@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from alldetect.config import Config, configs_dir, deep_merge, read_yaml, valid_keys
+from alldetect.config import Config, configs_dir, deep_merge, nest, read_yaml, valid_keys
 from alldetect.errors import UserError
 
 # Keys that pick the data, the split, the run's place or bookkeeping: searching them compares nothing.
@@ -45,18 +45,6 @@ class SearchSpace:
             else:
                 out[key] = trial.suggest_float(key, p["low"], p["high"], step=p["step"], log=p["log"])
         return out
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'lr': 1e-3, 'aug.rotate': 0.3} -> {'lr': 1e-3, 'aug': {'rotate': 0.3}}"""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def space_file(arch: str, path: str | Path | None = None) -> Path:

@@ -22,14 +22,14 @@ import optuna
 import yaml
 
 from alldetect.atomic import check_writable, write_text
-from alldetect.config import Config, configs_dir, deep_merge, load_config, tuned_config_path, validate
+from alldetect.config import Config, configs_dir, deep_merge, load_config, nest, tuned_config_path, validate
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
 from alldetect.engine.fit import TrainingDiverged, fit_fold
 from alldetect.engine.rundir import flatten
 from alldetect.engine.train import parse_fold_spec, resolve_config
 from alldetect.errors import UserError
-from alldetect.search_space import SearchSpace, load_search_space, nest, space_file
+from alldetect.search_space import SearchSpace, load_search_space, space_file
 
 log = logging.getLogger("alldetect")
 

@@ -84,6 +84,3 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A distinct, reproducible seed for one image in one epoch (or one batch in one epoch)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
-
-def apply_transform(transform: Augment | None, image: np.ndarray, seed: int) -> np.ndarray:
-    return image if transform is None else transform(image, seed)
