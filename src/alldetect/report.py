@@ -484,7 +484,10 @@ def build_page(title: str, findings: Findings, numbers: pd.DataFrame, figures: d
             page.add(Heading(heading), *[Figure(src, caption) for src, caption in figures[key]])
     page.add(Heading("Missing or left out"))
     page.add(Bullets(findings.missing) if findings.missing else Paragraph("Nothing: every run found was used."))
-    page.add(Heading("Runs"), Table(_runs_table(findings)))
+    page.add(Heading("Runs"), Table(_runs_table(findings)),
+             Paragraph("Kept F1: the mean over folds of the validation-fold weighted F1 of the weights each run kept "
+                       "(history.csv). Best-epoch F1: what keeping each fold's best epoch *on that fold* would have "
+                       "printed; the gap is how much choosing on the scored images flatters (select=outer)."))
     return page
 
 
@@ -511,8 +514,25 @@ def _runs_table(findings: Findings) -> pd.DataFrame:
                      "epochs": cfg.get("epochs", "?"), "optimiser": cfg.get("optimizer", "?"), "lr": cfg.get("lr", "?"),
                      "batch": cfg.get("batch_size", "?"), "pretrained": cfg.get("pretrained", "?"),
                      "selection": selection_label([s["config"] for s in a.states]),
-                     "kept epoch per fold": ", ".join(str(s.get("epoch", -1) + 1) for s in a.states) or "-"})
+                     "kept epoch per fold": ", ".join(str(s.get("epoch", -1) + 1) for s in a.states) or "-",
+                     "kept F1": _mean_over_folds(a, "kept"), "best-epoch F1 (peeking)": _mean_over_folds(a, "max")})
     return pd.DataFrame(rows)
+
+
+def _mean_over_folds(a: ArchResult, which: str) -> str:
+    """Mean over folds of the validation-fold weighted F1 (history.csv) of the epoch best.pt kept ("kept") or of
+    the best epoch ("max": what choosing on the fold itself would have printed)."""
+    values = []
+    for run, state in zip(a.runs, a.states):
+        h = a.histories.get(int(FOLD_DIR_RE.match(run.name).group(1)))
+        if h is None or "f1" not in h:
+            continue
+        kept = h.loc[h["epoch"] == state.get("epoch"), "f1"]
+        if which == "max":
+            values.append(h["f1"].max())
+        elif len(kept):
+            values.append(kept.iloc[0])
+    return f"{np.mean(values):.4f}" if values else "-"
 
 
 def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[str, list[tuple[str, str]]]:
