@@ -124,6 +124,8 @@ class Config(_Section):
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume=true continues the run in "
                              "its folder, overwrite=true deletes it first. Choose one")
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs:g} must be shorter than the run (epochs={self.epochs})")
         if self.select == "ema" and not self.ema:
             raise ValueError("select=ema keeps the averaged weights: add ema=true")
         if self.patience and self.select in ("last", "ema"):
@@ -234,10 +236,9 @@ def validate(raw: dict[str, Any], where: str = "the configuration") -> Config:
                 lines.append(err["msg"].removeprefix("Value error, "))
             else:
                 lines.append(f"{key}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
-        raise UserError(
-            f"invalid settings in {where}:\n  " + "\n  ".join(lines)
-            + f"\nValid keys: {', '.join(sorted(valid_keys()))}"
-        ) from None
+        unknown = any(err["type"] == "extra_forbidden" for err in e.errors())
+        raise UserError(f"invalid settings in {where}:\n  " + "\n  ".join(lines)
+                        + (f"\nValid keys: {', '.join(sorted(valid_keys()))}" if unknown else "")) from None
 
 
 def load_config(

@@ -90,6 +90,6 @@ def summary_table(cfg: Config, results: list[FitResult], fold_file: Path, demo: 
         lines.append(f"mean weighted F1 over {len(results)} folds: {f1.mean():.4f} +/- {f1.std():.4f}")
     if cfg.select == "outer":
         lines.append(f"{OPTIMISTIC}; select=last or select=inner give scores that are not")
-    extra = " and inner.csv" if cfg.select == "inner" else ""
-    lines.append(f"Each run folder holds config.yaml, history.csv, best.pt, last.pt and oof.csv{extra}.")
+    files = "oof.csv and inner.csv" if cfg.select == "inner" else "and oof.csv"
+    lines.append(f"Each run folder holds config.yaml, history.csv, best.pt, last.pt, {files}.")
     return "\n".join(lines)
