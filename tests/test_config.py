@@ -84,6 +84,10 @@ def test_data_root_precedence_command_line_then_config_file_then_environment(tmp
     assert load_config("proposed").data.root == "/data/from-env"
     assert load_config("proposed", files=[config_file]).data.root == "/data/from-file"
     assert load_config("proposed", ["data.root=/data/from-cli"], files=[config_file]).data.root == "/data/from-cli"
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("data: 5\n")
+    with pytest.raises(UserError, match=r"data=5: Input should be a valid dictionary"):
+        load_config("proposed", files=[malformed])
     monkeypatch.delenv("ALLDETECT_DATA")
     assert load_config("proposed").data.root is None
 

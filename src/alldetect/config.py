@@ -273,7 +273,8 @@ def load_config(
     # Precedence of the data root: key=value > --config files > $ALLDETECT_DATA > the configs/ layers.
     env_root = os.environ.get(DATA_ENV)
     if env_root and not any(isinstance(layer.get("data"), dict) and "root" in layer["data"] for layer in later):
-        raw.setdefault("data", {})["root"] = env_root
+        if isinstance(raw.setdefault("data", {}), dict):  # else validate() names the malformed `data:`
+            raw["data"]["root"] = env_root
     return validate(raw, where="the config files and overrides")
 
 
