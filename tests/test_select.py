@@ -69,7 +69,8 @@ def test_select_outer_picks_the_best_validation_epoch_and_says_it_is_optimistic(
 
 
 def test_select_last_keeps_the_final_weights_and_scores_them(tiny_demo, workdir):
-    [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "epochs=3"])
+    [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "epochs=3", "select=last",
+                                                   "ema=false"])
     run = workdir / "runs/proposed/fold0"
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
     assert result.best_epoch == 2 and best["epoch"] == 2

@@ -34,7 +34,7 @@ def test_train_one_fold_writes_the_run_folder(tiny_demo, workdir, capsys):
     assert ((oof["prob_all"] >= 0) & (oof["prob_all"] <= 1)).all()
     assert (oof["pred"] == (oof["prob_all"] >= 0.5)).all()
     out = capsys.readouterr().out
-    assert "runs/proposed/fold1" in out and "kept_epoch" in out and "select=last" in out
+    assert "runs/proposed/fold1" in out and "kept_epoch" in out and "select=ema" in out
     assert f"data: {tiny_demo.resolve()} (data.root); folds: folds/demo_k3_s42.csv (3 folds, 36 images)" in out
 
 

@@ -36,7 +36,8 @@ class DataConfig(_Section):
 
 
 class AugConfig(_Section):
-    """Probabilities of the training-only augmentations (the report: rot90, rot270, flips at 0.5)."""
+    """Probabilities of the training-only augmentations. Built directly, the report's (rot90, rot270, flips at 0.5);
+    a run's defaults come from configs/base.yaml, which adds rotation by any angle and strong colour jitter."""
 
     rot90: float = Field(0.5, ge=0, le=1)
     rot270: float = Field(0.5, ge=0, le=1)
@@ -57,36 +58,36 @@ class Config(_Section):
     tuned: bool = False  # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
     # model
     input_size: Optional[int] = Field(None, ge=32)  # None: the architecture's natural size
-    dropout: float = Field(0.5, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     pretrained: bool = False
     pretrained_path: Optional[str] = None
     # optimisation (timm's optimiser and scheduler factories)
     optimizer: str = "adamw"  # sgd (plain, with `momentum`) | adam | adamw | any of timm.optim.list_optimizers()
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
     layer_decay: Optional[float] = Field(None, gt=0, le=1)  # layer-wise lr decay (timm); None = off
     batch_size: int = Field(32, ge=1)
     accum_steps: int = Field(1, ge=1)  # gradient accumulation: one optimiser update per this many batches
     clip_grad: float = Field(0.0, ge=0)  # clip the gradients' global norm to this; 0 = off
     epochs: int = Field(30, ge=1)
-    scheduler: Literal["none", "cosine", "step", "onecycle"] = "cosine"
+    scheduler: Literal["none", "cosine", "step", "onecycle"] = "onecycle"
     warmup_epochs: Optional[float] = Field(None, ge=0)  # linear warm-up from lr/25; None: 0 (onecycle: 30 %)
     min_lr: float = Field(0.0, ge=0)  # where cosine and one-cycle end
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
     freeze_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0)  # mixup alpha (timm.data.Mixup); 0 = off
     cutmix: float = Field(0.0, ge=0)  # cutmix alpha; 0 = off
     mix_prob: float = Field(1.0, gt=0, le=1)  # share of batches that mixup / cutmix touch
-    ema: bool = False  # evaluate, select and keep an exponential moving average of the weights (timm ModelEmaV3)
+    ema: bool = True  # evaluate, select and keep an exponential moving average of the weights (timm ModelEmaV3)
     ema_decay: float = Field(0.999, gt=0, lt=1)  # reached after a warm-up (timm's decay warm-up)
-    patience: int = Field(10, ge=0)  # early stopping after this many epochs without improvement; 0 = off
+    patience: int = Field(0, ge=0)  # early stopping after this many epochs without improvement; 0 = off
     monitor: Literal["f1", "accuracy", "roc_auc", "loss"] = "f1"
-    select: Literal["inner", "last", "ema", "outer"] = "last"  # which weights become best.pt (see the README)
+    select: Literal["inner", "last", "ema", "outer"] = "ema"  # which weights become best.pt (see the README)
     select_share: float = Field(0.2, gt=0, le=0.5)  # select=inner: share of each class's training images held out
-    class_balance: Literal["none", "loss", "sampler"] = "loss"
+    class_balance: Literal["none", "loss", "sampler"] = "none"
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); always fp32 on the CPU

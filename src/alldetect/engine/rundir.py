@@ -81,8 +81,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def check_resume(cfg: Config, state: dict, folds: FoldFile, run_dir: Path) -> None:
     """A resumed run must be the same experiment (only RESUMABLE_CHANGES may differ) and validate on the images
     it validated on before, never on ones it has trained on."""
-    try:  # keys added since the run started read as their defaults (runs before select= chose on the outer fold)
-        saved = flatten(validate({"select": "outer", **state["config"]}).to_dict())
+    if "select" not in state["config"]:
+        raise UserError(f"cannot resume {run_dir}: it was made by an older alldetect (before select=, the moving "
+                        "average and per-update schedules), which this version cannot continue exactly. Start over "
+                        "with overwrite=true")
+    try:  # keys added since the run started read as their defaults
+        saved = flatten(validate(state["config"]).to_dict())
     except UserError:
         saved = flatten(state["config"])
     now = flatten(cfg.to_dict())
