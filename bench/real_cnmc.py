@@ -52,20 +52,28 @@ def main() -> None:
         name, _, items = t.partition("=")
         recipes[name] = items.split(",")
     fold_file = make_folds(Path(a.data_root), out, a.k)
-    rows = []
     for arch in a.archs.split(","):
         for recipe, overrides in recipes.items():
             for seed in [int(s) for s in a.seeds.split(",")]:
                 run = out / "runs" / recipe / f"s{seed}" / arch
                 minutes = train(run, arch, overrides, fold_file, a, seed)
-                rows.append({"recipe": recipe, "arch": arch, "seed": seed, **scores(run), "minutes": minutes})
-                pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
-    table = summary(pd.DataFrame(rows))
+                record(out / "results.csv", {"recipe": recipe, "arch": arch, "seed": seed, **scores(run),
+                                             "minutes": minutes})
+    table = summary(pd.read_csv(out / "results.csv"))
     text = (f"{len(pd.read_csv(fold_file))} real C-NMC images, {a.k} subject-grouped folds ({fold_file.name}), "
-            f"{a.size} x {a.size}, {a.epochs} epochs, seeds {a.seeds}; {os.cpu_count()} CPU cores\n"
+            f"{a.size} x {a.size}, {a.epochs} epochs; {os.cpu_count()} CPU cores\n"
             + table.to_string(index=False))
     (out / "table.txt").write_text(text + "\n")
     print(text)
+
+
+def record(results: Path, row: dict) -> None:
+    """Add one run's row to results.csv (replacing an earlier row of the same recipe, architecture and seed), so
+    that every invocation's table shows every run measured so far."""
+    rows = pd.read_csv(results) if results.is_file() else pd.DataFrame()
+    if len(rows):
+        rows = rows[~((rows["recipe"] == row["recipe"]) & (rows["arch"] == row["arch"]) & (rows["seed"] == row["seed"]))]
+    pd.concat([rows, pd.DataFrame([row])], ignore_index=True).to_csv(results, index=False)
 
 
 def make_folds(data_root: Path, out: Path, k: int) -> Path:
@@ -114,6 +122,8 @@ def scores(run: Path) -> dict:
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    order = {r: i for i, r in enumerate(RECIPES)}
+    rows = rows.sort_values(["arch", "recipe"], key=lambda c: c.map(order).fillna(99) if c.name == "recipe" else c)
     g = rows.groupby(["arch", "recipe"], sort=False)
     return pd.DataFrame({
         "wF1 mean": g["f1_mean"].mean().round(4), "sd over folds": g["f1_sd"].mean().round(4),
