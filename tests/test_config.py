@@ -106,3 +106,8 @@ def test_arch_is_the_commands_argument_not_a_setting(tmp_path):
     with pytest.raises(UserError, match=r"other.yaml sets arch: resnet50, but the command trains proposed"):
         load_config("proposed", files=[other])
     assert load_config("resnet50", files=[other]).lr == 0.01
+
+
+def test_an_override_that_is_not_valid_yaml_is_a_clear_error():
+    with pytest.raises(UserError, match=r"'study=@team': the value is not valid YAML .*quote it"):
+        load_config("proposed", ["study=@team"])

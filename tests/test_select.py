@@ -96,3 +96,28 @@ def test_inner_split_takes_whole_subjects_of_each_class_from_the_training_folds(
     with pytest.raises(UserError, match=r"select=inner needs two or more subjects of each class .* one 'hem' "
                                         r"subject \(E\).*select=last"):
         carve_inner(one_hem, 0.3, seed=0, fold=1)
+
+
+def test_select_last_with_the_moving_average_on_keeps_the_final_raw_weights(tiny_demo, workdir):
+    [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "epochs=2", "select=last",
+                                                   "ema=true"])
+    run = workdir / "runs/proposed/fold0"
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    assert all(torch.equal(last["model"][k], best["model"][k]) for k in last["model"])
+    assert not torch.equal(last["ema"]["features.0.weight"], best["model"]["features.0.weight"])
+
+
+def test_a_resume_must_count_updates_as_the_run_did(tiny_demo, workdir):
+    """The schedule and the moving average follow the update count: max_batches= or another number of processes
+    would move them."""
+    from alldetect.data.prepare import resolve_folds
+    from alldetect.engine.fit import _check_same_updates
+
+    folds = resolve_folds(_cfg(tiny_demo, "epochs=1"))
+    fit_fold(_cfg(tiny_demo, "epochs=1", "max_batches=2"), 0, folds)
+    with pytest.raises(UserError, match=r"cannot resume .* \(max_batches: 2 -> 0\)"):
+        fit_fold(_cfg(tiny_demo, "epochs=2", "resume=true"), 0, folds)
+    state = load_checkpoint(workdir / "runs/proposed/fold0/last.pt")
+    assert (state["world"], state["updates_per_epoch"]) == (1, 2)
+    with pytest.raises(UserError, match=r"ran 2 updates per epoch on 1 process\(es\), this run would make 1 on 2"):
+        _check_same_updates(state, 2, 1, workdir)

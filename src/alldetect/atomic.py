@@ -56,7 +56,9 @@ def atomic_path(path: str | Path):
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+    """The process's umask, read (by setting it, the only way) once per call; other threads may create files in
+    that instant, so it is set back at once."""
+    mask = os.umask(0o077)  # restrictive, not 0, while it is being read
     os.umask(mask)
     return mask
 

@@ -82,7 +82,7 @@ class Config(_Section):
     cutmix: float = Field(0.0, ge=0)  # cutmix alpha; 0 = off
     mix_prob: float = Field(1.0, gt=0, le=1)  # share of batches that mixup / cutmix touch
     ema: bool = True  # evaluate, select and keep an exponential moving average of the weights (timm ModelEmaV3)
-    ema_decay: float = Field(0.999, gt=0, lt=1)  # reached after a warm-up (timm's decay warm-up)
+    ema_decay: float = Field(0.999, gt=0, lt=1)  # a cap: timm's warm-up decay 1-(1+update)^-2/3 stays below it
     patience: int = Field(0, ge=0)  # early stopping after this many epochs without improvement; 0 = off
     monitor: Literal["f1", "accuracy", "roc_auc", "loss"] = "f1"
     select: Literal["inner", "last", "ema", "outer"] = "ema"  # which weights become best.pt (see the README)
@@ -208,7 +208,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                             "fold0), not a setting")
         if key not in keys:
             raise UserError(f"unknown config key '{key}'. Valid keys: {', '.join(sorted(keys))}")
-        out = deep_merge(out, nest({key: yaml.safe_load(raw) if raw.strip() else None}))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise UserError(f"'{item}': the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it, "
+                            f"e.g. {key}='\"{raw}\"'") from None
+        out = deep_merge(out, nest({key: value}))
     return out
 
 

@@ -80,7 +80,7 @@ def create_transform(aug: AugConfig) -> Augment | None:
     return Augment(aug) if any([aug.rot90, aug.rot270, aug.hflip, aug.vflip, aug.rotate, aug.color_jitter]) else None
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A distinct, reproducible seed for one image in one epoch (or one batch in one epoch)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
+    """A distinct, reproducible seed for one image in one epoch (or one batch in one epoch, of one process)."""
+    return int(np.random.SeedSequence([seed, epoch, index] + ([rank] if rank else [])).generate_state(1)[0])
 

@@ -90,14 +90,15 @@ class Model:
     module: nn.Module
     forward: nn.Module
     ema: object = None
+    use_ema: bool = True  # False with select=last: the average is kept up (in last.pt) but not evaluated or kept
 
     @property
     def evaluated(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.forward
+        return self.ema.module if self.ema is not None and self.use_ema else self.forward
 
     def weights(self) -> dict:
-        """What best.pt keeps: the averaged weights with ema=true."""
-        return (self.ema.module if self.ema is not None else self.module).state_dict()
+        """What best.pt keeps: the averaged weights with ema=true (except with select=last: the final ones)."""
+        return (self.ema.module if self.ema is not None and self.use_ema else self.module).state_dict()
 
 
 def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = None,
@@ -148,6 +149,7 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
     progress, history = Progress(), pd.DataFrame()
     partial = resume_state.get("partial") if resume_state is not None else None  # a half-done epoch to finish
     if resume_state is not None:
+        _check_same_updates(resume_state, d.world, updates_per_epoch, run_dir)
         progress = _restore(resume_state, cfg, model, optimizer, updater, run_dir)
         if (run_dir / "history.csv").is_file():
             history = pd.read_csv(run_dir / "history.csv").query("epoch <= @progress.epoch")
@@ -158,7 +160,8 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
         progress.wandb_id = tracker.run_id
 
     def checkpoint(metrics: dict | None, **extra) -> dict:
-        return _checkpoint(cfg, model, optimizer, updater, progress, metrics, folds, **extra)
+        return _checkpoint(cfg, model, optimizer, updater, progress, metrics, folds, world=d.world,
+                           updates_per_epoch=updates_per_epoch, **extra)
 
     stopped_early, exit_code = False, 1
     try:
@@ -167,7 +170,7 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                 if selector.should_stop(progress.stale):
                     stopped_early = True
                     break
-                if stop:
+                if (float(bool(stop)) if not d.enabled else d.mean(float(bool(stop)))) > 0:  # every rank together
                     raise StopRequested(f"stopped by {stop.signal_name} after epoch {epoch}; {run_dir / 'last.pt'} "
                                         "holds it: continue with the same command and resume=true")
                 if cfg.freeze_epochs:
@@ -177,7 +180,8 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                 stats = train_one_epoch(model.forward, data.train_loader, updater, dev, epoch=epoch, seed=cfg.seed,
                                         updates_per_epoch=updates_per_epoch, max_batches=cfg.max_batches,
                                         augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
-                                        carry=carry, desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
+                                        carry=carry, rank=d.rank,
+                                        desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
                 if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
                     if d.main:
                         save_checkpoint(run_dir / "last.pt",
@@ -223,7 +227,9 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
         if progress.best_epoch < 0:
-            raise UserError(f"{run_dir} finished without a completed epoch")
+            done = progress.epoch + 1
+            raise UserError(f"{run_dir} kept no weights: {done} epoch(s) were done before and epochs={cfg.epochs}"
+                            + (f" runs no more; resume with epochs={done + 1} or more" if done >= cfg.epochs else ""))
         d.barrier()  # rank 0 has written best.pt
         best_state = load_checkpoint(run_dir / "best.pt")
         tracker.summary({"best_epoch": progress.best_epoch + 1,
@@ -231,6 +237,7 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
         exit_code = 0
     except NonFiniteLoss as e:
         kept = (f"{run_dir / 'last.pt'} keeps the last good epoch ({progress.epoch + 1})" if progress.epoch >= 0
+                else f"{run_dir / 'last.pt'} keeps the half-done first epoch" if (run_dir / "last.pt").is_file()
                 else "no epoch finished, so no checkpoint was written")
         raise TrainingDiverged(f"{e}. Training stopped; {kept}. Try a lower lr (e.g. lr=1e-4), clip_grad=1, "
                                "or class_balance=none") from None
@@ -263,7 +270,7 @@ def _build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: Dev
 
         # timm's decay warm-up (1 - (1 + step) ** -2/3, capped at ema_decay) suits short runs as well as long ones
         ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
-    return Model(module, forward, ema)
+    return Model(module, forward, ema, use_ema=cfg.select != "last")
 
 
 def _updater(cfg: Config, model: Model, optimizer, schedule: Schedule, class_weights, device, dev) -> Updater:
@@ -302,6 +309,16 @@ def _restore(state: dict, cfg: Config, model: Model, optimizer, updater: Updater
         log.warning("epochs %s -> %d: the %s schedule now spans %d epochs and continues from where the run is",
                     saved_epochs, cfg.epochs, cfg.scheduler, cfg.epochs)
     return progress
+
+
+def _check_same_updates(state: dict, world: int, updates_per_epoch: int, run_dir: Path) -> None:
+    """The learning rate and the moving average follow the update count: a resume must count updates as the run
+    did (same number of processes, same updates per epoch)."""
+    then = (state.get("world", world), state.get("updates_per_epoch", updates_per_epoch))
+    if then != (world, updates_per_epoch):
+        raise UserError(f"cannot resume {run_dir}: it ran {then[1]} updates per epoch on {then[0]} process(es), this "
+                        f"run would make {updates_per_epoch} on {world} (--gpus or max_batches changed), which would "
+                        "move its learning-rate schedule. Resume as it ran, or start over with overwrite=true")
 
 
 def _evaluate(model: nn.Module, which: EvalSet, dev: DeviceBatch, loss_fn, d: Dist, desc: str) -> tuple[np.ndarray, dict]:

@@ -125,7 +125,7 @@ class Updater:
 
 def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch, *, epoch: int, seed: int,
                     updates_per_epoch: int, max_batches: int = 0, desc: str = "train", augment_batch=None,
-                    reduce=None, stop=None, carry: dict | None = None) -> dict:
+                    reduce=None, stop=None, carry: dict | None = None, rank: int = 0) -> dict:
     """Train one epoch (or, with `carry` from a stopped run, the rest of it: the loader already skips the
     steps done). Returns the mean loss, images, seconds, the fraction of time spent waiting for data, and
     `completed`; with `completed` False (a stop was requested) also the sums needed to carry on later.
@@ -152,8 +152,8 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
             step -= 1
             break
         wait += time.perf_counter() - tick
-        step_seed = sample_seed(seed, epoch, step)
-        torch.manual_seed(step_seed)  # dropout (and GPU augmentation) are functions of (seed, epoch, step)
+        step_seed = sample_seed(seed, epoch, step, rank)
+        torch.manual_seed(step_seed)  # dropout, GPU augmentation, mixup: functions of (seed, epoch, step, process)
         x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
         x, target = updater.targets(x, y, step_seed)
         group_end = min(step - step % accum + accum, n_batches)

@@ -20,8 +20,7 @@ log = logging.getLogger("alldetect")
 
 # Keys that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "device", "data.num_workers",
-                     "data.root", "data.cache", "data.cache_dir",
-                     "max_batches", "compile", "augment_on"}
+                     "data.root", "data.cache", "data.cache_dir", "compile"}
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "inner.csv", "config.yaml")
 RESULT_FILES = set(RUN_FILES) - {"config.yaml"}  # what a plain rerun must never replace (with pred_*)
 
