@@ -276,3 +276,14 @@ def test_a_data_root_that_is_a_file_says_so_before_naming_a_fold_file(workdir, m
     captured = capsys.readouterr()
     assert "images.zip is a file, not a folder" in captured.err and "fold file" not in captured.err + captured.out
     assert not (workdir / "folds").exists()
+
+
+def test_the_demo_data_named_by_a_fold_file_get_the_demo_profile(tiny_demo, workdir):
+    from alldetect.data.folds import make_fold_file
+    from alldetect.engine.train import resolve_config
+
+    make_fold_file(tiny_demo, workdir / "demo.csv", k=3, seed=1)
+    cfg, demo = resolve_config("proposed", [f"data.fold_file={workdir / 'demo.csv'}"], [])
+    assert demo and cfg.input_size == 64 and cfg.epochs == 20  # configs/demo.yaml, not 300 x 300 for 30 epochs
+    cfg, demo = resolve_config("proposed", [f"data.root={tiny_demo}"], [])
+    assert demo and cfg.input_size == 64

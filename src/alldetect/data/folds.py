@@ -157,6 +157,14 @@ def sidecar_path(fold_file: str | Path) -> Path:
     return Path(fold_file).with_suffix(".json")
 
 
+def fold_file_root(fold_file: str | Path) -> str:
+    """The data root a fold file's sidecar records ('' when there is none to read: load_fold_file says why)."""
+    try:
+        return str(json.loads(sidecar_path(fold_file).read_text()).get("data_root") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def _subjects_crossing(table: pd.DataFrame) -> int:
     return int((table.groupby("subject")["fold"].nunique() > 1).sum())
 

@@ -10,6 +10,8 @@ import pandas as pd
 
 from alldetect.atomic import check_writable
 from alldetect.config import Config, load_config
+from alldetect.data.demo import is_demo_data
+from alldetect.data.folds import fold_file_root
 from alldetect.data.prepare import data_line, demo_banner, ensure_demo_data, resolve_folds
 from alldetect.engine.fit import FitResult, fit_fold
 from alldetect.engine.select import OPTIMISTIC, selection_text
@@ -36,12 +38,15 @@ def parse_fold_spec(spec: str, k: int) -> list[int]:
 
 
 def resolve_config(arch: str, overrides: list[str], files: list[str]) -> tuple[Config, bool]:
-    """The run's config; with no data configured, the demo data and the demo profile. Returns (cfg, demo)."""
+    """The run's config; with no data configured, the demo data and the demo profile (which the demo data also get
+    when named, by data.root= or a fold file of them). Returns (cfg, demo)."""
     cfg = load_config(arch, overrides, files)
     if cfg.data.root is None and cfg.data.fold_file is None:
         root = ensure_demo_data()
         print(demo_banner(root), flush=True)
         return load_config(arch, [*overrides, f"data.root={root}"], files, profile="demo"), True
+    if is_demo_data(cfg.data.root or fold_file_root(cfg.data.fold_file)):
+        return load_config(arch, overrides, files, profile="demo"), True
     return cfg, False
 
 
