@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -36,6 +37,15 @@ def tiny_demo(tmp_path_factory) -> Path:
     from alldetect.data.demo import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo") / "demo", subjects=9, per_subject=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_demo) -> Path:
+    """The tiny demo images as someone's own data: without the demo README, so no demo profile is applied."""
+    root = tmp_path_factory.mktemp("data") / "cells"
+    shutil.copytree(tiny_demo, root)
+    (root / "README.md").unlink()
+    return root
 
 
 @pytest.fixture

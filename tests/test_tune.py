@@ -46,8 +46,8 @@ def _tune(root, trials, *extra, **options):
     return tune_command("proposed", [*FAST, f"data.root={root}", *extra], trials=trials, **options)
 
 
-def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_demo, workdir, configs, capsys):
-    study = _tune(tiny_demo, 2, folds="fold0,fold1")
+def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_data, workdir, configs, capsys):
+    study = _tune(tiny_data, 2, folds="fold0,fold1")
     assert (workdir / "studies/proposed.db").is_file()
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     for t in study.trials:
@@ -72,7 +72,7 @@ def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_demo, w
                                                      best.params["dropout"])
 
     first = [t.params for t in study.trials]
-    again = _tune(tiny_demo, 1, folds="fold0,fold1")  # the same command resumes the study
+    again = _tune(tiny_data, 1, folds="fold0,fold1")  # the same command resumes the study
     assert len(again.trials) == 3
     assert again.trials[2].params not in first  # and proposes a new point, not its first one again
     assert "2 trial(s) so far; adding 1" in capsys.readouterr().out
@@ -92,11 +92,11 @@ def test_the_same_seed_proposes_the_same_first_trials(configs):
     assert len({repr(p) for p in first}) == 3
 
 
-def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_demo, workdir, configs, monkeypatch, capsys):
+def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_data, workdir, configs, monkeypatch, capsys):
     import alldetect.tune as tune
 
     monkeypatch.setattr(tune, "make_pruner", lambda name: optuna.pruners.ThresholdPruner(lower=1.1))
-    study = _tune(tiny_demo, 2, "epochs=3")
+    study = _tune(tiny_data, 2, "epochs=3")
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
     history = pd.read_csv(workdir / "runs/tune/proposed/trial0/fold0/history.csv")
     assert len(history) == 1  # stopped after the first epoch's report
@@ -105,7 +105,7 @@ def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_demo, workdir, conf
     assert not (configs / "tuned/proposed.yaml").exists()
 
 
-def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_demo, workdir, configs, monkeypatch, capsys):
+def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_data, workdir, configs, monkeypatch, capsys):
     import alldetect.tune as tune
     from alldetect.engine.fit import TrainingDiverged
 
@@ -117,7 +117,7 @@ def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_demo, workdir, config
         return real_fit(cfg, fold, folds, run_dir, **kw)
 
     monkeypatch.setattr(tune, "fit_fold", diverge_first)
-    study = _tune(tiny_demo, 2)
+    study = _tune(tiny_data, 2)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert "trial 0 failed" in capsys.readouterr().out and "loss became nan" in study.trials[0].user_attrs["error"]
 
@@ -161,8 +161,8 @@ def test_any_config_key_can_be_searched(tmp_path):
     assert nest({"aug.rotate": 0.3, "lr": 1e-3}) == {"aug": {"rotate": 0.3}, "lr": 1e-3}
 
 
-def test_bad_input_exits_2_with_a_message(tiny_demo, workdir, configs, capsys):
-    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_demo}"]
+def test_bad_input_exits_2_with_a_message(tiny_data, workdir, configs, capsys):
+    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_data}"]
     bad = workdir / "bad.yaml"
     bad.write_text("lr: {type: float, low: 0.1, high: 0.01}\n")
     assert main([*base, "--space", str(bad)]) == 2
@@ -197,9 +197,9 @@ def test_a_worker_that_loses_the_table_creation_race_uses_the_winners_tables(wor
     assert isinstance(open_storage(f"sqlite:///{workdir / 'race.db'}", heartbeat=60), real) and len(calls) == 2
 
 
-def test_a_study_refuses_another_search_space_or_recipe(tiny_demo, workdir, configs, capsys):
-    _tune(tiny_demo, 1)
-    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_demo}"]
+def test_a_study_refuses_another_search_space_or_recipe(tiny_data, workdir, configs, capsys):
+    _tune(tiny_data, 1)
+    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_data}"]
     assert main([*base, "epochs=3"]) == 2
     assert "was made with other settings (epochs: 2 -> 3)" in capsys.readouterr().err
     space = configs / "search/proposed.yaml"
@@ -234,10 +234,10 @@ def _worker(workdir, root, url, name, trials, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", STORAGES)
-def test_two_workers_share_one_study(kind, tiny_demo, workdir, configs, capsys):
+def test_two_workers_share_one_study(kind, tiny_data, workdir, configs, capsys):
     url, name = _storage_url(kind, workdir), f"shared-{uuid.uuid4().hex[:8]}"
-    resolve_folds(load_config("proposed", [*FAST, f"data.root={tiny_demo}"]))  # the fold file, made once
-    workers = [_worker(workdir, tiny_demo, url, name, 3, *TINY_TRIAL) for _ in range(2)]
+    resolve_folds(load_config("proposed", [*FAST, f"data.root={tiny_data}"]))  # the fold file, made once
+    workers = [_worker(workdir, tiny_data, url, name, 3, *TINY_TRIAL) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = _load(name, url)
@@ -251,7 +251,7 @@ def test_two_workers_share_one_study(kind, tiny_demo, workdir, configs, capsys):
     assert study.best_value == max(t.value for t in complete)
 
     # A report-only run names the best trial and writes its settings.
-    tune_command("proposed", [*FAST, f"data.root={tiny_demo}", *TINY_TRIAL], trials=0, study=name, storage=url)
+    tune_command("proposed", [*FAST, f"data.root={tiny_data}", *TINY_TRIAL], trials=0, study=name, storage=url)
     best = max(complete, key=lambda t: (t.value, -t.number))
     assert best.value == study.best_value
     assert f"best: trial {best.number}, mean weighted F1 {best.value:.4f}" in capsys.readouterr().out
@@ -269,10 +269,10 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", STORAGES)
-def test_a_killed_workers_trial_is_marked_failed(kind, tiny_demo, workdir, configs):
+def test_a_killed_workers_trial_is_marked_failed(kind, tiny_data, workdir, configs):
     url, name = _storage_url(kind, workdir), f"killed-{uuid.uuid4().hex[:8]}"
     args = ["tune", "proposed", "--trials", "1", "--study", name, "--storage", url, "--heartbeat", "1",
-            *FAST, f"data.root={tiny_demo}"]
+            *FAST, f"data.root={tiny_data}"]
     worker = subprocess.Popen([sys.executable, "-c", SLEEPING_WORKER, *args], cwd=workdir,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -291,7 +291,7 @@ def test_a_killed_workers_trial_is_marked_failed(kind, tiny_demo, workdir, confi
         worker.wait()
     assert [t.state.name for t in _load(name, url).trials] == ["RUNNING"]  # what a killed worker leaves
     time.sleep(2.5)  # past the grace period of two heartbeats
-    study = tune_command("proposed", [*FAST, f"data.root={tiny_demo}"], trials=1, study=name, storage=url,
+    study = tune_command("proposed", [*FAST, f"data.root={tiny_data}"], trials=1, study=name, storage=url,
                          heartbeat=1)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
 
