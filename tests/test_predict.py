@@ -105,7 +105,7 @@ def test_d8_tta_averages_the_eight_views():
     nhwc = batch.permute(0, 2, 3, 1).contiguous()  # what the loader hands over
     loader = [(nhwc[:3], torch.zeros(3), None), (nhwc[3:], torch.zeros(2), None)]
     model, dev = Orientation(size), DeviceBatch(torch.device("cpu"), False, False)
-    got = {mode: predict_probs(model, loader, dev, views=tta_views(mode))[0][:, 1] for mode in ("none", "flip", "d8")}
+    got = {mode: predict_probs(model, loader, dev, views=tta_views(mode, dev))[0][:, 1] for mode in ("none", "flip", "d8")}
 
     normed = ((batch.float() / 255 - dev.mean) / dev.std).numpy()
     w = model.w.detach().numpy()[0]
@@ -116,6 +116,36 @@ def test_d8_tta_averages_the_eight_views():
     np.testing.assert_allclose(got["flip"], [(prob(a) + prob(a[:, :, ::-1])) / 2 for a in normed], atol=1e-6)
     np.testing.assert_allclose(got["none"], [prob(a) for a in normed], atol=1e-6)
     assert np.abs(got["d8"] - got["none"]).min() > 1e-4  # the model does see orientation
+
+
+@pytest.mark.parametrize("n", [8, 16])
+def test_rotation_tta_averages_rotations_with_black_corners(n):
+    """rot8 / rot16 against scipy's bilinear rotation of the [0, 1] image about its centre, with black outside."""
+    from scipy.ndimage import affine_transform
+
+    size = 9
+    batch = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    loader = [(batch.permute(0, 2, 3, 1).contiguous(), torch.zeros(3), None)]
+    model, dev = Orientation(size), DeviceBatch(torch.device("cpu"), False, False)
+    got = predict_probs(model, loader, dev, views=tta_views(f"rot{n}", dev))[0][:, 1]
+
+    w = model.w.detach().numpy()[0]
+    mean, std = dev.mean.numpy()[0], dev.std.numpy()[0]
+    centre = np.array([(size - 1) / 2] * 2)
+
+    def rotated(img01, angle):  # each channel sampled at R(o - c) + c, zero beyond the edge, bilinear
+        r = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        return np.stack([affine_transform(c, r, offset=centre - r @ centre, order=1, mode="grid-constant", cval=0.0)
+                         for c in img01])
+
+    def prob(img01):
+        a = (img01 - mean) / std
+        return 1 / (1 + np.exp(-2 * (a * w).sum()))
+
+    imgs = batch.double().numpy() / 255
+    expected = [np.mean([prob(rotated(img, 2 * np.pi * k / n)) for k in range(n)]) for img in imgs]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(got - [prob(img) for img in imgs]).min() > 1e-4  # the views differ from the image alone
 
 
 def test_tta_option_is_used_and_recorded(runs, workdir):
@@ -169,7 +199,7 @@ def test_cli_options_and_errors(runs, workdir, capsys):
     assert (runs / "fold0/pred_q.csv").read_bytes() == (runs / "fold0/pred_p.csv").read_bytes()
     capsys.readouterr()
     assert main(["predict", "runs/proposed", "--data", str(data), "--name", "p", "tta=d4"]) == 2
-    assert "tta=d4: choose one of none, flip, d8" in capsys.readouterr().err
+    assert "tta=d4: choose one of none, flip, d8, rot8, rot16" in capsys.readouterr().err
     assert main(["predict", "runs/proposed", "--data", str(data), "--name", "p", "tt=d8"]) == 2
     assert "unknown option tt= for `alldetect predict`. Valid options: tta=, batch_size=" in capsys.readouterr().err
     assert main(["predict", "runs/proposed", "--data", str(data), "--name", "a/b"]) == 2

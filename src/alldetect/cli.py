@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # key=value options (tta=d8, weights=oof, ...) may sit among the run folders; the command tells them apart.
     s = sub.add_parser("predict", help="run trained models over a folder of images: runs/<arch>/fold<k>/pred_<NAME>.csv",
-                       epilog="options (key=value): tta=none|flip|d8 (default none; d8 = the 8 rotations and flips), "
-                              "batch_size=64, num_workers=2, device=auto|cpu|cuda|cuda:N")
+                       epilog="options (key=value): tta=none|flip|d8|rot8|rot16 (default none; d8 = the 8 quarter turns "
+                              "and flips, rot8 / rot16 = rotations by every 45 / 22.5 degrees), batch_size=64, num_workers=2, "
+                              "device=auto|cpu|cuda|cuda:N")
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")
     s.add_argument("--data", required=True, metavar="DIR", help="images in any layout alldetect reads")

@@ -31,7 +31,7 @@ class BatchAugment:
         x = _where(chosen(a.vflip), x.flip(2), x)
         if a.rotate:
             angles = (torch.rand(n, generator=g, device=x.device) * 2 - 1) * math.pi
-            x = _where(chosen(a.rotate), _rotate(x, angles), x)
+            x = _where(chosen(a.rotate), rotate(x, angles), x)
         if a.color_jitter:
             x = _where(chosen(a.color_jitter), _jitter(x, g, a.jitter_strength), x)
         return x
@@ -41,8 +41,11 @@ def _where(mask: torch.Tensor, yes: torch.Tensor, no: torch.Tensor) -> torch.Ten
     return torch.where(mask.view(-1, 1, 1, 1), yes, no)
 
 
-def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotation by any angle about the centre; corners fill with black like the cell's background."""
+def rotate(x: torch.Tensor, angles: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotation by any angle (radians, one per image) about the centre, bilinear; the corners fill with zeros, or
+    with `fill` (1 x C x 1 x 1: the value of black in normalised images), like the cell's black background."""
+    if fill is not None:
+        return rotate(x - fill, angles) + fill
     cos, sin = torch.cos(angles), torch.sin(angles)
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
 from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
 from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError, short_list
@@ -33,9 +35,10 @@ from alldetect.options import at_least, choice, parse_options, split_options, te
 
 log = logging.getLogger("alldetect")
 
+TTA_MODES = ("none", "flip", "d8", "rot8", "rot16")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OPTIONS = {
-    "tta": ("none", choice("none", "flip", "d8")),
+    "tta": ("none", choice(*TTA_MODES)),
     "batch_size": (64, at_least(1)),
     "num_workers": (2, at_least(0)),
     "device": ("auto", text),
@@ -61,15 +64,26 @@ class HeldOutData:
         return self.labelled and bool((m["subject"] != m["path"]).all())
 
 
-def tta_views(mode: str):
-    """Test-time augmentation on the device batch (NCHW, square): None, or a function batch -> views."""
+def tta_views(mode: str, dev: DeviceBatch):
+    """Test-time augmentation on the device batch (NCHW, square, normalised by `dev`): None, or a function
+    batch -> views. rot8 / rot16: rotations by every 45 / 22.5 degrees (quarter turns exact, the others bilinear
+    with black corners, like the cell's background), as Prellberg and Kramer averaged them for C-NMC."""
     if mode == "none":
         return None
     if mode == "flip":
         return lambda x: [x, x.flip(-1)]
     if mode == "d8":  # the 8 symmetries of the square: 4 rotations of the image and of its mirror image
         return lambda x: [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
-    raise UserError(f"tta={mode}: choose none, flip or d8")
+    if mode in ("rot8", "rot16"):
+        n = int(mode[3:])
+        black = -dev.mean / dev.std  # what a black pixel becomes after normalisation
+
+        def views(x: torch.Tensor) -> list[torch.Tensor]:
+            return [torch.rot90(x, k * 4 // n, dims=(-2, -1)) if (k * 4) % n == 0
+                    else rotate(x, torch.full((len(x),), 2 * math.pi * k / n, device=x.device), fill=black)
+                    for k in range(n)]
+        return views
+    raise UserError(f"tta={mode}: choose none, flip, d8, rot8 or rot16")
 
 
 def check_name(name: str) -> str:
@@ -120,7 +134,7 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     with make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
                      opts["num_workers"], device.type == "cuda") as loader:
         probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})",
-                                 views=tta_views(opts["tta"]))
+                                 views=tta_views(opts["tta"], dev))
     seconds = time.perf_counter() - start
     frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
     if data.labelled:
