@@ -111,3 +111,22 @@ def test_arch_is_the_commands_argument_not_a_setting(tmp_path):
 def test_an_override_that_is_not_valid_yaml_is_a_clear_error():
     with pytest.raises(UserError, match=r"'study=@team': the value is not valid YAML .*quote it"):
         load_config("proposed", ["study=@team"])
+
+
+def test_each_question_about_a_setting_is_answered_by_its_role():
+    """Resume, a study's workers and a search space all read the roles on the config's fields."""
+    from alldetect.engine.rundir import RESUMABLE_CHANGES
+    from alldetect.search_space import NOT_SEARCHABLE
+    from alldetect.tune import RUNTIME_KEYS
+
+    keys = set(valid_keys()) | {"arch"}
+    assert RESUMABLE_CHANGES | RUNTIME_KEYS | NOT_SEARCHABLE <= keys
+    # where things are may change anywhere: a run resumed on a copy of its own split, data moved to another disk
+    assert {"data.fold_file", "data.root", "runs_dir", "pretrained_path"} <= RESUMABLE_CHANGES & RUNTIME_KEYS
+    # the same experiment in other bits: workers of one study may differ, a resumed run (exact by design) may not
+    assert {"amp", "channels_last", "augment_on"} <= RUNTIME_KEYS - RESUMABLE_CHANGES
+    # what the experiment is: never changed on resume, compared across a study, searchable
+    for key in ("lr", "batch_size", "dropout", "aug.rotate", "select", "ema", "recipe", "max_batches", "seed"):
+        assert key not in RESUMABLE_CHANGES | RUNTIME_KEYS | NOT_SEARCHABLE, key
+    assert {"epochs", "patience"} <= RESUMABLE_CHANGES - NOT_SEARCHABLE  # a run may be extended; length is searchable
+    assert {"data.k", "data.split_by"} <= NOT_SEARCHABLE - RUNTIME_KEYS  # the split: compared, never searched

@@ -1,4 +1,5 @@
 import glob
+import shutil
 
 import pandas as pd
 import pytest
@@ -98,11 +99,17 @@ def test_resume_on_another_split_is_refused(tiny_demo, workdir):
     cfg = _cfg(tiny_demo, "epochs=1")
     folds = resolve_folds(cfg)
     fit_fold(cfg, 0, folds)
+    kept = workdir / "kept.csv"  # a copy of the split the run was trained on
+    shutil.copy(folds.path, kept)
+    shutil.copy(folds.path.with_suffix(".json"), kept.with_suffix(".json"))
     make_fold_file(tiny_demo, folds.path, k=3, seed=7)  # the fold file made again, differently, at the same path
     again = _cfg(tiny_demo, "epochs=2", "resume=true")
     with pytest.raises(UserError, match=r"fold file folds/demo_k3_s42.csv was made again .* splits the images "
                                         r"differently.*data.fold_file=FILE.*overwrite=true"):
         fit_fold(again, 0, resolve_folds(again))
+    advised = _cfg(tiny_demo, "epochs=2", "resume=true", f"data.fold_file={kept}")  # what the error says to do
+    fit_fold(advised, 0, resolve_folds(advised))
+    assert len(pd.read_csv(workdir / "runs/proposed/fold0/history.csv")) == 2
 
 
 def test_runs_know_their_fold_files_fold_count(tiny_demo, workdir):

@@ -19,20 +19,42 @@ from alldetect.errors import UserError
 DATA_ENV = "ALLDETECT_DATA"
 
 
+# What a setting is, recorded on its field (`role=`; a field without one is part of the experiment). The questions
+# asked of a setting are answered from these roles here and nowhere else: may a resumed run change it
+# (RESUMABLE_ROLES), may the workers and runs of one Optuna study differ in it (STUDY_RUNTIME_ROLES), may a search
+# space vary it (UNSEARCHABLE_ROLES).
+ROLES = {
+    "command": "the command's own bookkeeping (resume, overwrite, the W&B group)",
+    "place": "where things are: moving them changes nothing",
+    "runtime": "how the work is done: the same numbers (device, loader workers, cache, logging)",
+    "numerics": "the same experiment in other bits: mixed precision, memory layout, where augmentations run",
+    "split": "how a fold file is made (the fold file's own assignment is checked on its own)",
+    "length": "how long the run lasts: a resumed run may be extended",
+}
+RESUMABLE_ROLES = {"command", "place", "runtime", "length"}
+STUDY_RUNTIME_ROLES = {"command", "place", "runtime", "numerics"}
+UNSEARCHABLE_ROLES = {"command", "place", "runtime", "numerics", "split"}
+
+
+def _role(role: str, default: Any, **constraints: Any) -> Any:
+    assert role in ROLES, role
+    return Field(default, json_schema_extra={"role": role}, **constraints)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Section):
-    root: Optional[str] = None  # dataset folder; else $ALLDETECT_DATA; else the built-in demo data
-    fold_file: Optional[str] = None  # made on first use when unset
-    k: int = Field(5, ge=2)
-    split_by: Literal["subject", "official", "image"] = "subject"
+    root: Optional[str] = _role("place", None)  # dataset folder; else $ALLDETECT_DATA; else the built-in demo data
+    fold_file: Optional[str] = _role("place", None)  # made on first use when unset
+    k: int = _role("split", 5, ge=2)
+    split_by: Literal["subject", "official", "image"] = _role("split", "subject")
     crop: int = Field(400, ge=0)  # centre crop (px) before resizing: the report's 450 -> 400; 0 = none
-    num_workers: int = Field(2, ge=0)
-    skip_bad: bool = False
-    cache: bool = False  # decoded-image cache (crop + resize done once) shared by every run of that size
-    cache_dir: str = "data/cache"
+    num_workers: int = _role("runtime", 2, ge=0)
+    skip_bad: bool = _role("runtime", False)  # a fold file made with it lists what it left out
+    cache: bool = _role("runtime", False)  # decoded-image cache (crop + resize done once) shared by every run of that size
+    cache_dir: str = _role("place", "data/cache")
 
 
 class AugConfig(_Section):
@@ -49,18 +71,18 @@ class AugConfig(_Section):
 
 
 class Config(_Section):
-    arch: str = "proposed"
+    arch: str = _role("command", "proposed")
     seed: int = 42
-    runs_dir: str = "runs"
-    folds_dir: str = "folds"
-    study: str = "alldetect"  # W&B group (alldetect tune groups its trials by the study's name)
+    runs_dir: str = _role("place", "runs")
+    folds_dir: str = _role("place", "folds")
+    study: str = _role("command", "alldetect")  # W&B group (alldetect tune groups its trials by the study's name)
     recipe: Optional[str] = None  # add configs/recipes/<recipe>.yaml after the arch/profile layers (e.g. report)
-    tuned: bool = False  # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
+    tuned: bool = _role("command", False)  # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
     # model
     input_size: Optional[int] = Field(None, ge=32)  # None: the architecture's natural size
     dropout: float = Field(0.0, ge=0, lt=1)
     pretrained: bool = False
-    pretrained_path: Optional[str] = None
+    pretrained_path: Optional[str] = _role("place", None)
     # optimisation (timm's optimiser and scheduler factories)
     optimizer: str = "adamw"  # sgd (plain, with `momentum`) | adam | adamw | any of timm.optim.list_optimizers()
     lr: float = Field(1e-3, gt=0)
@@ -70,7 +92,7 @@ class Config(_Section):
     batch_size: int = Field(32, ge=1)
     accum_steps: int = Field(1, ge=1)  # gradient accumulation: one optimiser update per this many batches
     clip_grad: float = Field(0.0, ge=0)  # clip the gradients' global norm to this; 0 = off
-    epochs: int = Field(30, ge=1)
+    epochs: int = _role("length", 30, ge=1)
     scheduler: Literal["none", "cosine", "step", "onecycle"] = "onecycle"
     warmup_epochs: Optional[float] = Field(None, ge=0)  # linear warm-up from lr/25; None: 0 (onecycle: 30 %)
     min_lr: float = Field(0.0, ge=0)  # where cosine and one-cycle end
@@ -83,21 +105,21 @@ class Config(_Section):
     mix_prob: float = Field(1.0, gt=0, le=1)  # share of batches that mixup / cutmix touch
     ema: bool = True  # evaluate, select and keep an exponential moving average of the weights (timm ModelEmaV3)
     ema_decay: float = Field(0.999, gt=0, lt=1)  # a cap: timm's warm-up decay 1-(1+update)^-2/3 stays below it
-    patience: int = Field(0, ge=0)  # early stopping after this many epochs without improvement; 0 = off
+    patience: int = _role("length", 0, ge=0)  # early stopping after this many epochs without improvement; 0 = off
     monitor: Literal["f1", "accuracy", "roc_auc", "loss"] = "f1"
     select: Literal["inner", "last", "ema", "outer"] = "ema"  # which weights become best.pt (see the README)
     select_share: float = Field(0.2, gt=0, le=0.5)  # select=inner: share of each class's training images held out
     class_balance: Literal["none", "loss", "sampler"] = "none"
     # runtime
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported); always fp32 on the CPU
-    channels_last: bool = True  # on CUDA
-    compile: bool = False  # torch.compile on CUDA
-    augment_on: Literal["cpu", "gpu"] = "cpu"  # gpu: flips/rotations/jitter on whole batches on the device
+    device: str = _role("runtime", "auto")  # auto | cpu | cuda | cuda:N
+    amp: bool = _role("numerics", True)  # mixed precision on CUDA (bf16 where supported); always fp32 on the CPU
+    channels_last: bool = _role("numerics", True)  # on CUDA
+    compile: bool = _role("runtime", False)  # torch.compile on CUDA
+    augment_on: Literal["cpu", "gpu"] = _role("numerics", "cpu")  # gpu: flips/rotations/jitter on whole batches on the device
     max_batches: int = Field(0, ge=0)  # cap on training batches per epoch (smoke tests); 0 = all
-    wandb: Literal["auto", "offline", "online", "off"] = "auto"  # auto: $WANDB_MODE, else offline
-    resume: bool = False
-    overwrite: bool = False
+    wandb: Literal["auto", "offline", "online", "off"] = _role("runtime", "auto")  # auto: $WANDB_MODE, else offline
+    resume: bool = _role("command", False)
+    overwrite: bool = _role("command", False)
     data: DataConfig = DataConfig()
     aug: AugConfig = AugConfig()
 
@@ -191,6 +213,18 @@ def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
             keys += valid_keys(ann, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
+    return keys
+
+
+def keys_with_role(roles: set[str], model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
+    """Every key (dotted, arch included) whose field's role is one of `roles`."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= keys_with_role(roles, ann, f"{prefix}{name}.")
+        elif (field.json_schema_extra or {}).get("role") in roles:
+            keys.add(prefix + name)
     return keys
 
 

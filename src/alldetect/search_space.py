@@ -18,13 +18,12 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from alldetect.config import Config, configs_dir, deep_merge, nest, read_yaml, valid_keys
+from alldetect.config import UNSEARCHABLE_ROLES, Config, configs_dir, deep_merge, keys_with_role, nest, read_yaml, valid_keys
 from alldetect.errors import UserError
 
-# Keys that pick the data, the split, the run's place or bookkeeping: searching them compares nothing.
-NOT_SEARCHABLE = {"arch", "study", "runs_dir", "folds_dir", "resume", "overwrite", "wandb", "device", "tuned",
-                  "data.root", "data.fold_file", "data.k", "data.split_by", "data.skip_bad", "data.num_workers",
-                  "data.cache", "data.cache_dir"}
+# Keys that pick the data, the split, the run's place, how it runs or bookkeeping: searching them compares nothing
+# (config.UNSEARCHABLE_ROLES).
+NOT_SEARCHABLE = keys_with_role(UNSEARCHABLE_ROLES)
 FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
           "categorical": {"choices"}}
 
@@ -69,7 +68,8 @@ def load_search_space(path: str | Path, base: Config) -> SearchSpace:
             hint = " (write nested keys with dots, e.g. aug.rotate)" if isinstance(spec, dict) and key in ("data", "aug") else ""
             raise UserError(f"{where}: unknown config key{hint}. Valid keys: {', '.join(sorted(keys - NOT_SEARCHABLE))}")
         if key in NOT_SEARCHABLE:
-            raise UserError(f"{where}: {key} chooses the data, the run folder or bookkeeping and cannot be searched")
+            raise UserError(f"{where}: {key} chooses the data, the split, where things are, how the "
+                            "work runs or bookkeeping, not the experiment, and cannot be searched")
         params[key] = _normalise(where, spec)
         _check_values(where, key, params[key], base)
     return SearchSpace(str(path), params)

@@ -22,7 +22,8 @@ import optuna
 import yaml
 
 from alldetect.atomic import check_writable, write_text
-from alldetect.config import Config, configs_dir, deep_merge, load_config, nest, tuned_config_path, validate
+from alldetect.config import (STUDY_RUNTIME_ROLES, Config, configs_dir, deep_merge, keys_with_role, load_config, nest,
+                              tuned_config_path, validate)
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
 from alldetect.engine.fit import TrainingDiverged, fit_fold
@@ -34,10 +35,8 @@ from alldetect.search_space import SearchSpace, load_search_space, space_file
 log = logging.getLogger("alldetect")
 
 PRUNERS = ("median", "hyperband", "none")
-# Settings that may differ between the workers and the runs of one study: where things are, which device.
-RUNTIME_KEYS = {"arch", "study", "tuned", "runs_dir", "folds_dir", "resume", "overwrite", "wandb", "device", "amp",
-                "channels_last", "compile", "pretrained_path", "augment_on", "data.root", "data.fold_file",
-                "data.num_workers", "data.skip_bad", "data.cache", "data.cache_dir"}
+# Settings that may differ between the workers and the runs of one study (config.STUDY_RUNTIME_ROLES).
+RUNTIME_KEYS = keys_with_role(STUDY_RUNTIME_ROLES)
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from alldetect.atomic import check_writable
-from alldetect.config import Config, validate
+from alldetect.config import RESUMABLE_ROLES, Config, keys_with_role, validate
 from alldetect.data.folds import FoldFile
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.distributed import Dist
@@ -18,9 +18,8 @@ from alldetect.errors import UserError
 
 log = logging.getLogger("alldetect")
 
-# Keys that may change when a run is resumed; any other difference means a different experiment.
-RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "patience", "wandb", "device", "data.num_workers",
-                     "data.root", "data.cache", "data.cache_dir", "compile"}
+# Keys that may change when a run is resumed (config.RESUMABLE_ROLES); any other difference is another experiment.
+RESUMABLE_CHANGES = keys_with_role(RESUMABLE_ROLES)
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "inner.csv", "config.yaml")
 RESULT_FILES = set(RUN_FILES) - {"config.yaml"}  # what a plain rerun must never replace (with pred_*)
 
