@@ -89,6 +89,12 @@ def _visualize(a):
     visualize_command(a.run, a.images, a.out, a.device, a.target, a.layer)
 
 
+def _export(a):
+    from alldetect.export import export_command
+
+    export_command(a.runs, a.out, a.format)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -216,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "map is at least 7 x 7)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     s.set_defaults(func=_visualize)
+
+    s = sub.add_parser("export", help="a fold's model as ONNX (or TorchScript) with its preprocessing, to run "
+                       "without alldetect: exports/<arch>_fold<k>/")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (every fold) or runs/<arch>/fold<k>")
+    s.add_argument("--format", default="onnx", help="onnx (default), torchscript, or both: onnx,torchscript")
+    s.add_argument("--out", default="exports", help="output folder (default exports)")
+    s.set_defaults(func=_export)
     return p
 
 

@@ -1,0 +1,150 @@
+"""`alldetect export RUN... [--format onnx,torchscript] [--out exports]`: a trained fold's model as a file that other
+software runs without this repository, with the preprocessing it needs written beside it.
+
+The exported graph takes what any image library can make: uint8 RGB images, N x S x S x 3, after the fixed steps
+(centre crop, resize) that preprocessing.json spells out; normalisation and softmax are inside the graph, and it
+returns the probabilities N x 2 (hem, all). Each export is checked: the exported model (onnxruntime for ONNX) must
+reproduce PyTorch's probabilities on a random batch, or the command fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from alldetect import __version__
+from alldetect.atomic import atomic_path, check_writable, write_text
+from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.loop import logits_of
+from alldetect.engine.predict import rebuild_model
+from alldetect.engine.runs import find_fold_runs
+from alldetect.errors import UserError
+
+log = logging.getLogger("alldetect")
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+TOLERANCE = 1e-4  # largest difference in probability allowed between the export and PyTorch
+
+
+class Exportable(nn.Module):
+    """uint8 RGB N x S x S x 3 -> softmax probabilities N x 2 (hem, all), normalisation included."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        return torch.softmax(logits_of(self.model(x)), dim=1)
+
+
+def preprocessing(cfg: dict, size: int, crop: int) -> dict:
+    return {
+        "input": {"name": "images", "dtype": "uint8", "shape": ["N", size, size, 3], "channels": "RGB"},
+        "output": {"name": "probs", "dtype": "float32", "shape": ["N", 2], "classes": ["hem", "all"],
+                   "meaning": "softmax probabilities; column 1 is p(all), the leukemic blast"},
+        "steps": [
+            "read the image as 8-bit RGB (OpenCV reads BGR: convert)",
+            f"centre crop a square of side {crop} px (clamped to the image; 0 = the largest centred square)"
+            if crop else "take the largest centred square",
+            f"resize to {size} x {size}: cv2.INTER_AREA when shrinking, cv2.INTER_LINEAR when enlarging",
+            "stack as N x S x S x 3 uint8; normalisation (ImageNet mean and std) and softmax are inside the model",
+        ],
+        "crop": crop, "input_size": size, "resize": {"shrink": "INTER_AREA", "enlarge": "INTER_LINEAR"},
+        "threshold": 0.5, "arch": cfg["arch"],
+    }
+
+
+def export_run(run: Path, out: Path, formats: list[str], opset: int = 18) -> dict:
+    """Export one fold run into out/<arch>_<fold>/; returns a summary row."""
+    state = load_checkpoint(run / "best.pt")
+    model, size, crop = rebuild_model(state, run)
+    wrapped = Exportable(model).eval()
+    folder = out / f"{state['config']['arch']}_{run.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = wrapped(example).numpy()
+    row = {"run": str(run), "folder": str(folder)}
+    for fmt in formats:
+        path = folder / FORMATS[fmt]
+        with atomic_path(path) as tmp:  # checked before it replaces anything
+            (_onnx if fmt == "onnx" else _torchscript)(wrapped, example, tmp, opset)
+            got = (_run_onnx if fmt == "onnx" else _run_torchscript)(tmp, example.numpy())
+            diff = float(np.abs(got - expected).max())
+            if not diff <= TOLERANCE:
+                raise UserError(f"the {fmt} export of {run} gives other probabilities than PyTorch (largest "
+                                f"difference {diff:.2g}), so it was not kept; please report it with the architecture")
+        row[f"{fmt}_max_diff"] = diff
+    meta = {**preprocessing(state["config"], size, crop), "files": {f: FORMATS[f] for f in formats},
+            "run": str(run), "epoch": state.get("epoch"), "select": state["config"].get("select"),
+            "fold_file": state.get("fold_file"), "made_by": f"alldetect {__version__}"}
+    write_text(folder / "preprocessing.json", json.dumps(meta, indent=2) + "\n")
+    return row
+
+
+def _onnx(wrapped: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probs"],
+                                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _torchscript(wrapped: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapped, example, check_trace=False)
+    traced.save(str(path))
+
+
+def _run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["probs"], {"images": images})[0]
+
+
+def _run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path)).eval()
+        return model(torch.from_numpy(images)).numpy()
+
+
+def parse_formats(spec: str) -> list[str]:
+    formats = [f.strip() for f in spec.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"--format {spec!r}: choose from {', '.join(FORMATS)} (comma-separated, e.g. onnx,torchscript)")
+    return formats
+
+
+def export_command(runs: list[str], out: str = "exports", formats: str = "onnx") -> list[dict]:
+    chosen = parse_formats(formats)
+    fold_runs = find_fold_runs(runs)
+    for run in fold_runs:  # every checkpoint is checked before anything is written
+        rebuild_model(load_checkpoint(run / "best.pt", mmap=True), run)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "--out")
+    rows = []
+    for run in fold_runs:
+        log.info("exporting %s as %s", run, ", ".join(chosen))
+        rows.append(export_run(run, out_dir, chosen))
+        diffs = ", ".join(f"{f} reproduces PyTorch to {rows[-1][f'{f}_max_diff']:.1e}" for f in chosen)
+        print(f"{run} -> {rows[-1]['folder']}/ ({diffs})", flush=True)
+    print("Each folder holds the model file(s) and preprocessing.json (input, crop, resize, output); see the "
+          "README's Export section for running it with onnxruntime alone.")
+    return rows
