@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.folds import fold_file_root

@@ -14,6 +14,7 @@ from alldetect.ensemble import cross_fitted, ensemble_command, fit_weights, isbi
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
 from alldetect.plots import probability_text
+
 from conftest import FAST
 from fake_runs import make_run, oof_frame, write_predictions
 
@@ -79,7 +80,7 @@ def test_threshold_curve_matches_scikit_learn_and_best_threshold_is_its_maximum(
 def test_fitted_weights_never_score_worse_on_oof_than_equal_weights():
     rng = np.random.default_rng(0)
     moved = 0
-    for trial in range(40):
+    for _ in range(40):
         n = int(rng.integers(20, 200))
         labels = rng.integers(0, 2, n)
         quality = rng.uniform(-0.3, 0.6, 3)  # members from anti-informative to good
@@ -89,7 +90,7 @@ def test_fitted_weights_never_score_worse_on_oof_than_equal_weights():
             w, _ = fit_weights(probs, labels, threshold)
             assert (w >= 0).all() and w.sum() == pytest.approx(1)
 
-            def f1(weights):
+            def f1(weights, probs=probs, labels=labels, threshold=threshold):
                 p = probs @ weights
                 return score(labels, p, best_threshold(labels, p) if threshold == "oof" else threshold)["f1"]
 

@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import onnxruntime
 import pandas as pd
-import pytest
 import torch
 
 from alldetect.cli import main
 from alldetect.engine.predict import predict_command
+
 from conftest import write_image
 from fake_runs import make_run
 

@@ -8,6 +8,7 @@ from alldetect.cli import main
 from alldetect.data.folds import load_fold_file, make_fold_file
 from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
+
 from conftest import write_image
 
 

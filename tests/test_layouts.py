@@ -7,6 +7,7 @@ from PIL import Image
 from alldetect.data.images import drop_bad_images, preprocess
 from alldetect.data.layouts import build_manifest, subject_of
 from alldetect.errors import UserError
+
 from conftest import write_image
 
 
@@ -215,7 +216,7 @@ def test_sixteen_bit_rgb_and_32_bit_bmp_are_read_as_8_bit_rgb_and_said_so(tmp_pa
     from alldetect.data.index import index_command
 
     root = tmp_path / "C-NMC_training_data"
-    for i, subject in enumerate(["1", "2", "3"]):
+    for subject in ["1", "2", "3"]:
         write_image(root / f"fold_0/all/UID_{subject}_1_1_all.bmp")
         write_image(root / f"fold_0/hem/UID_H{subject}_1_1_hem.bmp")
     wide = (np.random.default_rng(0).random((64, 64, 3)) * 65535).astype(np.uint16)

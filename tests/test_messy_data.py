@@ -67,7 +67,8 @@ def build_tree(root: Path, layout: str, tree) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout=st.sampled_from(["classes", "cnmc"]), classes=CLASS_TREE,
-       cnmc=st.lists(CNMC_FILE, min_size=1, max_size=24), k=st.sampled_from([2, 2, 3, 3, 5]), by=st.sampled_from(["subject", "image"]),
+       cnmc=st.lists(CNMC_FILE, min_size=1, max_size=24), k=st.sampled_from([2, 2, 3, 3, 5]),
+       by=st.sampled_from(["subject", "image"]),
        skip_bad=st.booleans())
 def test_random_trees_give_a_valid_split_or_a_clear_error(layout, classes, cnmc, k, by, skip_bad):
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import DeviceBatch, predict_probs
 from alldetect.engine.predict import predict_command, rebuild_model, tta_views
 from alldetect.errors import UserError
+
 from conftest import write_image
 from fake_runs import make_run
 
@@ -109,7 +110,10 @@ def test_d8_tta_averages_the_eight_views():
 
     normed = ((batch.float() / 255 - dev.mean) / dev.std).numpy()
     w = model.w.detach().numpy()[0]
-    prob = lambda a: 1 / (1 + np.exp(-2 * (a * w).sum()))  # softmax of (-s, s)
+
+    def prob(a):
+        return 1 / (1 + np.exp(-2 * (a * w).sum()))  # softmax of (-s, s)
+
     expected_d8 = [np.mean([prob(v) for v in _d8_by_closure(img)]) for img in normed]
     assert all(len(_d8_by_closure(img)) == 8 for img in normed)
     np.testing.assert_allclose(got["d8"], expected_d8, atol=1e-6)

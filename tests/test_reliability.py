@@ -19,7 +19,8 @@ from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
 from alldetect.engine.fit import fit_fold
 from alldetect.engine.stopping import StopRequested
 from alldetect.errors import UserError
-from conftest import FAST, REPO
+
+from conftest import FAST
 
 HISTORY_STABLE = ["epoch", "train_loss", "val_loss", "f1", "accuracy", "precision", "recall", "roc_auc", "lr"]
 
@@ -207,6 +208,7 @@ def test_yaml_with_python_objects_is_not_executed(workdir):
 
 def test_labels_file_cannot_point_outside_the_folder(tmp_path):
     from alldetect.data.layouts import build_manifest
+
     from conftest import write_image
 
     images = tmp_path / "test"
@@ -304,6 +306,7 @@ def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(
 def test_impossible_output_places_are_clear_errors_before_any_work(tiny_demo, workdir, capsys):
     """Each output folder lies under a file (impossible even for root): a message naming it, exit 2, no traceback."""
     from alldetect.cli import main
+
     from fake_runs import make_run, oof_frame
 
     (workdir / "afile").write_text("")

@@ -22,6 +22,7 @@ from alldetect.engine.checkpoint import save_checkpoint
 from alldetect.ensemble import ensemble_command
 from alldetect.errors import UserError
 from alldetect.report import report_command
+
 from fake_runs import make_run
 
 ARCHS = ("proposed", "resnet10t")  # resnet10t: a small timm model, quick to build at 32 x 32
@@ -113,7 +114,7 @@ def test_table_numbers_equal_those_recomputed_from_the_oof_files(trained, tiny_d
     assert list(numbers.index) == list(expected)
     for model, oof in expected.items():
         cells = _markdown_row(readme, model)
-        for i, (metric, (mean, std)) in enumerate(_recomputed(oof).items()):
+        for metric, (mean, std) in _recomputed(oof).items():
             assert numbers.loc[model, f"{metric}_mean"] == pytest.approx(mean, abs=1e-12), (model, metric)
             assert numbers.loc[model, f"{metric}_std"] == pytest.approx(std, abs=1e-12), (model, metric)
             shown = f"{mean:.4f} ± {std:.4f}"

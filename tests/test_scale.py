@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from alldetect.config import AugConfig, load_config
+from alldetect.config import AugConfig
 from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset
 from alldetect.data.folds import make_fold_file
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.train import train_command
-from conftest import FAST, REPO
+
+from conftest import FAST
 
 
 def test_cache_gives_byte_identical_images(tiny_demo, workdir):

@@ -9,11 +9,12 @@ import torch
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.fit import fit_fold
 from alldetect.engine.select import carve_inner
 from alldetect.engine.train import train_command
-from alldetect.engine.fit import fit_fold
 from alldetect.errors import UserError
 from alldetect.metrics import score
+
 from conftest import FAST
 
 

@@ -14,6 +14,7 @@ from alldetect.engine.loop import DeviceBatch, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer
 from alldetect.errors import UserError
 from alldetect.models import create_model
+
 from conftest import FAST
 
 
@@ -247,9 +248,10 @@ def test_select_ema_without_ema_and_patience_on_a_fixed_schedule_are_clear_error
 def test_every_key_on_stopped_mid_accumulation_resumes_to_the_same_weights(tiny_demo, workdir, monkeypatch):
     """SIGTERM inside an accumulation: the step finishes, the stop waits for the update, and resume=true reaches
     the weights (raw and averaged), history and predictions of an uninterrupted run."""
+    from test_reliability import SignalAt, _same_history
+
     import alldetect.engine.fit as fit
     from alldetect.engine.stopping import StopRequested
-    from test_reliability import SignalAt, _same_history
 
     extra = [*FAST, f"data.root={tiny_demo}", "epochs=3", "batch_size=4", "accum_steps=2", "mixup=0.4",
              "cutmix=0.5", "label_smoothing=0.1", "ema=true", "select=ema", "warmup_epochs=1", "clip_grad=1",

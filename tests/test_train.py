@@ -13,6 +13,7 @@ from alldetect.engine.fit import fit_fold
 from alldetect.engine.train import train_command
 from alldetect.errors import UserError
 from alldetect.models import create_model
+
 from conftest import FAST
 
 

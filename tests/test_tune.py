@@ -18,6 +18,7 @@ from alldetect.data.prepare import resolve_folds
 from alldetect.errors import UserError
 from alldetect.search_space import load_search_space, nest
 from alldetect.tune import TrialSeededSampler, open_storage, tune_command
+
 from conftest import FAST, REPO
 
 POSTGRES = os.environ.get("ALLDETECT_TEST_POSTGRES")
@@ -63,7 +64,7 @@ def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_data, w
     best = max(study.trials, key=lambda t: (t.value, -t.number))
     tuned = configs / "tuned/proposed.yaml"
     text = tuned.read_text()
-    assert f"study 'proposed'" in text and f"trial {best.number}, mean weighted F1 {best.value:.4f}" in text
+    assert "study 'proposed'" in text and f"trial {best.number}, mean weighted F1 {best.value:.4f}" in text
     assert yaml.safe_load(text) == best.params
     out = capsys.readouterr().out
     assert f"best: trial {best.number}" in out and "tuned=true" in out

@@ -96,7 +96,8 @@ def _export(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in white-blood-cell images (C-NMC 2019).")
+    p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in "
+                                "white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -46,8 +46,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    root: Optional[str] = _role("place", None)  # dataset folder; else $ALLDETECT_DATA; else the built-in demo data
-    fold_file: Optional[str] = _role("place", None)  # made on first use when unset
+    root: str | None = _role("place", None)  # dataset folder; else $ALLDETECT_DATA; else the built-in demo data
+    fold_file: str | None = _role("place", None)  # made on first use when unset
     k: int = _role("split", 5, ge=2)
     split_by: Literal["subject", "official", "image"] = _role("split", "subject")
     crop: int = Field(400, ge=0)  # centre crop (px) before resizing: the report's 450 -> 400; 0 = none
@@ -76,25 +76,26 @@ class Config(_Section):
     runs_dir: str = _role("place", "runs")
     folds_dir: str = _role("place", "folds")
     study: str = _role("command", "alldetect")  # W&B group (alldetect tune groups its trials by the study's name)
-    recipe: Optional[str] = None  # add configs/recipes/<recipe>.yaml after the arch/profile layers (e.g. report)
-    tuned: bool = _role("command", False)  # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
+    recipe: str | None = None  # add configs/recipes/<recipe>.yaml after the arch/profile layers (e.g. report)
+    # add configs/tuned/<arch>.yaml (written by alldetect tune) after the arch/profile layers
+    tuned: bool = _role("command", False)
     # model
-    input_size: Optional[int] = Field(None, ge=32)  # None: the architecture's natural size
+    input_size: int | None = Field(None, ge=32)  # None: the architecture's natural size
     dropout: float = Field(0.0, ge=0, lt=1)
     pretrained: bool = False
-    pretrained_path: Optional[str] = _role("place", None)
+    pretrained_path: str | None = _role("place", None)
     # optimisation (timm's optimiser and scheduler factories)
     optimizer: str = "adamw"  # sgd (plain, with `momentum`) | adam | adamw | any of timm.optim.list_optimizers()
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
-    layer_decay: Optional[float] = Field(None, gt=0, le=1)  # layer-wise lr decay (timm); None = off
+    layer_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay (timm); None = off
     batch_size: int = Field(32, ge=1)
     accum_steps: int = Field(1, ge=1)  # gradient accumulation: one optimiser update per this many batches
     clip_grad: float = Field(0.0, ge=0)  # clip the gradients' global norm to this; 0 = off
     epochs: int = _role("length", 30, ge=1)
     scheduler: Literal["none", "cosine", "step", "onecycle"] = "onecycle"
-    warmup_epochs: Optional[float] = Field(None, ge=0)  # linear warm-up from lr/25; None: 0 (onecycle: 30 %)
+    warmup_epochs: float | None = Field(None, ge=0)  # linear warm-up from lr/25; None: 0 (onecycle: 30 %)
     min_lr: float = Field(0.0, ge=0)  # where cosine and one-cycle end
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)

@@ -26,8 +26,8 @@ from sklearn.metrics import log_loss
 from alldetect import __version__
 from alldetect.atomic import atomic_path, check_writable, write_csv, write_text
 from alldetect.data.layouts import NUMBERED_RE
-from alldetect.engine.select import selection_label
 from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members, run_info
+from alldetect.engine.select import selection_label
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import METRIC_NAMES, best_threshold, score
 from alldetect.options import choice, parse_options, split_options

@@ -4,8 +4,9 @@ checked against what each command accepts, with errors that list the valid keys 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from alldetect.errors import UserError
 

@@ -29,12 +29,12 @@ import torch
 import yaml
 
 from alldetect import __version__, plots
+from alldetect.atomic import check_writable
 from alldetect.data.demo import is_demo_data
 from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import resolve_device
 from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_count
-from alldetect.atomic import check_writable
 from alldetect.engine.select import selection_label, selection_text
 from alldetect.ensemble import load_oof, metrics_table, safe_name
 from alldetect.errors import UserError

@@ -18,7 +18,16 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from alldetect.config import UNSEARCHABLE_ROLES, Config, configs_dir, deep_merge, keys_with_role, nest, read_yaml, valid_keys
+from alldetect.config import (
+    UNSEARCHABLE_ROLES,
+    Config,
+    configs_dir,
+    deep_merge,
+    keys_with_role,
+    nest,
+    read_yaml,
+    valid_keys,
+)
 from alldetect.errors import UserError
 
 # Keys that pick the data, the split, the run's place, how it runs or bookkeeping: searching them compares nothing

@@ -22,8 +22,17 @@ import optuna
 import yaml
 
 from alldetect.atomic import check_writable, write_text
-from alldetect.config import (STUDY_RUNTIME_ROLES, Config, configs_dir, deep_merge, keys_with_role, load_config, nest,
-                              tuned_config_path, validate)
+from alldetect.config import (
+    STUDY_RUNTIME_ROLES,
+    Config,
+    configs_dir,
+    deep_merge,
+    keys_with_role,
+    load_config,
+    nest,
+    tuned_config_path,
+    validate,
+)
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
 from alldetect.engine.fit import TrainingDiverged, fit_fold

@@ -6,7 +6,8 @@ per (data fingerprint, crop, size), shared by every later run, fold, trial and a
     data/cache/<dataset>-<fingerprint>-<mtimes>-c<crop>-s<size>.json  the paths, so a row can be found by path
 
 The data fingerprint (relative paths and file sizes) and a digest of the files' modification times are in the
-name (see `cache_stem`), so changed data get a new cache and never read a stale one. The .u8 file appears by an atomic rename only once complete: a killed build leaves nothing.
+name (see `cache_stem`), so changed data get a new cache and never read a stale one. The .u8 file appears by an
+atomic rename only once complete: a killed build leaves nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ImageCache:
                                     shape=(len(self.paths), self.size, self.size, 3))
         return self._array
 
-    def source(self, paths) -> "CacheSource":
+    def source(self, paths) -> CacheSource:
         return CacheSource(self, [self.row_of[p] for p in paths])
 
 
@@ -83,7 +84,7 @@ def image_cache(root: str | Path, paths: list[str], crop: int, size: int, cache_
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size, 3))
 
         def fill(i: int) -> None:
-            array[i] = preprocess(read_rgb(root / paths[i]), crop, size)
+            array[i] = preprocess(read_rgb(root / paths[i]), crop, size)  # noqa: F821 (deleted only after use)
 
         with ThreadPoolExecutor(workers) as pool:  # cv2 releases the GIL while decoding and resizing
             list(tqdm(pool.map(fill, range(len(paths))), total=len(paths), desc="cache", unit="img",

@@ -137,7 +137,7 @@ class Loader(DataLoader):
             iterator._shutdown_workers()
         self._iterator = None
 
-    def __enter__(self) -> "Loader":
+    def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc) -> None:

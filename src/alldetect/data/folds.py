@@ -4,11 +4,10 @@ traceable, and checked against the data on disk whenever they are loaded."""
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np

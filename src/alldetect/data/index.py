@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pandas as pd
-
-from alldetect.data.folds import default_fold_path, few_subjects_note, fold_summary, make_fold_file
 from alldetect.data.duplicates import duplicates_note, identical_groups
+from alldetect.data.folds import default_fold_path, few_subjects_note, fold_summary, make_fold_file
 from alldetect.data.images import converted_note, inspect_images
 from alldetect.data.layouts import build_manifest
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from alldetect.config import DATA_ENV, Config
 from alldetect.data.demo import is_demo_data, make_demo_data
+from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
 from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
-from alldetect.data.folds import (FoldFile, default_fold_path, fold_summary, load_fold_file,
-                                  make_fold_file)
 
 log = logging.getLogger("alldetect")
 

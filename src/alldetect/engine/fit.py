@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -30,8 +30,7 @@ from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
 from alldetect.engine.distributed import Dist, init_distributed
 from alldetect.engine.folddata import EvalSet, fold_data
 from alldetect.engine.gpu_augment import BatchAugment
-from alldetect.engine.loop import (DeviceBatch, NonFiniteLoss, Updater, predict_probs, resolve_device,
-                                   train_one_epoch)
+from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, Updater, predict_probs, resolve_device, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer, set_frozen
 from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_dir, run_dir_for
 from alldetect.engine.select import Selector
@@ -75,7 +74,7 @@ class Progress:
                 "wandb_id": self.wandb_id}
 
     @classmethod
-    def of(cls, state: dict) -> "Progress":
+    def of(cls, state: dict) -> Progress:
         return cls(state["epoch"], state["best"], state["best_epoch"], state["stale"], state.get("wandb_id"))
 
 
