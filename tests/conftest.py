@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -53,6 +56,21 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a temporary folder so runs/, folds/ and data/ land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: Path):
+    """Another process holds `lock` (alldetect.locks.exclusive) until the block ends, then is killed: yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from alldetect.locks import exclusive; from pathlib import Path\n"
+        f"with exclusive(Path({str(lock)!r}), 'x'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def write_image(path: Path, img: np.ndarray | None = None, size: int = 64) -> Path:

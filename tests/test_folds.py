@@ -9,7 +9,7 @@ from alldetect.data.folds import load_fold_file, make_fold_file
 from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
 
-from conftest import write_image
+from conftest import lock_held_elsewhere, write_image
 
 
 def test_split_real_sample_no_subject_in_two_folds(sample_root, tmp_path):
@@ -191,22 +191,10 @@ def test_a_fold_file_of_other_images_is_never_replaced(tiny_demo, tmp_path):
 
 
 def test_two_processes_never_make_one_fold_file_at_once(tiny_demo, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "folds/demo_k3_s42.csv"
-    lock = out.with_name(f".{out.name}.lock")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from alldetect.locks import exclusive; from pathlib import Path\n"
-        f"with exclusive(Path({str(lock)!r}), 'x'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"the fold file {out} is in use by another process \(pid {holder.pid}\)"):
+    with lock_held_elsewhere(out.with_name(f".{out.name}.lock")) as pid:
+        with pytest.raises(UserError, match=rf"the fold file {out} is in use by another process \(pid {pid}\)"):
             make_fold_file(tiny_demo, out, k=3, seed=42)
-    finally:
-        holder.kill()
-        holder.wait()
     make_fold_file(tiny_demo, out, k=3, seed=42)  # a killed holder's lock is no obstacle
     assert out.is_file()
 

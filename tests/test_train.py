@@ -14,7 +14,7 @@ from alldetect.engine.train import train_command
 from alldetect.errors import UserError
 from alldetect.models import create_model
 
-from conftest import FAST
+from conftest import FAST, lock_held_elsewhere
 
 
 def _cfg(root, *extra):
@@ -256,23 +256,12 @@ def test_any_result_of_a_run_guards_its_folder(tiny_demo, workdir):
 
 
 def test_a_run_folder_takes_one_training_at_a_time(tiny_demo, workdir):
-    import subprocess
-    import sys
-
     run = workdir / "runs/proposed/fold0"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from alldetect.locks import exclusive; from pathlib import Path\n"
-        f"with exclusive(Path({str(run / '.lock')!r}), 'x'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run / ".lock") as pid:
         with pytest.raises(UserError, match=rf"the run folder runs/proposed/fold0 is in use by another process "
-                                            rf"\(pid {holder.pid}\)"):
+                                            rf"\(pid {pid}\)"):
             fit_fold(_cfg(tiny_demo, "epochs=1"), 0, resolve_folds(_cfg(tiny_demo)))
         assert not (run / "config.yaml").exists()  # refused before it touched anything
-    finally:
-        holder.kill()
-        holder.wait()
     fit_fold(_cfg(tiny_demo, "epochs=1"), 0, resolve_folds(_cfg(tiny_demo)))  # a killed holder's lock is stale
     assert (run / "best.pt").is_file() and not (run / ".lock.pid").exists()
 
