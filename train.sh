@@ -3,12 +3,13 @@
 #   ./train.sh proposed fold0                      # the built-in demo data when no data set is configured
 #   ./train.sh resnet50 all data.root=/data/C-NMC_training_data lr=3e-4 epochs=20
 #   ./train.sh resnet50 fold0 --gpus 4             # data-parallel on 4 GPUs of this machine (torchrun)
+#   ./train.sh resnet50 full                       # one final model on every image (no validation fold)
 # Creates .venv on first use.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ $# -lt 2 ]; then
   echo "usage: ./train.sh ARCH FOLD [key=value ...] [--gpus N]   e.g. ./train.sh proposed fold0" >&2
-  echo "ARCH: proposed alexnet vgg16 resnet50 inception_v3 (or any timm model); FOLD: fold0..fold4 or all" >&2
+  echo "ARCH: proposed alexnet vgg16 resnet50 inception_v3 (or any timm model); FOLD: fold0..fold4, all, or full (every image)" >&2
   exit 2
 fi
 gpus=1

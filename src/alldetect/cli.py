@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_demo_data)
 
-    s = sub.add_parser("train", help="train ARCH on FOLD (fold0..fold<k-1> or all) into runs/<arch>/fold<k>")
+    s = sub.add_parser("train", help="train ARCH on FOLD (fold0..fold<k-1>, all, or full: every image) into "
+                       "runs/<arch>/fold<k> (or runs/<arch>/full)")
     s.add_argument("arch", help="proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name")
-    s.add_argument("fold", help="fold0, fold1, ... or all")
+    s.add_argument("fold", help="fold0, fold1, ..., all (every fold), or full (one final model on every image)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 epochs=20")
     s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
     s.set_defaults(func=_train)

@@ -372,6 +372,10 @@ def safe_name(text: str) -> str:
 
 def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     """Score each member and the ensemble on the OOF predictions; write metrics.json and oof.csv."""
+    full = [str(r) for m in members for r in m.runs if r.name == "full"]
+    if full:
+        raise UserError(f"{short_list(full)} trained on every image, so it has no out-of-fold predictions to score: "
+                        "name the fold runs (runs/<arch>, whose folds --oof scores) without it")
     oof = load_oof(members)
     labels, folds = oof.labels, oof.frame["fold"].to_numpy()
     weights, threshold = opts["weights"], opts["threshold"]
@@ -427,13 +431,37 @@ def _print_combiner(c: Combiner, members: list[str], weights: str, threshold, cr
               "a submission (--name) uses the ones fitted on all OOF predictions.")
 
 
+def _with_folds_for_full(members: list[Member]) -> list[Member]:
+    """A final model (runs/<arch>/full) has no out-of-fold predictions; its folder's fold runs, trained the same
+    way on part of the images, stand in for it when weights or a threshold are fitted."""
+    out = []
+    for member in members:
+        if not any(r.name == "full" for r in member.runs):
+            out.append(member)
+            continue
+        folds = [r for r in member.runs if r.name != "full"]
+        if not folds:
+            try:
+                folds = find_fold_runs([member.folder])
+            except UserError:
+                folds = []
+        if not folds:
+            raise UserError(f"{member.folder / 'full'} has no out-of-fold predictions, and {member.folder} no fold "
+                            "runs whose predictions could stand in for it: train them (./train.sh ARCH all), or use "
+                            "weights=equal and a fixed threshold")
+        print(f"{member.name}: weights and threshold fitted on the out-of-fold predictions of "
+              f"{', '.join(r.name for r in folds)} (full has none)")
+        out.append(Member(member.name, member.folder, folds))
+    return out
+
+
 def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> dict:
     """Combine held-out predictions into out_dir/<name>.csv (+ isbi_valid.predict and zip, + metrics.json)."""
     held = load_predictions(members, name)
     weights, threshold = opts["weights"], opts["threshold"]
     m = len(held.members)
     if "oof" in (weights, threshold):
-        oof = load_oof(members)
+        oof = load_oof(_with_folds_for_full(members))
         combiner = fit_combiner(oof.probs, oof.labels, weights, threshold)
         member_thresholds = [fit_combiner(oof.probs[:, [i]], oof.labels, "equal", threshold).threshold
                              for i in range(m)]

@@ -90,6 +90,9 @@ def tune_command(arch: str, overrides: list[str], files: list[str] | None = None
     if storage is None:
         check_writable("studies", "the studies folder")
     cfg, demo, fold_file = _trial_base(arch, overrides, files or [])
+    if "full" in [spec.strip() for spec in folds.split(",")]:
+        raise UserError("--folds full: a trial is scored on its validation folds, and full has none; name folds "
+                        "(fold0,fold1) or all")
     wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)})
     search = load_search_space(space_file(arch, space), cfg)
     name = study or (f"{arch}-demo" if demo else arch)
@@ -298,7 +301,7 @@ def _objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[
 
             try:
                 result = fit_fold(cfg, fold, folds, run_dir, on_epoch=report, job_type="tune",
-                                  run_name=f"{study_name}-trial{trial.number}-fold{fold}")
+                                  wandb_name=f"{study_name}-trial{trial.number}-fold{fold}")
             except UserError as e:
                 trial.set_user_attr("error", str(e))
                 raise

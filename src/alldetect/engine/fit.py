@@ -5,6 +5,9 @@ runs/<arch>/fold<k>/
   best.pt       the weights `select=` kept    last.pt      the latest epoch, for resume=true
   oof.csv       validation-fold predictions of best.pt (path, subject, label, prob_all, pred, fold)
   inner.csv     select=inner: the inner split's predictions of best.pt
+
+runs/<arch>/full/ (fold FULL: trained on every image of the fold file) has no validation fold, so no oof.csv and
+no validation columns in history.csv; it keeps the weights of a fixed schedule (select=ema or last).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from alldetect.engine.folddata import EvalSet, fold_data
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, Updater, predict_probs, resolve_device, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer, set_frozen
-from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_dir, run_dir_for
+from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_dir, run_dir_for, run_name
 from alldetect.engine.select import Selector
 from alldetect.engine.stopping import StopRequested, stop_on_signals
 from alldetect.errors import UserError
@@ -43,7 +46,9 @@ from alldetect.tracking import Tracker, start_tracker
 
 log = logging.getLogger("alldetect")
 
-__all__ = ["FitResult", "TrainingDiverged", "fit_fold", "run_dir_for"]
+__all__ = ["FULL", "FitResult", "TrainingDiverged", "fit_fold", "run_dir_for"]
+
+FULL = None  # the "fold" of a final model trained on every image, with nothing held out (runs/<arch>/full)
 
 
 @dataclass
@@ -56,6 +61,8 @@ class FitResult:
     stopped_early: bool = False
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
     select: str = "last"
+    fold: int | None = 0  # FULL (None): trained on every image, metrics empty
+    train_images: int = 0
 
 
 @dataclass
@@ -100,13 +107,19 @@ class Model:
         return (self.ema.module if self.ema is not None and self.use_ema else self.module).state_dict()
 
 
-def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = None,
-             on_epoch: Callable[[int, dict], None] | None = None, run_name: str | None = None,
+def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None, wandb_name: str | None = None,
              job_type: str = "train") -> FitResult:
     """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` (the validation
-    fold's scores) may raise to stop early (Optuna pruning). `run_name` names the W&B run (default
-    <arch>-fold<k>). Under torchrun every rank calls this; only rank 0 writes."""
-    if not 0 <= fold < folds.k:
+    fold's scores) may raise to stop early (Optuna pruning). `wandb_name` names the W&B run (default
+    <arch>-fold<k>). Under torchrun every rank calls this; only rank 0 writes. fold FULL trains on every image and
+    validates nothing."""
+    if fold is FULL:
+        if cfg.select in ("inner", "outer"):
+            raise UserError(f"full trains on every image, so no images are left to choose an epoch on (select="
+                            f"{cfg.select}): use select=ema (the default) or select=last, a fixed schedule of "
+                            f"epochs={cfg.epochs} as the fold runs had")
+    elif not 0 <= fold < folds.k:
         raise UserError(f"fold{fold} does not exist: {folds.path} has folds fold0..fold{folds.k - 1}")
     d = init_distributed()
     if d.enabled and cfg.freeze_epochs:
@@ -116,10 +129,11 @@ def fit_fold(cfg: Config, fold: int, folds: FoldFile, run_dir: Path | None = Non
         check_writable(run_dir, "the run folder")
     lock = exclusive(run_dir / ".lock", f"the run folder {run_dir}") if d.main else contextlib.nullcontext()
     with lock:
-        return _fit_locked(cfg, fold, folds, run_dir, d, on_epoch, run_name, job_type)
+        return _fit_locked(cfg, fold, folds, run_dir, d, on_epoch, wandb_name, job_type)
 
 
-def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist, on_epoch, run_name, job_type):
+def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d: Dist, on_epoch, wandb_name,
+                job_type):
     resume_state = prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
         check_resume(cfg, resume_state, folds, run_dir)
@@ -154,13 +168,14 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
             history = pd.read_csv(run_dir / "history.csv").query("epoch <= @progress.epoch")
     tracker = Tracker()
     if d.main:
-        tracker = start_tracker(cfg.wandb, run_dir, name=run_name or f"{cfg.arch}-fold{fold}", group=cfg.study,
+        tracker = start_tracker(cfg.wandb, run_dir, name=wandb_name or f"{cfg.arch}-{run_name(fold)}", group=cfg.study,
                                 config=cfg.to_dict(), job_type=job_type, resume_id=progress.wandb_id)
         progress.wandb_id = tracker.run_id
 
     def checkpoint(metrics: dict | None, **extra) -> dict:
         return _checkpoint(cfg, model, optimizer, updater, progress, metrics, folds, world=d.world,
-                           updates_per_epoch=updates_per_epoch, **extra)
+                           updates_per_epoch=updates_per_epoch, run=run_name(fold), train_images=data.train_images,
+                           **extra)
 
     stopped_early, exit_code = False, 1
     try:
@@ -180,7 +195,7 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                                         updates_per_epoch=updates_per_epoch, max_batches=cfg.max_batches,
                                         augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
                                         carry=carry, rank=d.rank,
-                                        desc=f"{cfg.arch} fold{fold} epoch {epoch + 1}/{cfg.epochs}")
+                                        desc=f"{cfg.arch} {run_name(fold)} epoch {epoch + 1}/{cfg.epochs}")
                 if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
                     if d.main:
                         save_checkpoint(run_dir / "last.pt",
@@ -188,8 +203,9 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                     raise StopRequested(
                         f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
                         f"{run_dir / 'last.pt'} holds it: continue with the same command and resume=true")
-                outer_probs, metrics = _evaluate(model.evaluated, data.outer, dev, val_loss_fn, d, "validate")
-                inner_probs = inner = None
+                outer_probs = metrics = inner_probs = inner = None
+                if data.outer is not None:
+                    outer_probs, metrics = _evaluate(model.evaluated, data.outer, dev, val_loss_fn, d, "validate")
                 if data.inner is not None:
                     inner_probs, inner = _evaluate(model.evaluated, data.inner, dev, val_loss_fn, d, "select")
                 chosen = selector.chooses(epoch, inner if data.inner is not None else metrics, progress.best)
@@ -208,7 +224,8 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                         state = checkpoint(metrics)
                         if chosen:
                             save_checkpoint(run_dir / "best.pt", {**state, "model": model.weights()})
-                            _write_predictions(run_dir / "oof.csv", data.outer.rows, outer_probs, fold)
+                            if outer_probs is not None:
+                                _write_predictions(run_dir / "oof.csv", data.outer.rows, outer_probs, fold)
                             if inner_probs is not None:
                                 _write_predictions(run_dir / "inner.csv", data.inner.rows, inner_probs, fold)
                         save_checkpoint(run_dir / "last.pt", state)
@@ -217,13 +234,13 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                         raise UserError(f"training stopped in epoch {epoch + 1}: {e}. Make room (or raise the limit) "
                                         "and continue with the same command and resume=true, from the last epoch "
                                         "last.pt holds") from None
-                    logged = {f"val/{k}": v for k, v in metrics.items() if k != "confusion"}
+                    logged = {f"val/{k}": v for k, v in (metrics or {}).items() if k != "confusion"}
                     if inner is not None:
                         logged.update({f"inner/{k}": v for k, v in inner.items() if k != "confusion"})
                     tracker.log({**logged, "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
                                  "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
                     tqdm.write(_epoch_line(cfg, fold, row, chosen))
-                if on_epoch is not None:
+                if on_epoch is not None and metrics is not None:
                     on_epoch(epoch, metrics)
         if progress.best_epoch < 0:
             done = progress.epoch + 1
@@ -231,8 +248,9 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
                             + (f" runs no more; resume with epochs={done + 1} or more" if done >= cfg.epochs else ""))
         d.barrier()  # rank 0 has written best.pt
         best_state = load_checkpoint(run_dir / "best.pt")
+        kept_metrics = best_state["metrics"] or {}
         tracker.summary({"best_epoch": progress.best_epoch + 1,
-                         **{f"best/{k}": v for k, v in best_state["metrics"].items() if k != "confusion"}})
+                         **{f"best/{k}": v for k, v in kept_metrics.items() if k != "confusion"}})
         exit_code = 0
     except NonFiniteLoss as e:
         kept = (f"{run_dir / 'last.pt'} keeps the last good epoch ({progress.epoch + 1})" if progress.epoch >= 0
@@ -245,8 +263,8 @@ def _fit_locked(cfg: Config, fold: int, folds: FoldFile, run_dir: Path, d: Dist,
     finally:
         tracker.finish(exit_code)
         data.close()
-    return FitResult(run_dir, progress.best_epoch, best_state["metrics"][cfg.monitor], best_state["metrics"],
-                     len(history), stopped_early, history, cfg.select)
+    return FitResult(run_dir, progress.best_epoch, kept_metrics.get(cfg.monitor, float("nan")), kept_metrics,
+                     len(history), stopped_early, history, cfg.select, fold, data.train_images)
 
 
 def _build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: DeviceBatch) -> Model:
@@ -354,10 +372,11 @@ def _write_predictions(path: Path, rows: pd.DataFrame, probs: np.ndarray, fold: 
     write_csv(path, table)
 
 
-def _history_row(epoch: int, stats: dict, metrics: dict, inner: dict | None, lr: float, chosen: bool,
+def _history_row(epoch: int, stats: dict, metrics: dict | None, inner: dict | None, lr: float, chosen: bool,
                  world: int = 1) -> dict:
-    row = {"epoch": epoch, "train_loss": round(stats["loss"], 6), "val_loss": round(metrics["loss"], 6),
-           **{k: round(metrics[k], 6) for k in METRIC_NAMES}}
+    row = {"epoch": epoch, "train_loss": round(stats["loss"], 6)}
+    if metrics is not None:  # None: trained on every image (full), nothing validated
+        row.update({"val_loss": round(metrics["loss"], 6), **{k: round(metrics[k], 6) for k in METRIC_NAMES}})
     if inner is not None:
         row.update({"inner_loss": round(inner["loss"], 6), **{f"inner_{k}": round(inner[k], 6) for k in METRIC_NAMES}})
     row.update({"selected": int(chosen), "lr": lr, "seconds": round(stats["seconds"], 2),
@@ -366,10 +385,10 @@ def _history_row(epoch: int, stats: dict, metrics: dict, inner: dict | None, lr:
     return row
 
 
-def _epoch_line(cfg: Config, fold: int, row: dict, chosen: bool) -> str:
+def _epoch_line(cfg: Config, fold: int | None, row: dict, chosen: bool) -> str:
     inner = f"  inner f1 {row['inner_f1']:.4f}" if "inner_f1" in row else ""
     star = " *" if chosen and cfg.select in ("inner", "outer") else ""
-    return (f"{cfg.arch} fold{fold} epoch {row['epoch'] + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-            f"val_loss {row['val_loss']:.4f}  f1 {row['f1']:.4f}  acc {row['accuracy']:.4f}  "
-            f"auc {row['roc_auc']:.4f}{inner}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  "
-            f"wait {row['data_wait']:.0%}{star}")
+    val = (f"val_loss {row['val_loss']:.4f}  f1 {row['f1']:.4f}  acc {row['accuracy']:.4f}  auc {row['roc_auc']:.4f}"
+           if "f1" in row else "(no validation: every image trains)")
+    return (f"{cfg.arch} {run_name(fold)} epoch {row['epoch'] + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+            f"{val}{inner}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  wait {row['data_wait']:.0%}{star}")

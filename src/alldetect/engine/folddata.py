@@ -31,25 +31,29 @@ class EvalSet:
 @dataclass
 class FoldData:
     train_loader: Loader
-    outer: EvalSet  # the validation fold: what the run's scores and oof.csv are of
+    outer: EvalSet | None  # the validation fold: what the run's scores and oof.csv are of (None: train=full)
     inner: EvalSet | None  # select=inner: held-out subjects of the training folds, which pick the epoch
     class_weights: torch.Tensor | None
     batch: int  # per process
+    train_images: int
 
     def close(self) -> None:
-        for loader in (self.train_loader, self.outer.loader, self.inner.loader if self.inner else None):
+        for loader in (self.train_loader, self.outer.loader if self.outer else None,
+                       self.inner.loader if self.inner else None):
             if loader is not None:
                 loader.close()
 
 
-def fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch.device, d: Dist) -> FoldData:
-    train_rows = folds.table[folds.table["fold"] != fold].reset_index(drop=True)
-    val_rows = folds.table[folds.table["fold"] == fold].reset_index(drop=True)
+def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device: torch.device, d: Dist) -> FoldData:
+    """fold None: every image trains, and nothing is validated (a final model on all labelled data)."""
+    held_out = folds.table["fold"] == fold if fold is not None else np.zeros(len(folds.table), bool)
+    train_rows = folds.table[~held_out].reset_index(drop=True)
+    val_rows = folds.table[held_out].reset_index(drop=True)
     inner_rows = None
     if cfg.select == "inner":
         train_rows, inner_rows = carve_inner(train_rows, cfg.select_share, cfg.seed, fold)
     labels = train_rows["label"].to_numpy()
-    if len(np.unique(labels)) < 2 or val_rows.empty:
+    if len(np.unique(labels)) < 2 or (val_rows.empty and fold is not None):
         raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
     if cfg.batch_size % d.world:
         raise UserError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {d.world} processes")
@@ -83,4 +87,5 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int, size: int, device: torch.
     return FoldData(
         make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin,
                     drop_last=len(train_ds) > cfg.batch_size),
-        eval_set(val_rows), eval_set(inner_rows) if inner_rows is not None else None, class_weights, batch)
+        eval_set(val_rows) if fold is not None else None, eval_set(inner_rows) if inner_rows is not None else None,
+        class_weights, batch, len(train_rows))

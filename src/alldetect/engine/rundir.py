@@ -24,8 +24,13 @@ RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "inner.csv", "confi
 RESULT_FILES = set(RUN_FILES) - {"config.yaml"}  # what a plain rerun must never replace (with pred_*)
 
 
-def run_dir_for(cfg: Config, fold: int) -> Path:
-    return Path(cfg.runs_dir) / cfg.arch / f"fold{fold}"
+def run_name(fold: int | None) -> str:
+    """fold3 -> 'fold3'; None (trained on every image) -> 'full'."""
+    return "full" if fold is None else f"fold{fold}"
+
+
+def run_dir_for(cfg: Config, fold: int | None) -> Path:
+    return Path(cfg.runs_dir) / cfg.arch / run_name(fold)
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:

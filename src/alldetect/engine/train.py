@@ -13,7 +13,7 @@ from alldetect.config import Config, load_config
 from alldetect.data.demo import is_demo_data
 from alldetect.data.folds import fold_file_root
 from alldetect.data.prepare import data_line, demo_banner, ensure_demo_data, resolve_folds
-from alldetect.engine.fit import FitResult, fit_fold
+from alldetect.engine.fit import FULL, FitResult, fit_fold
 from alldetect.engine.select import OPTIMISTIC, selection_text
 from alldetect.errors import UserError
 from alldetect.models import default_input_size
@@ -22,17 +22,20 @@ log = logging.getLogger("alldetect")
 
 
 def fold_number(spec: str, k: int | None = None) -> int | None:
-    """'fold3' -> 3, 'all' -> None; anything else (or a fold >= k, when k is known) is an error that lists the
-    choices. Without k it checks only the form, before any data are built."""
+    """'fold3' -> 3, 'all' or 'full' -> None; anything else (or a fold >= k, when k is known) is an error that
+    lists the choices. Without k it checks only the form, before any data are built."""
     m = re.fullmatch(r"fold(\d+)", spec)
-    if spec != "all" and (not m or (k is not None and int(m.group(1)) >= k)):
-        choices = f"fold0 .. fold{k - 1}, or all" if k is not None else "fold0, fold1, ... or all"
-        raise UserError(f"'{spec}' is not a fold: use {choices}")
+    if spec not in ("all", "full") and (not m or (k is not None and int(m.group(1)) >= k)):
+        choices = f"fold0 .. fold{k - 1}" if k is not None else "fold0, fold1, ..."
+        raise UserError(f"'{spec}' is not a fold: use {choices}, all (every fold), or full (one model trained on "
+                        "every image)")
     return int(m.group(1)) if m else None
 
 
-def parse_fold_spec(spec: str, k: int) -> list[int]:
-    """'fold0' -> [0], 'all' -> [0..k-1]."""
+def parse_fold_spec(spec: str, k: int) -> list[int | None]:
+    """'fold0' -> [0], 'all' -> [0..k-1], 'full' -> [None] (FULL: every image, no validation fold)."""
+    if spec == "full":
+        return [FULL]
     number = fold_number(spec, k)
     return list(range(k)) if number is None else [number]
 
@@ -83,6 +86,13 @@ def cache_command(arch: str, overrides: list[str], files: list[str] | None = Non
 
 
 def summary_table(cfg: Config, results: list[FitResult], fold_file: Path, demo: bool) -> str:
+    if results and results[0].fold is FULL:
+        r = results[0]
+        return (f"\n{cfg.arch}: {r.run_dir} trained on all {r.train_images} images of {fold_file} for {r.epochs_run} "
+                f"epoch(s) and kept {selection_text(cfg.select, cfg.monitor)} (select={cfg.select}); it has no "
+                "validation fold, so no scores: the fold runs' out-of-fold scores are its estimate"
+                + ("  (SYNTHETIC demo data)" if demo else "") + f".\nPredict with it: alldetect predict {r.run_dir} "
+                "--data DIR --name NAME.")
     rows = [{"run": str(r.run_dir), "kept_epoch": r.best_epoch + 1, "epochs": r.epochs_run,
              **{k: round(r.metrics[k], 4) for k in ("f1", "accuracy", "precision", "recall", "roc_auc")}}
             for r in results]

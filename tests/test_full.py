@@ -1,0 +1,58 @@
+"""./train.sh ARCH full: one final model trained on every image for the fold runs' fixed schedule, predicted and
+submitted like a fold run, with its folder's fold runs standing in for it wherever out-of-fold data are needed."""
+
+import pandas as pd
+import pytest
+import torch
+
+from alldetect.cli import main
+from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.train import train_command
+
+from conftest import FAST, write_image
+
+
+def test_full_trains_on_every_image_and_keeps_the_final_average(tiny_data, workdir, capsys):
+    [result] = train_command("proposed", "full", [*FAST, f"data.root={tiny_data}"])
+    run = workdir / "runs/proposed/full"
+    assert result.run_dir.resolve() == run and result.train_images == 36  # 9 people x 4 images: nothing held out
+    assert {p.name for p in run.iterdir()} >= {"best.pt", "last.pt", "history.csv", "config.yaml"}
+    assert not (run / "oof.csv").exists()
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 2 and "f1" not in history and list(history["selected"]) == [0, 1]
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["run"] == "full" and best["train_images"] == 36 and best["epoch"] == 1
+    for key, value in best["model"].items():  # select=ema: best.pt is the final moving average
+        assert torch.equal(value, last["ema"][key]), key
+    out = capsys.readouterr().out
+    assert "trained on all 36 images" in out and "no validation fold, so no scores" in out
+
+
+def test_full_refuses_what_needs_a_validation_fold(tiny_data, workdir, capsys):
+    assert main(["train", "proposed", "full", *FAST, f"data.root={tiny_data}", "select=outer"]) == 2
+    assert "full trains on every image, so no images are left to choose an epoch on" in capsys.readouterr().err
+    assert main(["tune", "proposed", "--trials", "1", "--folds", "full", *FAST, f"data.root={tiny_data}"]) == 2
+    assert "--folds full: a trial is scored on its validation folds" in capsys.readouterr().err
+    assert main(["train", "proposed", "fulll", *FAST, f"data.root={tiny_data}"]) == 2
+    assert "or full (one model trained on every image)" in capsys.readouterr().err
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.slow
+def test_full_is_predicted_and_submitted_with_its_folds_out_of_fold_threshold(tiny_data, workdir, capsys):
+    overrides = [*FAST, "epochs=1", f"data.root={tiny_data}"]
+    train_command("proposed", "all", overrides)
+    train_command("proposed", "full", overrides)
+    held_out = workdir / "held_out"
+    for i in range(1, 5):
+        write_image(held_out / f"{i}.bmp")
+    assert main(["predict", "runs/proposed/full", "--data", str(held_out), "--name", "test", "num_workers=0"]) == 0
+    capsys.readouterr()
+    assert main(["ensemble", "runs/proposed/full", "--name", "test", "threshold=oof"]) == 0
+    out = capsys.readouterr().out
+    assert "proposed: weights and threshold fitted on the out-of-fold predictions of fold0, fold1, fold2" in out
+    submitted = pd.read_csv(workdir / "submissions/test.csv")
+    predicted = pd.read_csv(workdir / "runs/proposed/full/pred_test.csv")
+    assert list(submitted["prob_all"]) == list(predicted["prob_all"])  # one member of one run: its own output
+    assert main(["ensemble", "runs/proposed/full", "--oof"]) == 2
+    assert "trained on every image, so it has no out-of-fold predictions" in capsys.readouterr().err
