@@ -1,6 +1,8 @@
 """./train.sh ARCH full: one final model trained on every image for the fold runs' fixed schedule, predicted and
 submitted like a fold run, with its folder's fold runs standing in for it wherever out-of-fold data are needed."""
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -56,3 +58,7 @@ def test_full_is_predicted_and_submitted_with_its_folds_out_of_fold_threshold(ti
     assert list(submitted["prob_all"]) == list(predicted["prob_all"])  # one member of one run: its own output
     assert main(["ensemble", "runs/proposed/full", "--oof"]) == 2
     assert "trained on every image, so it has no out-of-fold predictions" in capsys.readouterr().err
+    for fold in range(3):  # only the final model left: naming its architecture's folder points at it
+        shutil.rmtree(workdir / f"runs/proposed/fold{fold}")
+    assert main(["predict", "runs/proposed", "--data", str(held_out), "--name", "again"]) == 2
+    assert "its final model is runs/proposed/full (trained on every image), name it" in capsys.readouterr().err

@@ -38,8 +38,10 @@ def find_fold_runs(paths: list[str | Path]) -> list[Path]:
             folds = sorted((d for d in path.iterdir() if d.is_dir() and FOLD_DIR_RE.match(d.name)),
                            key=lambda d: int(FOLD_DIR_RE.match(d.name).group(1)))
             if not folds:
-                raise UserError(f"{path} holds no checkpoint (best.pt) and no fold<k> run folders; name a "
-                                "trained run (runs/<arch> or runs/<arch>/fold<k>)")
+                full = path / "full"
+                hint = (f": its final model is {full} (trained on every image), name it" if (full / "best.pt").is_file()
+                        else "; name a trained run (runs/<arch>, runs/<arch>/fold<k> or runs/<arch>/full)")
+                raise UserError(f"{path} holds no checkpoint (best.pt) and no fold<k> run folders{hint}")
             untrained = [d for d in folds if not (d / "best.pt").is_file()]
             if untrained:
                 raise UserError(f"run folder(s) {short_list(map(str, untrained))} have no checkpoint (best.pt): "
