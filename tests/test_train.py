@@ -199,7 +199,7 @@ def test_wandb_offline_writes_a_run(tiny_demo, workdir):
 
 def test_bad_fold_and_override_are_clear_errors(tiny_demo, workdir, capsys):
     assert main(["train", "proposed", "fold7", *FAST, f"data.root={tiny_demo}"]) == 2
-    assert "'fold7' is not a fold: use fold0 .. fold2, or all" in capsys.readouterr().err
+    assert "'fold7' is not a fold: use fold0 .. fold2, all (every fold), or full" in capsys.readouterr().err
     assert main(["train", "proposed", "fold0", "lr=fast", f"data.root={tiny_demo}"]) == 2
     assert "lr='fast'" in capsys.readouterr().err
 
