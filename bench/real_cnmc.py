@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score
 
+from alldetect.data.folds import fold_file_root
+
 HERE = Path(__file__).resolve().parent
 RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.py)
     "report": ["recipe=report"],
@@ -91,7 +93,7 @@ def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a,
         return json.loads(done.read_text())["minutes"]
     start = time.time()
     if overrides is None:
-        cmd = [sys.executable, str(HERE / "reference_timm.py"), str(fold_file), str(data_root_of(fold_file)),
+        cmd = [sys.executable, str(HERE / "reference_timm.py"), str(fold_file), fold_file_root(fold_file),
                str(run), "--arch", arch, "--size", str(a.size), "--epochs", str(a.epochs), "--seed", str(seed)]
     else:
         cmd = [sys.executable, "-m", "alldetect", "train", arch, "all", f"data.fold_file={fold_file}",
@@ -103,10 +105,6 @@ def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a,
     minutes = (time.time() - start) / 60
     done.write_text(json.dumps({"minutes": minutes}))
     return minutes
-
-
-def data_root_of(fold_file: Path) -> str:
-    return json.loads(fold_file.with_suffix(".json").read_text())["data_root"]
 
 
 def scores(run: Path) -> dict:

@@ -99,12 +99,17 @@ class Model:
     use_ema: bool = True  # False with select=last: the average is kept up (in last.pt) but not evaluated or kept
 
     @property
+    def averaged(self) -> nn.Module | None:
+        """The moving average when it is what gets evaluated and kept (ema=true, select other than last)."""
+        return self.ema.module if self.ema is not None and self.use_ema else None
+
+    @property
     def evaluated(self) -> nn.Module:
-        return self.ema.module if self.ema is not None and self.use_ema else self.forward
+        return self.forward if self.averaged is None else self.averaged
 
     def weights(self) -> dict:
         """What best.pt keeps: the averaged weights with ema=true (except with select=last: the final ones)."""
-        return (self.ema.module if self.ema is not None and self.use_ema else self.module).state_dict()
+        return (self.module if self.averaged is None else self.averaged).state_dict()
 
 
 def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | None = None,
