@@ -12,20 +12,20 @@ import torch
 from alldetect.atomic import write_csv
 from alldetect.config import load_config
 from alldetect.engine.checkpoint import save_checkpoint
-from alldetect.models import create_model
+from alldetect.models import model_from_config
 
 
 def make_run(run: Path, arch: str = "proposed", *, weights: bool = False, input_size: int = 32, crop: int = 400,
              fold_file: str = "folds/data_k3_s42.csv", fingerprint: str = "abc123", seed: int = 0,
-             oof: pd.DataFrame | None = None, select: str = "last") -> Path:
+             oof: pd.DataFrame | None = None, select: str = "last", overrides: tuple[str, ...] = ()) -> Path:
     """best.pt with the run's config; real (randomly initialised) weights only when `weights`, with batch-norm
     statistics taken from one batch of noise so that the output depends on the input."""
     cfg = load_config(arch, [f"input_size={input_size}", "dropout=0.0", f"data.crop={crop}", "data.k=3",
-                             f"select={select}"]).to_dict()
+                             f"select={select}", *overrides]).to_dict()
     model = {}
     if weights:
         torch.manual_seed(seed)
-        net = create_model(arch, num_classes=2, dropout=0.0, input_size=input_size)
+        net = model_from_config(cfg)
         for m in net.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.momentum = 1.0

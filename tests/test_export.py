@@ -32,8 +32,8 @@ def _lab_preprocessing(paths, spec):
     return np.stack(out)
 
 
-def _export_and_compare(workdir, images, crop):
-    make_run(workdir / "runs/proposed/fold0", weights=True, seed=3, crop=crop)
+def _export_and_compare(workdir, images, crop, overrides=()):
+    make_run(workdir / "runs/proposed/fold0", weights=True, seed=3, crop=crop, overrides=overrides)
     predict_command(["runs/proposed/fold0"], str(images), "x", ["num_workers=0", "batch_size=4"])
     expected = pd.read_csv(workdir / "runs/proposed/fold0/pred_x.csv")
     assert main(["export", "runs/proposed", "--format", "onnx,torchscript"]) == 0
@@ -61,6 +61,13 @@ def test_exported_models_match_predict_on_any_batch_size(workdir):
     for i in range(1, 6):  # 64 x 64, cropped to 48 and shrunk to the run's 32 x 32
         write_image(images / f"{i}.bmp", size=64)
     _export_and_compare(workdir, images, crop=48)
+
+
+def test_a_network_that_subtracts_each_images_mean_colour_exports_with_it(workdir):
+    images = workdir / "held_out"
+    for i in range(1, 6):
+        write_image(images / f"{i}.bmp", size=40)
+    _export_and_compare(workdir, images, crop=0, overrides=("subtract_mean=true",))
 
 
 def test_exported_models_match_predict_on_real_cnmc_images(sample_root, workdir):

@@ -71,3 +71,15 @@ def test_models_command(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "64061370" in out and "inception_v3" in out and "299" in out
+
+
+def test_subtract_mean_makes_the_network_blind_to_a_colour_cast():
+    """Pan et al.'s per-image mean-colour subtraction: a constant added to a channel of the whole image (a stain or
+    lamp difference) changes nothing the network sees; without it, it does."""
+    x = torch.rand(2, 3, 40, 40)
+    cast = x + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1)
+    for subtract, same in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        model = create_model("resnet18", dropout=0.0, input_size=40, subtract_mean=subtract).eval()
+        with torch.no_grad():
+            assert torch.allclose(model(x), model(cast), atol=1e-5) is same

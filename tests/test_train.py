@@ -134,7 +134,8 @@ def test_overwrite_removes_the_old_models_predictions(tiny_demo, workdir):
 
 @pytest.mark.parametrize("balance", ["loss", "sampler"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdir, balance):
-    extra = ["epochs=3", f"class_balance={balance}", "aug.rotate=0.5", "scheduler=cosine", "optimizer=adamw"]
+    extra = ["epochs=3", f"class_balance={balance}", "aug.rotate=0.5", "aug.stain=0.5", "subtract_mean=true",
+             "scheduler=cosine", "optimizer=adamw"]
     full = _cfg(tiny_demo, "runs_dir=a", *extra)
     folds = resolve_folds(full)
     fit_fold(full, 0, folds)

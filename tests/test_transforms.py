@@ -87,3 +87,24 @@ def test_bench_commands_print_a_headline_ratio(kind, tiny_demo, workdir, capsys)
     out = capsys.readouterr().out
     assert "speedup:" in out and "naive" in out if kind == "pipeline" else "train_plain" in out
     assert "speedup:" in (workdir / "bench.txt").read_text()
+
+
+def test_stain_augmentation_moves_the_stain_and_follows_the_seed(sample_root):
+    import cv2
+
+    path = sorted(sample_root.rglob("*.bmp"))[0]
+    img = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), (64, 64), interpolation=cv2.INTER_AREA)
+    off = dict(rot90=0, rot270=0, hflip=0, vflip=0)
+    assert create_transform(AugConfig(**off)) is None
+    t = create_transform(AugConfig(**off, stain=1.0))
+    assert np.array_equal(t(img, 1), t(img, 1))
+    moved = [np.abs(t(img, s).astype(int) - img).mean() for s in range(5)]
+    assert min(moved) > 0.5 and len({round(m, 3) for m in moved}) == 5  # every seed moves it, each differently
+
+
+def test_stain_augmentation_on_the_gpu_is_refused():
+    from alldetect.config import load_config
+    from alldetect.errors import UserError
+
+    with pytest.raises(UserError, match="augment_on=cpu"):
+        load_config("proposed", ["aug.stain=0.5", "augment_on=gpu"])

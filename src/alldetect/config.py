@@ -68,6 +68,7 @@ class AugConfig(_Section):
     rotate: float = Field(0.0, ge=0, le=1)  # rotation by any angle (safe for a round cell)
     color_jitter: float = Field(0.0, ge=0, le=1)
     jitter_strength: float = Field(0.1, gt=0, le=0.5)  # brightness, contrast, saturation by up to this share
+    stain: float = Field(0.0, ge=0, le=1)  # stain augmentation: albumentations' HEStain (Macenko vectors, intensities)
 
 
 class Config(_Section):
@@ -82,6 +83,7 @@ class Config(_Section):
     # model
     input_size: int | None = Field(None, ge=32)  # None: the architecture's natural size
     dropout: float = Field(0.0, ge=0, lt=1)
+    subtract_mean: bool = False  # the network subtracts each image's mean colour from its input (Pan et al.)
     pretrained: bool = False
     pretrained_path: str | None = _role("place", None)
     # optimisation (timm's optimiser and scheduler factories)
@@ -152,6 +154,9 @@ class Config(_Section):
             raise ValueError(f"warmup_epochs={self.warmup_epochs:g} must be shorter than the run (epochs={self.epochs})")
         if self.select == "ema" and not self.ema:
             raise ValueError("select=ema keeps the averaged weights: add ema=true")
+        if self.augment_on == "gpu" and self.aug.stain:
+            raise ValueError("aug.stain (stain augmentation) runs in the loader workers only: use augment_on=cpu, or "
+                             "aug.stain=0")
         if self.patience and self.select in ("last", "ema"):
             raise ValueError(f"select={self.select} trains a fixed schedule, so there is nothing to stop early on: "
                              "use patience=0, or select=inner to stop on a validation split of the training folds")

@@ -57,7 +57,9 @@ def preprocessing(cfg: dict, size: int, crop: int) -> dict:
             f"centre crop a square of side {crop} px (clamped to the image; 0 = the largest centred square)"
             if crop else "take the largest centred square",
             f"resize to {size} x {size}: cv2.INTER_AREA when shrinking, cv2.INTER_LINEAR when enlarging",
-            "stack as N x S x S x 3 uint8; normalisation (ImageNet mean and std) and softmax are inside the model",
+            "stack as N x S x S x 3 uint8; normalisation (ImageNet mean and std"
+            + (", then each image's mean colour subtracted" if cfg.get("subtract_mean") else "")
+            + ") and softmax are inside the model",
         ],
         "crop": crop, "input_size": size, "resize": {"shrink": "INTER_AREA", "enlarge": "INTER_LINEAR"},
         "threshold": 0.5, "arch": cfg["arch"],

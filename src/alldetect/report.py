@@ -39,7 +39,7 @@ from alldetect.engine.select import selection_label, selection_text
 from alldetect.ensemble import load_oof, metrics_table, safe_name
 from alldetect.errors import UserError
 from alldetect.metrics import METRIC_NAMES, score
-from alldetect.models import count_parameters, create_model, default_input_size
+from alldetect.models import count_parameters, default_input_size, model_from_config
 from alldetect.page import Bullets, Figure, Heading, Page, Paragraph, Table, to_html, to_markdown
 
 log = logging.getLogger("alldetect")
@@ -124,10 +124,8 @@ def find_arch_folders(runs_dir: Path) -> list[Path]:
 
 def _shape_model(cfg: dict) -> torch.nn.Module:
     """The architecture a checkpoint's config describes, on the meta device: shapes only, no memory."""
-    arch = cfg["arch"]
     with torch.device("meta"):
-        return create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0),
-                            input_size=cfg.get("input_size") or default_input_size(arch))
+        return model_from_config(cfg)
 
 
 def checkpoint_problem(run: Path, state: dict, model: torch.nn.Module) -> str:
@@ -344,7 +342,7 @@ def inference_speed(cfg: dict, device: torch.device) -> float:
     arch = cfg["arch"]
     size = cfg.get("input_size") or default_input_size(arch)
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0), input_size=size).eval().to(device)
+    model = model_from_config(cfg).eval().to(device)
     x = torch.randn(SPEED_BATCH, 3, size, size, device=device)
     threads = torch.get_num_threads()
     if device.type == "cpu":

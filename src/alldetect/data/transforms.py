@@ -32,6 +32,9 @@ class Augment:
         if aug.color_jitter:
             s = aug.jitter_strength
             steps.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=0.3 * s, p=aug.color_jitter))
+        if aug.stain:  # each image's own stain vectors (Macenko), their intensities scaled and shifted
+            steps.append(A.HEStain(method="macenko", intensity_scale_range=(0.7, 1.3),
+                                   intensity_shift_range=(-0.2, 0.2), p=aug.stain))
         self.resampling = A.Compose(steps) if steps else None
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
@@ -77,7 +80,8 @@ def _materialise(view: np.ndarray) -> np.ndarray:
 
 def create_transform(aug: AugConfig) -> Augment | None:
     """None when every probability is zero."""
-    return Augment(aug) if any([aug.rot90, aug.rot270, aug.hflip, aug.vflip, aug.rotate, aug.color_jitter]) else None
+    return Augment(aug) if any([aug.rot90, aug.rot270, aug.hflip, aug.vflip, aug.rotate, aug.color_jitter,
+                                aug.stain]) else None
 
 
 def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:

@@ -275,7 +275,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
 def _build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: DeviceBatch) -> Model:
     torch.manual_seed(cfg.seed)
     module = create_model(cfg.arch, num_classes=2, dropout=cfg.dropout, pretrained=cfg.pretrained,
-                          pretrained_path=cfg.pretrained_path, input_size=size)
+                          pretrained_path=cfg.pretrained_path, input_size=size, subtract_mean=cfg.subtract_mean)
     if d.enabled and device.type == "cuda":  # batch statistics over the global batch (SyncBN needs CUDA)
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     module = module.to(device)

@@ -30,7 +30,7 @@ from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
 from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
-from alldetect.models import create_model, default_input_size
+from alldetect.models import default_input_size, model_from_config
 from alldetect.options import at_least, choice, parse_options, split_options, text
 
 log = logging.getLogger("alldetect")
@@ -110,7 +110,7 @@ def rebuild_model(state: dict, run: Path) -> tuple[torch.nn.Module, int, int]:
     arch = cfg["arch"]
     size = cfg.get("input_size") or default_input_size(arch)
     crop = cfg.get("data", {}).get("crop", 400)
-    model = create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0), pretrained=False, input_size=size)
+    model = model_from_config(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -27,19 +27,41 @@ def default_input_size(name: str) -> int:
 
 
 def create_model(name: str, num_classes: int = 2, dropout: float = 0.5, pretrained: bool = False,
-                 pretrained_path: str | None = None, input_size: int | None = None) -> nn.Module:
+                 pretrained_path: str | None = None, input_size: int | None = None,
+                 subtract_mean: bool = False) -> nn.Module:
     """Build `name` with a `num_classes` head. pretrained loads ImageNet weights (from a hub, or from
-    `pretrained_path` when given); without a network that fails with a message saying what to do."""
+    `pretrained_path` when given); without a network that fails with a message saying what to do.
+    subtract_mean: the network subtracts each image's mean colour from its input first (Pan et al.'s C-NMC
+    preprocessing), as a forward pre-hook, so that training, prediction, TTA and export all do it."""
     size = input_size or default_input_size(name)
     if size < MIN_INPUT.get(name, 32):
         raise UserError(f"input_size={size} is too small for {name}; use at least {MIN_INPUT.get(name, 32)}")
     if name == "proposed":
         if pretrained or pretrained_path:
             raise UserError("the proposed network has no ImageNet weights; use pretrained=false")
-        return ProposedCNN(num_classes, dropout, size)
-    if name == "alexnet":
-        return _alexnet(num_classes, dropout, pretrained, pretrained_path)
-    return _timm(name, num_classes, dropout, pretrained, pretrained_path)
+        model = ProposedCNN(num_classes, dropout, size)
+    elif name == "alexnet":
+        model = _alexnet(num_classes, dropout, pretrained, pretrained_path)
+    else:
+        model = _timm(name, num_classes, dropout, pretrained, pretrained_path)
+    if subtract_mean:
+        model.register_forward_pre_hook(subtract_image_mean)
+    return model
+
+
+def model_from_config(cfg: dict, **kwargs) -> nn.Module:
+    """The network a run's config (a checkpoint's `config`) describes, without pretrained weights: what predict,
+    export, report and visualize rebuild before loading a checkpoint's weights."""
+    arch = cfg["arch"]
+    return create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0),
+                        input_size=cfg.get("input_size") or default_input_size(arch),
+                        subtract_mean=bool(cfg.get("subtract_mean", False)), **kwargs)
+
+
+def subtract_image_mean(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: N x C x H x W -> minus each image's per-channel mean (over all its pixels)."""
+    x = args[0]
+    return (x - x.mean(dim=(2, 3), keepdim=True), *args[1:])
 
 
 def _alexnet(num_classes, dropout, pretrained, pretrained_path):
