@@ -8,9 +8,10 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
 from alldetect.cli import main
+from alldetect.combine import Inputs, Method, cross_fitted, fit_weights
 from alldetect.engine.evaluate import evaluate_command
 from alldetect.engine.runs import find_fold_runs, group_members
-from alldetect.ensemble import cross_fitted, ensemble_command, fit_weights, isbi_lines
+from alldetect.ensemble import ensemble_command, isbi_lines
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
 from alldetect.plots import probability_text
@@ -148,7 +149,7 @@ def test_oof_weights_and_threshold_are_cross_fitted_and_recorded(two_members, wo
         recorded = metrics["per_fold"][str(fold)]
         assert list(recorded["weights"].values()) == pytest.approx(w, abs=1e-6)
         assert recorded["threshold"] == pytest.approx(best_threshold(labels[rest], probs[rest] @ w))
-    p, t, _ = cross_fitted(probs, labels, folds.to_numpy(), "oof", "oof")
+    p, t, _ = cross_fitted(Inputs(probs), labels, folds.to_numpy(), Method("oof", threshold="oof"))
     assert metrics["scores"]["ensemble"]["f1"] == pytest.approx(score(labels, p, t)["f1"])
     final, _ = fit_weights(probs, labels, "oof")
     assert list(metrics["weights"].values()) == pytest.approx(final, abs=1e-6)

@@ -55,7 +55,7 @@ def _bench(a):
 def _predict(a):
     from alldetect.engine.predict import predict_command
 
-    predict_command(a.runs, a.data, a.name, a.overrides)
+    predict_command(a.runs, a.data, a.name, a.overrides, oof=a.oof)
 
 
 def _ensemble(a):
@@ -160,17 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="run trained models over a folder of images: runs/<arch>/fold<k>/pred_<NAME>.csv",
                        epilog="options (key=value): tta=none|flip|d8|rot8|rot16 (default none; d8 = the 8 quarter turns "
                               "and flips, rot8 / rot16 = rotations by every 45 / 22.5 degrees), batch_size=64, num_workers=2, "
-                              "device=auto|cpu|cuda|cuda:N")
+                              "device=auto|cpu|cuda|cuda:N, features=false|true (also keep each image's pre-logit "
+                              "features in feat_<NAME>.npz, for ensemble ... correct=knn)")
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")
-    s.add_argument("--data", required=True, metavar="DIR", help="images in any layout alldetect reads")
-    s.add_argument("--name", required=True, help="name of this prediction set, e.g. prelim (pred_<NAME>.csv)")
+    s.add_argument("--data", metavar="DIR", help="images in any layout alldetect reads (with --oof: where the "
+                   "runs' data set is now, if it moved)")
+    s.add_argument("--name", help="name of this prediction set, e.g. prelim (pred_<NAME>.csv)")
+    s.add_argument("--oof", action="store_true", help="each fold run predicts its own validation images again "
+                   "(pred_oof.csv; with features=true, feat_oof.npz for ensemble --oof correct=knn)")
     s.set_defaults(func=_predict, overrides=[])
 
     s = sub.add_parser("ensemble", help="average runs' softmax outputs: score OOF (--oof) or write a submission (--name)",
-                       epilog="options (key=value): weights=equal|oof (default equal; oof: non-negative weights fitted "
-                              "on out-of-fold predictions), threshold=0.5|oof|NUMBER (default 0.5; oof: maximise "
-                              "weighted F1 on out-of-fold predictions)")
+                       epilog="options (key=value), each fitted on out-of-fold predictions: weights=equal|oof|greedy|"
+                              "stack (oof: log-loss-optimal weights; greedy: Caruana's selection with replacement; "
+                              "stack: logistic regression), average=prob|rank, calibrate=none|temperature|platt|"
+                              "isotonic, correct=none|knn (neighbourhood correction: needs predict ... features=true), "
+                              "threshold=0.5|oof|NUMBER (oof: maximise weighted F1)")
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")
     s.add_argument("--oof", action="store_true", help="score the out-of-fold predictions of members and ensemble")

@@ -4,9 +4,9 @@
   alldetect ensemble RUN... --name NAME    `predict`'s pred_<NAME>.csv of every run -> submissions/<NAME>.csv
 
 A member is one architecture folder (runs/<arch>): its folds' predictions are averaged first, then the members.
-Weights (`weights=oof`) and the decision threshold (`threshold=oof`) are fitted on OOF predictions and never
-scored on the data they were fitted on: with --oof, each fold is scored with weights and threshold fitted on
-the other folds.
+How members are combined (weights=, average=, calibrate=, correct=, threshold=: see alldetect.combine) is fitted on
+OOF predictions and never scored on the data it was fitted on: with --oof, each fold is scored with what was
+fitted on the other folds, and the other ways of combining are printed beside the chosen one.
 """
 
 from __future__ import annotations
@@ -20,16 +20,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
-from sklearn.metrics import log_loss
 
 from alldetect import __version__
 from alldetect.atomic import atomic_path, check_writable, write_csv, write_text
+from alldetect.combine import (
+    AVERAGES,
+    CALIBRATIONS,
+    CORRECTIONS,
+    KNN_K,
+    WEIGHTS,
+    Combiner,
+    Inputs,
+    Method,
+    alternatives,
+    cross_fitted,
+    fit,
+)
 from alldetect.data.layouts import NUMBERED_RE
 from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members, run_info
 from alldetect.engine.select import selection_label
 from alldetect.errors import UserError, short_list
-from alldetect.metrics import METRIC_NAMES, best_threshold, score
+from alldetect.metrics import METRIC_NAMES, score
+from alldetect.neighbours import neighbour_means
 from alldetect.options import choice, parse_options, split_options
 
 log = logging.getLogger("alldetect")
@@ -48,7 +60,15 @@ def parse_threshold(raw: str) -> float | str:
     return value
 
 
-OPTIONS = {"weights": ("equal", choice("equal", "oof")), "threshold": (0.5, parse_threshold)}
+OPTIONS = {"weights": ("equal", choice(*WEIGHTS)), "threshold": (0.5, parse_threshold),
+           "average": ("prob", choice(*AVERAGES)), "calibrate": ("none", choice(*CALIBRATIONS)),
+           "correct": ("none", choice(*CORRECTIONS))}
+TRANSDUCTIVE = ("correct=knn: each image's probability was mixed with those of its nearest neighbours among the "
+                "images predicted with it (it uses the images jointly)")
+
+
+def method_of(opts: dict) -> Method:
+    return Method(opts["weights"], opts["average"], opts["calibrate"], opts["correct"], opts["threshold"])
 
 
 @dataclass
@@ -67,74 +87,6 @@ class Predictions:
     @property
     def subjects(self) -> np.ndarray | None:
         return self.frame["subject"].to_numpy() if "subject" in self.frame else None
-
-
-@dataclass
-class Combiner:
-    """How member probabilities become one decision: weights (summing to 1) and a threshold."""
-
-    weights: np.ndarray
-    threshold: float
-    note: str = ""
-
-    def probs(self, member_probs: np.ndarray) -> np.ndarray:
-        return member_probs @ self.weights
-
-
-# ---------------------------------------------------------------- fitting weights and thresholds
-
-def fit_weights(probs: np.ndarray, labels: np.ndarray, threshold: float | str = 0.5) -> tuple[np.ndarray, str]:
-    """Non-negative weights summing to 1 that minimise the OOF log-loss (smooth, so they do not chase a few
-    images across a threshold). They are kept only when they score at least as well as equal weights on
-    weighted F1 (at `threshold`, or each at its own best threshold for "oof") and on log-loss, so by
-    construction fitted weights never score worse on these predictions than equal weights."""
-    m = probs.shape[1]
-    equal = np.full(m, 1.0 / m)
-    if m == 1:
-        return equal, ""
-
-    def loss(w):
-        return log_loss(labels, np.clip(probs @ w, 1e-7, 1 - 1e-7), labels=[0, 1])
-
-    result = minimize(loss, equal, method="SLSQP", bounds=[(0.0, 1.0)] * m,
-                      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}])
-    fitted = np.clip(result.x, 0.0, None)
-    fitted = fitted / fitted.sum() if fitted.sum() > 0 else equal
-
-    def f1(w):
-        p = probs @ w
-        t = best_threshold(labels, p) if threshold == "oof" else threshold
-        return score(labels, p, t)["f1"]
-
-    if f1(fitted) < f1(equal) or loss(fitted) > loss(equal):
-        return equal, "weights fitted on the out-of-fold predictions scored worse there than equal weights: kept equal"
-    return fitted, ""
-
-
-def fit_combiner(probs: np.ndarray, labels: np.ndarray, weights: str, threshold: float | str) -> Combiner:
-    m = probs.shape[1]
-    w, note = fit_weights(probs, labels, threshold) if weights == "oof" else (np.full(m, 1.0 / m), "")
-    t = best_threshold(labels, probs @ w) if threshold == "oof" else float(threshold)
-    return Combiner(w, t, note)
-
-
-def cross_fitted(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, weights: str,
-                 threshold: float | str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """OOF probabilities and per-image thresholds where whatever is fitted (weights, threshold) for the images
-    of fold f was fitted on the other folds only. Returns (probs, thresholds, {fold: Combiner})."""
-    if weights == "equal" and threshold != "oof":
-        c = fit_combiner(probs, labels, weights, threshold)
-        return c.probs(probs), np.full(len(labels), c.threshold), {}
-    unique = np.unique(folds)
-    if len(unique) < 2:
-        raise UserError("weights=oof or threshold=oof with --oof needs out-of-fold predictions of two or more "
-                        "folds (each fold is scored with what the others fitted)")
-    out_p, out_t, per_fold = np.zeros(len(labels)), np.zeros(len(labels)), {}
-    for fold in unique:
-        held = folds == fold
-        c = fit_combiner(probs[~held], labels[~held], weights, threshold)
-        out_p[held], out_t[held], per_fold[int(fold)] = c.probs(probs[held]), c.threshold, c
-    return out_p, out_t, per_fold
 
 
 # ---------------------------------------------------------------- reading what earlier steps wrote
@@ -280,7 +232,7 @@ def metrics_table(scores: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for name, s in scores.items():
         t = s["threshold"]
-        row = {"model": name, **{k: round(s[k], 4) for k in METRIC_NAMES}}
+        row = {"model": name, **{k: round(s[k], 4) for k in (*METRIC_NAMES, "ece")}}
         if "subject_accuracy" in s:
             row["subject_acc"] = round(s["subject_accuracy"], 4)
         row["threshold"] = f"{t:.3f}" if isinstance(t, float) else "per fold" if isinstance(t, dict) else str(t)
@@ -371,46 +323,67 @@ def safe_name(text: str) -> str:
 # ---------------------------------------------------------------- the two modes
 
 def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
-    """Score each member and the ensemble on the OOF predictions; write metrics.json and oof.csv."""
+    """Score each member and the ensemble on the OOF predictions, and the ensemble made each other way; write
+    metrics.json and oof.csv."""
     full = [str(r) for m in members for r in m.runs if r.name == "full"]
     if full:
         raise UserError(f"{short_list(full)} trained on every image, so it has no out-of-fold predictions to score: "
                         "name the fold runs (runs/<arch>, whose folds --oof scores) without it")
     oof = load_oof(members)
+    method = method_of(opts)
     labels, folds = oof.labels, oof.frame["fold"].to_numpy()
-    weights, threshold = opts["weights"], opts["threshold"]
+    have_features = method.correct == "knn" or _all_have(members, "feat_oof.npz")
+    inputs = Inputs(oof.probs, oof_neighbours(members, oof) if have_features else None)
+    plain = Method(threshold=method.threshold)
     scores, columns = {}, {}
     selection = oof.info["selection"]
     for i, name in enumerate(oof.members):
-        p, t, per_fold = cross_fitted(oof.probs[:, [i]], labels, folds, "equal", threshold)
+        p, t, per_fold = cross_fitted(Inputs(oof.probs[:, [i]]), labels, folds, plain)
         scores[name] = {**_scored(labels, p, t, per_fold, oof.subjects), "selection": selection[name]}
         columns[f"prob_{name}"] = oof.probs[:, i].round(6)
-    if weights == "oof":
-        p, t, per_fold = cross_fitted(oof.probs, labels, folds, "equal", threshold)
+    if method != plain:
+        p, t, per_fold = cross_fitted(inputs, labels, folds, plain)
         scores["equal weights"] = _scored(labels, p, t, per_fold, oof.subjects)
-    p, t, per_fold = cross_fitted(oof.probs, labels, folds, weights, threshold)
+    p, t, per_fold = cross_fitted(inputs, labels, folds, method)
     scores["ensemble"] = _scored(labels, p, t, per_fold, oof.subjects)
     optimistic = [m for m, text in selection.items() if "OPTIMISTIC" in text]
     for s in [s for n, s in scores.items() if n not in selection]:  # the averages inherit their members' choice
         s["selection"] = "outer (OPTIMISTIC)" if optimistic else "/".join(sorted(set(selection.values())))
-    final = fit_combiner(oof.probs, labels, weights, threshold)  # on all OOF: what --name would use
-    result = {"mode": "oof", "members": oof.members, "weights_mode": weights, "threshold_mode": str(threshold),
-              "weights": dict(zip(oof.members, final.weights)), "threshold": final.threshold,
-              "weights_note": final.note, "cross_fitted": bool(per_fold),
-              "per_fold": {f: {"weights": dict(zip(oof.members, c.weights)), "threshold": c.threshold}
-                           for f, c in per_fold.items()},
-              "scores": scores, **oof.info, "images": len(labels), "made_by": f"alldetect {__version__}"}
+    compared = {m.label: _scored(labels, *cross_fitted(inputs, labels, folds, m), None)
+                for m in alternatives(method, len(oof.members), inputs.neighbours is not None)}
+    final = fit(method, inputs, labels)  # on all OOF: what --name would use
+    result = {"mode": "oof", "members": oof.members, "method": method.label, "weights_mode": method.weights,
+              "threshold_mode": str(method.threshold), "weights": dict(zip(oof.members, final.weights)),
+              "threshold": final.threshold, "weights_note": final.note, "cross_fitted": bool(per_fold),
+              "per_fold": {f: _fitted_record(c, oof.members) for f, c in per_fold.items()},
+              "scores": scores, "alternatives": compared, **oof.info, "images": len(labels),
+              "made_by": f"alldetect {__version__}"}
+    if method.correct == "knn":
+        result["transductive"] = TRANSDUCTIVE
     table = oof.frame.assign(**columns, prob_all=p.round(6), pred=(p >= t).astype(int))
     write_csv(out_dir / "oof.csv", table)
     write_json(out_dir / "metrics.json", result)
-    title = f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={threshold}, weights={weights}"
+    title = (f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={method.threshold}, "
+             f"{method.label}")
     print(render(title, scores, oof.frame))
+    if compared:
+        print(f"\nthe ensemble made other ways (each cross-fitted like the one above; equal averaging first):\n"
+              f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
     if optimistic:
         print(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
               "(select=outer); retrain with select=last (the default) or select=inner for scores that are not")
-    _print_combiner(final, oof.members, weights, threshold, bool(per_fold))
+    _print_combiner(final, oof.members, bool(per_fold))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'oof.csv'}")
     return result
+
+
+def _fitted_record(c: Combiner, members: list[str]) -> dict:
+    out = {"weights": dict(zip(members, c.weights)), "threshold": c.threshold}
+    if c.corrections:
+        out["knn"] = {m: {"k": k, "mix": mix} for m, (k, mix) in zip(members, c.corrections)}
+    if c.calibrator is not None and hasattr(c.calibrator, "t"):
+        out["temperature"] = c.calibrator.t
+    return out
 
 
 def _scored(labels, probs, thresholds, per_fold: dict, subjects) -> dict:
@@ -420,15 +393,96 @@ def _scored(labels, probs, thresholds, per_fold: dict, subjects) -> dict:
     return s
 
 
-def _print_combiner(c: Combiner, members: list[str], weights: str, threshold, cross: bool) -> None:
-    if weights == "oof":
+def _print_combiner(c: Combiner, members: list[str], cross: bool) -> None:
+    method = c.method
+    if method.weights in ("oof", "greedy"):
         shown = ", ".join(f"{m} {w:.4f}" for m, w in zip(members, c.weights))
-        print(f"weights fitted on all out-of-fold predictions: {shown}" + (f" ({c.note})" if c.note else ""))
-    if threshold == "oof":
+        how = " (greedy selection with replacement)" if method.weights == "greedy" else ""
+        print(f"weights fitted on all out-of-fold predictions{how}: {shown}"
+              + (f" ({c.note})" if c.note else ""))
+    if method.weights == "stack":
+        coef = ", ".join(f"{m} {w:.3f}" for m, w in zip(members, c.stacker.coef_[0]))
+        print(f"stacking (logistic regression on log-odds) fitted on all out-of-fold predictions: {coef}, "
+              f"intercept {c.stacker.intercept_[0]:.3f}")
+    if c.corrections:
+        shown = ", ".join(f"{m} k={k} mix={mix:g}" for m, (k, mix) in zip(members, c.corrections))
+        print(f"neighbourhood correction fitted on all out-of-fold predictions: {shown}")
+    if method.calibrate != "none":
+        extra = f" (T = {c.calibrator.t:.3f})" if hasattr(c.calibrator, "t") else ""
+        print(f"calibration ({method.calibrate}) fitted on all out-of-fold predictions{extra}")
+    if method.threshold == "oof":
         print(f"threshold chosen on all out-of-fold predictions (max weighted F1): {c.threshold:.4f}")
     if cross:
-        print("The OOF scores above use, for each fold, weights/thresholds fitted on the other folds only; "
-              "a submission (--name) uses the ones fitted on all OOF predictions.")
+        print("The OOF scores above use, for each fold, what was fitted on the other folds only; a submission "
+              "(--name) uses what was fitted on all OOF predictions.")
+    if method.correct == "knn":
+        print(TRANSDUCTIVE)
+
+
+# ---------------------------------------------------------------- features for correct=knn
+
+def _all_have(members: list[Member], file: str) -> bool:
+    return all((run / file).is_file() for m in members for run in m.runs)
+
+
+def _read_features(run: Path, name: str) -> pd.Series:
+    """feat_<name>.npz of a run as {path: feature row}, checked against the run's current best.pt."""
+    path, meta = run / f"feat_{name}.npz", run / f"pred_{name}.json"
+    how = "--oof features=true" if name == "oof" else f"--data DIR --name {name} features=true"
+    if not path.is_file():
+        raise UserError(f"correct=knn needs each run's features, and {path} is missing: run `alldetect predict "
+                        f"{run} {how}` first")
+    saved = _read_meta(meta).get("checkpoint_saved_at")
+    if saved is not None and saved != run_info(run)["saved_at"]:
+        raise UserError(f"{path} was made by an older best.pt than {run} holds now: rerun `alldetect predict {run} "
+                        f"{how}`")
+    try:
+        with np.load(path) as z:
+            paths, features = z["paths"].astype(str), z["features"]
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:120]}): rerun `alldetect predict {run} "
+                        f"{how}`") from None
+    if len(paths) != len(features) or features.ndim != 2:
+        raise UserError(f"{path} holds {len(paths)} paths but features of shape {features.shape}: rerun predict")
+    return pd.Series(list(features), index=paths)
+
+
+def _aligned(features: pd.Series, paths, run: Path, name: str) -> np.ndarray:
+    lacks = pd.Index(paths).difference(features.index)
+    if len(lacks):
+        raise UserError(f"{run / f'feat_{name}.npz'} lacks the features of {len(lacks)} image(s) it should hold "
+                        f"({short_list(lacks, 3)}): rerun `alldetect predict` with features=true")
+    return np.stack(features.loc[list(paths)].to_list())
+
+
+def oof_neighbours(members: list[Member], oof: Predictions) -> dict[int, np.ndarray]:
+    """{k: images x members}: for each member, each OOF image's neighbours among its fold's images (what that fold's
+    model predicted together), by that model's features, and the mean of their OOF probabilities."""
+    out = {k: np.zeros(oof.probs.shape) for k in KNN_K}
+    where = pd.Index(oof.frame["path"])
+    for i, member in enumerate(members):
+        for run in member.runs:
+            own = read_checked_csv(run / "oof.csv", {"path", "prob_all"}, "out-of-fold predictions")
+            near = neighbour_means(_aligned(_read_features(run, "oof"), own["path"], run, "oof"),
+                                   own["prob_all"].to_numpy(float))
+            rows = where.get_indexer(own["path"])
+            for k in KNN_K:
+                out[k][rows, i] = near[k]
+    return out
+
+
+def held_out_neighbours(members: list[Member], name: str, frame: pd.DataFrame) -> dict[int, np.ndarray]:
+    """{k: images x members}: per run, each held-out image's neighbours among all of them by the run's features,
+    the mean of their probabilities; averaged over a member's runs as their probabilities are."""
+    out = {k: np.zeros((len(frame), len(members))) for k in KNN_K}
+    for i, member in enumerate(members):
+        for run in member.runs:
+            own = read_checked_csv(run / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV").set_index("path")
+            probs = own.loc[frame["path"], "prob_all"].to_numpy(float)
+            near = neighbour_means(_aligned(_read_features(run, name), frame["path"], run, name), probs)
+            for k in KNN_K:
+                out[k][:, i] += near[k] / len(member.runs)
+    return out
 
 
 def _with_folds_for_full(members: list[Member]) -> list[Member]:
@@ -458,25 +512,32 @@ def _with_folds_for_full(members: list[Member]) -> list[Member]:
 def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> dict:
     """Combine held-out predictions into out_dir/<name>.csv (+ isbi_valid.predict and zip, + metrics.json)."""
     held = load_predictions(members, name)
-    weights, threshold = opts["weights"], opts["threshold"]
+    method = method_of(opts)
     m = len(held.members)
-    if "oof" in (weights, threshold):
-        oof = load_oof(_with_folds_for_full(members))
-        combiner = fit_combiner(oof.probs, oof.labels, weights, threshold)
-        member_thresholds = [fit_combiner(oof.probs[:, [i]], oof.labels, "equal", threshold).threshold
+    knn = method.correct == "knn"
+    inputs = Inputs(held.probs, held_out_neighbours(members, name, held.frame) if knn else None)
+    if method.fitted:
+        fold_members = _with_folds_for_full(members)
+        oof = load_oof(fold_members)
+        combiner = fit(method, Inputs(oof.probs, oof_neighbours(fold_members, oof) if knn else None), oof.labels)
+        member_thresholds = [fit(Method(threshold=method.threshold), Inputs(oof.probs[:, [i]]), oof.labels).threshold
                              for i in range(m)]
     else:
-        combiner, member_thresholds = Combiner(np.full(m, 1.0 / m), float(threshold)), [float(threshold)] * m
-    prob = combiner.probs(held.probs)
+        combiner, member_thresholds = Combiner(method, np.full(m, 1.0 / m), float(method.threshold)), \
+            [float(method.threshold)] * m
+    prob = combiner.probs(inputs)
     pred = (prob >= combiner.threshold).astype(int)
     table = pd.DataFrame({"image": held.frame["path"], "prob_all": prob.round(6), "label": pred,
                           **{f"prob_{member}": held.probs[:, i].round(6) for i, member in enumerate(held.members)}})
     folder = out_dir / name
     write_csv(out_dir / f"{name}.csv", table)
-    record = {"mode": "held-out", "name": name, "members": held.members, "weights_mode": weights,
-              "threshold_mode": str(threshold), "weights": dict(zip(held.members, combiner.weights)),
-              "threshold": combiner.threshold, "member_thresholds": dict(zip(held.members, member_thresholds)),
+    record = {"mode": "held-out", "name": name, "members": held.members, "method": method.label,
+              "weights_mode": method.weights, "threshold_mode": str(method.threshold),
+              "weights": dict(zip(held.members, combiner.weights)), **_fitted_record(combiner, held.members),
+              "member_thresholds": dict(zip(held.members, member_thresholds)),
               "weights_note": combiner.note, "images": len(table), **held.info, "made_by": f"alldetect {__version__}"}
+    if knn:
+        record["transductive"] = TRANSDUCTIVE
     write_json(folder / "ensemble.json", record)
     written = [out_dir / f"{name}.csv", folder / "ensemble.json"]
     lines, why = isbi_lines(table["image"], pred)
@@ -493,7 +554,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
         write_json(folder / "metrics.json", record)
         written.append(folder / "metrics.json")
         print(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame))
-    _print_combiner(combiner, held.members, weights, threshold, False)
+    _print_combiner(combiner, held.members, False)
     print("wrote " + ", ".join(map(str, written)))
     return record
 

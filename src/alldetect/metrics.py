@@ -26,6 +26,7 @@ def score(labels, prob_all, threshold=0.5, subjects=None, pred=None) -> dict:
         "precision": float(precision_score(labels, pred, zero_division=0)),
         "recall": float(recall_score(labels, pred, zero_division=0)),
         "roc_auc": float(roc_auc_score(labels, prob_all)) if both else float("nan"),
+        "ece": calibration_error(labels, prob_all),
         "confusion": confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
     }
     if subjects is not None:
@@ -34,6 +35,17 @@ def score(labels, prob_all, threshold=0.5, subjects=None, pred=None) -> dict:
         out["per_subject_accuracy"] = {s: float(a) for s, a in per_subject.items()}
         out["subject_accuracy"] = float(per_subject.mean())
     return out
+
+
+def calibration_error(labels, prob_all, bins: int = 10) -> float:
+    """Expected calibration error of p(all): over 10 equal-width bins of the probability, the share of images in
+    each times |mean probability - share that are `all`|. 0 when the probabilities mean what they say."""
+    labels = np.asarray(labels, dtype=float)
+    prob_all = np.asarray(prob_all, dtype=float)
+    which = np.minimum((prob_all * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, prob_all, bins) - np.bincount(which, labels, bins))
+    return float(gap.sum() / max(len(labels), 1)) if count.sum() else float("nan")
 
 
 def weighted_f1_by_threshold(labels, prob_all) -> tuple[np.ndarray, np.ndarray]:

@@ -69,3 +69,10 @@ def text(raw: str) -> str:
     if not raw:
         raise ValueError("empty value")
     return raw
+
+
+def boolean(raw: str) -> bool:
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(raw.lower())
+    if value is None:
+        raise ValueError("use true or false")
+    return value

@@ -1,9 +1,13 @@
 """`alldetect predict RUN... --data DIR --name NAME`: run trained models over a folder of images.
+`alldetect predict RUN... --oof`: each fold run predicts its own validation images again (name `oof`), e.g. to
+keep their features for `ensemble --oof correct=knn`, or to score a TTA mode out of fold.
 
 Each fold run's model is rebuilt from its best.pt alone (architecture, dropout, input size and crop come from the
 config inside it) and writes, beside the checkpoint:
   pred_<NAME>.csv   path, prob_all (softmax of `all`, averaged over the TTA views), label and subject where known
   pred_<NAME>.json  the data root and fingerprint, layout, TTA and checkpoint epoch: what `ensemble` checks
+  feat_<NAME>.npz   with features=true: `paths` and `features`, each image's pre-logit features (averaged over
+                    the TTA views), which `ensemble ... correct=knn` finds neighbours with
 """
 
 from __future__ import annotations
@@ -13,35 +17,42 @@ import logging
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from alldetect import __version__
-from alldetect.atomic import check_writable, write_csv, write_text
+from alldetect.atomic import atomic_path, check_writable, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
+from alldetect.data.folds import fold_file_root
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
 from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
 from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
 from alldetect.models import default_input_size, model_from_config
-from alldetect.options import at_least, choice, parse_options, split_options, text
+from alldetect.options import at_least, boolean, choice, parse_options, split_options, text
 
 log = logging.getLogger("alldetect")
 
-TTA_MODES = ("none", "flip", "d8", "rot8", "rot16")
+TTA_VIEWS = {"none": 1, "flip": 2, "d8": 8, "rot8": 8, "rot16": 16}
+TTA_MODES = tuple(TTA_VIEWS)
+OOF_NAME = "oof"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OPTIONS = {
     "tta": ("none", choice(*TTA_MODES)),
     "batch_size": (64, at_least(1)),
     "num_workers": (2, at_least(0)),
     "device": ("auto", text),
+    "features": (False, boolean),
 }
 
 
@@ -131,11 +142,15 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     m = data.manifest
     dataset = CellDataset(data.root, m["path"], m["label"], crop, size)
     start = time.perf_counter()
+    tap = FeatureTap(model) if opts["features"] else None
     with make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
-                     opts["num_workers"], device.type == "cuda") as loader:
+                     opts["num_workers"], device.type == "cuda") as loader, tap or nullcontext():
         probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})",
                                  views=tta_views(opts["tta"], dev))
     seconds = time.perf_counter() - start
+    if tap is not None:
+        with atomic_path(run / f"feat_{name}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, paths=m["path"].to_numpy(str), features=tap.features(TTA_VIEWS[opts["tta"]]))
     frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
     if data.labelled:
         frame["label"] = m["label"].to_numpy()
@@ -146,9 +161,11 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
             "data_root": str(data.root), "data_fingerprint": data.fingerprint,
             "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
             "checkpoint_saved_at": state.get("saved_at"),
-            "tta": opts["tta"], "input_size": size, "crop": crop, "made_by": f"alldetect {__version__}"}
+            "tta": opts["tta"], "features": opts["features"], "input_size": size, "crop": crop,
+            "made_by": f"alldetect {__version__}"}
     write_text(run / f"pred_{name}.json", json.dumps(meta, indent=2) + "\n")
-    _warn_if_trained_on(run, state, data)
+    if name != OOF_NAME:
+        _warn_if_trained_on(run, state, data)
     row = {"run": str(run), "images": len(m), "tta": opts["tta"], "seconds": round(seconds, 1),
            "images_per_s": round(len(m) / max(seconds, 1e-9), 1)}
     if data.labelled:
@@ -172,14 +189,58 @@ def _warn_if_trained_on(run: Path, state: dict, data: HeldOutData) -> None:
                         "not held-out", len(overlap), data.root, run, short_list(overlap, 3))
 
 
-def predict_command(runs: list[str], data: str, name: str, overrides: list[str] | None = None) -> pd.DataFrame:
+def own_validation_images(run: Path, state: dict, data: str | None) -> HeldOutData:
+    """The images a fold run was validated on (its oof.csv), where they are now: `data`, else the run's data
+    root (its config, else its fold file's sidecar)."""
+    if not (run / "oof.csv").is_file():
+        why = ("it was trained on every image (a final model), so it has none" if run.name == "full"
+               else "train it with this version of alldetect")
+        raise UserError(f"{run} has no oof.csv, the list of its validation images: {why}")
+    try:
+        oof = pd.read_csv(run / "oof.csv", dtype={"path": str, "subject": str})
+    except Exception as e:  # pandas raises many kinds for a broken CSV
+        raise UserError(f"cannot read {run / 'oof.csv'}: {str(e)[:200]}") from None
+    root = Path(data or state["config"].get("data", {}).get("root") or fold_file_root(state.get("fold_file", "")))
+    missing = [p for p in oof["path"] if not (root / p).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {run}'s validation images are not under {root} ({short_list(missing, 3)}): "
+                        "say where the data set is now with --data DIR")
+    manifest = oof[["path", "label"] + (["subject"] if "subject" in oof else [])].assign(
+        source_layout=f"validation images of {run.name}")
+    if "subject" not in manifest:
+        manifest["subject"] = manifest["path"]
+    return HeldOutData(root.resolve(), manifest.reset_index(drop=True), fingerprint(root, manifest["path"].tolist())[0])
+
+
+def predict_command(runs: list[str], data: str | None, name: str | None, overrides: list[str] | None = None,
+                    oof: bool = False) -> pd.DataFrame:
     paths, raw = split_options([*runs, *(overrides or [])])
     opts = parse_options(raw, OPTIONS, "predict")
-    name = check_name(name)
+    if oof == bool(name):
+        raise UserError("say what to predict: --data DIR --name NAME (a folder of images), or --oof (each fold run's "
+                        "own validation images)")
+    if not oof and not data:
+        raise UserError(f"--name {name} needs --data DIR: the folder of images to predict")
+    name = OOF_NAME if oof else check_name(name)
+    if name == OOF_NAME and not oof:
+        raise UserError(f"--name {OOF_NAME} is kept for --oof (each run's own validation images); choose another")
     fold_runs = find_fold_runs(paths)
     for run in fold_runs:  # every checkpoint and run folder is checked before any prediction file is written
-        rebuild_model(load_checkpoint(run / "best.pt", mmap=True), run)
+        state = load_checkpoint(run / "best.pt", mmap=True)
+        rebuild_model(state, run)
         check_writable(run, "the run folder")
+        if oof:
+            own_validation_images(run, state, data)
+    if oof:
+        device = resolve_device(opts["device"])
+        rows = [predict_run(run, own_validation_images(run, load_checkpoint(run / "best.pt", mmap=True), data),
+                            name, opts, device) for run in fold_runs]
+        table = pd.DataFrame(rows)
+        print(f"\npredictions of each run's own validation images\n{table.to_string(index=False)}")
+        print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json"
+              + (f" and feat_{name}.npz; use them with `alldetect ensemble RUN... --oof correct=knn`."
+                 if opts["features"] else "."))
+        return table
     held_out = load_held_out(data)
     device = resolve_device(opts["device"])
     log.info("predicting %d image(s) of %s (%s) with %d run(s), tta=%s", len(held_out.manifest), held_out.root,
@@ -188,7 +249,8 @@ def predict_command(runs: list[str], data: str, name: str, overrides: list[str] 
     table = pd.DataFrame(rows)
     note = "" if held_out.labelled else " (unlabelled: no scores)"
     print(f"\npredictions '{name}' on {held_out.root}{note}\n{table.to_string(index=False)}")
-    print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json; combine them with "
+    feats = f" and feat_{name}.npz" if opts["features"] else ""
+    print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json{feats}; combine them with "
           f"`alldetect ensemble RUN... --name {name}`.")
     return table
 
