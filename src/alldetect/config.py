@@ -66,6 +66,7 @@ class AugConfig(_Section):
     hflip: float = Field(0.5, ge=0, le=1)
     vflip: float = Field(0.5, ge=0, le=1)
     rotate: float = Field(0.0, ge=0, le=1)  # rotation by any angle (safe for a round cell)
+    rotate_limit: float = Field(180.0, gt=0, le=180)  # ... of up to this many degrees either way
     color_jitter: float = Field(0.0, ge=0, le=1)
     jitter_strength: float = Field(0.1, gt=0, le=0.5)  # brightness, contrast, saturation by up to this share
     stain: float = Field(0.0, ge=0, le=1)  # stain augmentation: albumentations' HEStain (Macenko vectors, intensities)
@@ -92,6 +93,8 @@ class Config(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     layer_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay (timm); None = off
+    # one learning rate per coarse layer group, stem to head (resnets: stem, 4 stages, head); replaces lr
+    lr_stages: list[float] | None = None
     batch_size: int = Field(32, ge=1)
     accum_steps: int = Field(1, ge=1)  # gradient accumulation: one optimiser update per this many batches
     clip_grad: float = Field(0.0, ge=0)  # clip the gradients' global norm to this; 0 = off
@@ -145,6 +148,26 @@ class Config(_Section):
             raise ValueError("not an optimiser: use sgd, adam, adamw or another of timm.optim.list_optimizers()")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lr_of_stages(cls, data):
+        """lr_stages replaces lr: the schedule's peak is the largest stage's rate."""
+        stages = data.get("lr_stages") if isinstance(data, dict) else None
+        try:  # a command line's 1e-6 reaches here as text (YAML 1.1); the field validator reports bad values
+            rates = [float(s) for s in stages] if isinstance(stages, list) else []
+        except (TypeError, ValueError):
+            rates = []
+        if rates and all(r > 0 and math.isfinite(r) for r in rates):
+            data = {**data, "lr": max(rates)}
+        return data
+
+    @field_validator("lr_stages")
+    @classmethod
+    def _positive_stages(cls, value):
+        if value is not None and (not value or not all(math.isfinite(v) and v > 0 for v in value)):
+            raise ValueError("give one positive learning rate per layer group, e.g. [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-2]")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.resume and self.overwrite:
@@ -152,6 +175,8 @@ class Config(_Section):
                              "its folder, overwrite=true deletes it first. Choose one")
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs:g} must be shorter than the run (epochs={self.epochs})")
+        if self.lr_stages and self.layer_decay:
+            raise ValueError("lr_stages and layer_decay both set each layer group's learning rate: choose one")
         if self.select == "ema" and not self.ema:
             raise ValueError("select=ema keeps the averaged weights: add ema=true")
         if self.augment_on == "gpu" and self.aug.stain:

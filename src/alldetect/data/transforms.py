@@ -28,7 +28,7 @@ class Augment:
         self.probs = np.array([aug.rot90, aug.rot270, aug.hflip, aug.vflip])
         steps: list[A.BasicTransform] = []
         if aug.rotate:  # the cell is round and sits on black, so any angle is safe
-            steps.append(A.Rotate(limit=180, border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.rotate))
+            steps.append(A.Rotate(limit=aug.rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.rotate))
         if aug.color_jitter:
             s = aug.jitter_strength
             steps.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=0.3 * s, p=aug.color_jitter))

@@ -30,7 +30,7 @@ class BatchAugment:
         x = _where(chosen(a.hflip), x.flip(3), x)
         x = _where(chosen(a.vflip), x.flip(2), x)
         if a.rotate:
-            angles = (torch.rand(n, generator=g, device=x.device) * 2 - 1) * math.pi
+            angles = (torch.rand(n, generator=g, device=x.device) * 2 - 1) * math.radians(a.rotate_limit)
             x = _where(chosen(a.rotate), rotate(x, angles), x)
         if a.color_jitter:
             x = _where(chosen(a.color_jitter), _jitter(x, g, a.jitter_strength), x)

@@ -31,8 +31,37 @@ def create_optimizer(cfg: Config, model: nn.Module):
     extra = {"momentum": cfg.momentum} if cfg.optimizer in ("sgd", "momentum") else {}
     # timm's "sgd" is Nesterov SGD; the report's (Keras') SGD and `momentum` here are plain
     name = "momentum" if cfg.optimizer == "sgd" else cfg.optimizer
+    if cfg.lr_stages:
+        return create_optimizer_v2(stage_groups(model, cfg.lr_stages, cfg.weight_decay), name, lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay, **extra)
     return create_optimizer_v2(model, name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                layer_decay=cfg.layer_decay, **extra)
+
+
+def stage_groups(model: nn.Module, stages: list[float], weight_decay: float) -> list[dict]:
+    """Parameter groups with one learning rate per coarse layer group (timm's group_matcher(coarse=True): for a
+    ResNet the stem, its 4 stages and the head), as Prellberg and Kramer trained SE-ResNeXt50 for C-NMC (1e-6 for
+    the stem and first stage, 1e-4 for the others, 1e-2 for the head). Each rate is an `lr_scale` of the peak, so
+    warm-up and decay move all of them together. No weight decay on biases and norms, as timm does."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise UserError(f"lr_stages: {type(model).__name__} has no layer groups; use lr (and layer_decay) instead")
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    if len(groups) != len(stages):
+        raise UserError(f"lr_stages has {len(stages)} learning rates but this network has {len(groups)} layer groups "
+                        f"(stem to head; they begin with {', '.join(names[0] for names in groups.values())}): give "
+                        f"{len(groups)}")
+    params = dict(model.named_parameters())
+    peak = max(stages)
+    out = []
+    for (_, names), lr in zip(groups.items(), stages):
+        trainable = [n for n in names if params[n].requires_grad]
+        decay = [params[n] for n in trainable if params[n].ndim > 1]
+        no_decay = [params[n] for n in trainable if params[n].ndim <= 1]
+        out += [{"params": ps, "weight_decay": wd, "lr_scale": lr / peak}
+                for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    return out
 
 
 class Schedule:
