@@ -62,3 +62,27 @@ def test_full_is_predicted_and_submitted_with_its_folds_out_of_fold_threshold(ti
         shutil.rmtree(workdir / f"runs/proposed/fold{fold}")
     assert main(["predict", "runs/proposed", "--data", str(held_out), "--name", "again"]) == 2
     assert "its final model is runs/proposed/full (trained on every image), name it" in capsys.readouterr().err
+
+
+def test_extra_labelled_folders_join_the_training_images_and_are_checked(tiny_data, workdir, capsys):
+    extra = workdir / "prelim"
+    for cls in ("all", "hem"):
+        for i in range(3):
+            write_image(extra / cls / f"{cls}{i}.bmp", size=48)
+    common = [*FAST, f"data.root={tiny_data}", "data.cache=true"]
+    [result] = train_command("proposed", "full", [*common, f"data.extra=[{extra}]"])
+    assert result.train_images == 36 + 6
+    assert load_checkpoint(result.run_dir / "best.pt")["config"]["data"]["extra"] == [str(extra)]
+    [fold] = train_command("proposed", "fold0", [*common, f"data.extra=[{extra}]"])
+    plain = pd.read_csv(workdir / "runs/proposed/fold0/oof.csv")
+    assert fold.train_images == 36 - len(plain) + 6 and not plain["path"].str.contains("prelim").any()
+    unlabelled = workdir / "unlabelled"
+    write_image(unlabelled / "1.bmp", size=48)
+    assert main(["train", "proposed", "full", *common, f"data.extra=[{unlabelled}]", "runs_dir=r2"]) == 2
+    assert "extra training images need labels" in capsys.readouterr().err
+    again = workdir / "again"
+    write_image(again / "all/new.bmp", size=48)
+    (again / "hem").mkdir()
+    shutil.copy(next(tiny_data.rglob("*hem.bmp")), again / "hem")  # an image of the fold file, under its own name
+    assert main(["train", "proposed", "full", *common, f"data.extra=[{again}]", "runs_dir=r3"]) == 2
+    assert "they would be trained on and validated on" in capsys.readouterr().err

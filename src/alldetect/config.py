@@ -55,6 +55,7 @@ class DataConfig(_Section):
     skip_bad: bool = _role("runtime", False)  # a fold file made with it lists what it left out
     cache: bool = _role("runtime", False)  # decoded-image cache (crop + resize done once) shared by every run of that size
     cache_dir: str = _role("place", "data/cache")
+    extra: list[str] = []  # labelled image folders added to every run's training images (never validated on)
 
 
 class AugConfig(_Section):

@@ -367,7 +367,7 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
              f"{method.label}")
     print(render(title, scores, oof.frame))
     if compared:
-        print(f"\nthe ensemble made other ways (each cross-fitted like the one above; equal averaging first):\n"
+        print(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
               f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
     if optimistic:
         print(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "

@@ -3,6 +3,7 @@ the training folds, and the class weights of what it trains on."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,11 +13,14 @@ import torch
 from alldetect.config import Config
 from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
+from alldetect.data.extra import extra_rows
 from alldetect.data.folds import FoldFile
 from alldetect.data.transforms import create_transform
 from alldetect.engine.distributed import Dist
 from alldetect.engine.select import carve_inner
 from alldetect.errors import UserError
+
+log = logging.getLogger("alldetect")
 
 
 @dataclass
@@ -52,6 +56,11 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     inner_rows = None
     if cfg.select == "inner":
         train_rows, inner_rows = carve_inner(train_rows, cfg.select_share, cfg.seed, fold)
+    extra = extra_rows(cfg.data.extra, folds.table) if cfg.data.extra else None
+    if extra is not None:
+        log.info("training on %d image(s) of the fold file and %d extra labelled image(s) (data.extra)",
+                 len(train_rows), len(extra))
+        train_rows = pd.concat([train_rows, extra], ignore_index=True)
     labels = train_rows["label"].to_numpy()
     if len(np.unique(labels)) < 2 or (val_rows.empty and fold is not None):
         raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
@@ -65,7 +74,7 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
         sample_weights = 1.0 / counts[labels]
     cache = None
     if cfg.data.cache:
-        paths = folds.table["path"].tolist()
+        paths = folds.table["path"].tolist() + (extra["path"].tolist() if extra is not None else [])
         if d.main:  # one rank builds it, the others open it once it is there
             cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
         d.barrier()
