@@ -181,6 +181,8 @@ def test_predict_oof_and_name_are_told_apart(workdir):
     member = _member_with_images(workdir / "runs", data, "proposed", 1)
     with pytest.raises(UserError, match="--oof"):
         predict_command([str(member)], None, None, [])
+    with pytest.raises(UserError, match="choose one"):
+        predict_command([str(member)], None, "y", [], oof=True)
     with pytest.raises(UserError, match="kept for --oof"):
         predict_command([str(member)], str(data), "oof", [])
     (member / "fold1/oof.csv").unlink()

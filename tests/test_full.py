@@ -76,6 +76,8 @@ def test_extra_labelled_folders_join_the_training_images_and_are_checked(tiny_da
     [fold] = train_command("proposed", "fold0", [*common, f"data.extra=[{extra}]"])
     plain = pd.read_csv(workdir / "runs/proposed/fold0/oof.csv")
     assert fold.train_images == 36 - len(plain) + 6 and not plain["path"].str.contains("prelim").any()
+    assert main(["train", "proposed", "full", *common, "data.extra=[nowhere]", "runs_dir=r1"]) == 2
+    assert "data.extra=nowhere: no such folder" in capsys.readouterr().err
     unlabelled = workdir / "unlabelled"
     write_image(unlabelled / "1.bmp", size=48)
     assert main(["train", "proposed", "full", *common, f"data.extra=[{unlabelled}]", "runs_dir=r2"]) == 2

@@ -19,6 +19,9 @@ def extra_rows(folders: list[str], fold_table: pd.DataFrame) -> pd.DataFrame:
     parts = []
     for folder in folders:
         root = Path(folder).resolve()
+        if not root.is_dir():
+            raise UserError(f"data.extra={folder}: no such folder; name folders of labelled images (class folders "
+                            "all/ and hem/, or a C-NMC test folder with its labels file)")
         m = build_manifest(root)
         unlabelled = m.loc[m["label"] < 0, "path"].tolist()
         if unlabelled:

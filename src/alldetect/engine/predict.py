@@ -216,7 +216,10 @@ def predict_command(runs: list[str], data: str | None, name: str | None, overrid
                     oof: bool = False) -> pd.DataFrame:
     paths, raw = split_options([*runs, *(overrides or [])])
     opts = parse_options(raw, OPTIONS, "predict")
-    if oof == bool(name):
+    if oof and name:
+        raise UserError(f"--oof and --name {name}: choose one. --oof predicts each fold run's own validation images "
+                        "(as pred_oof.csv); --data DIR --name NAME predicts a folder of images")
+    if not oof and not name:
         raise UserError("say what to predict: --data DIR --name NAME (a folder of images), or --oof (each fold run's "
                         "own validation images)")
     if not oof and not data:
