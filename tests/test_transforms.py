@@ -102,9 +102,10 @@ def test_stain_augmentation_moves_the_stain_and_follows_the_seed(sample_root):
     assert min(moved) > 0.5 and len({round(m, 3) for m in moved}) == 5  # every seed moves it, each differently
 
 
-def test_stain_augmentation_on_the_gpu_is_refused():
-    from alldetect.config import load_config
-    from alldetect.errors import UserError
+def test_with_augment_on_gpu_only_the_stain_augmentation_stays_in_the_loader_workers():
+    from alldetect.data.transforms import worker_only
 
-    with pytest.raises(UserError, match="augment_on=cpu"):
-        load_config("proposed", ["aug.stain=0.5", "augment_on=gpu"])
+    aug = AugConfig(rotate=1.0, color_jitter=0.8, stain=0.5)
+    assert create_transform(worker_only(aug)).probs.tolist() == [0, 0, 0, 0]
+    assert [type(s).__name__ for s in create_transform(worker_only(aug)).resampling.transforms] == ["HEStain"]
+    assert create_transform(worker_only(AugConfig(stain=0.0))) is None

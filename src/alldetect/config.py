@@ -180,9 +180,6 @@ class Config(_Section):
             raise ValueError("lr_stages and layer_decay both set each layer group's learning rate: choose one")
         if self.select == "ema" and not self.ema:
             raise ValueError("select=ema keeps the averaged weights: add ema=true")
-        if self.augment_on == "gpu" and self.aug.stain:
-            raise ValueError("aug.stain (stain augmentation) runs in the loader workers only: use augment_on=cpu, or "
-                             "aug.stain=0")
         if self.patience and self.select in ("last", "ema"):
             raise ValueError(f"select={self.select} trains a fixed schedule, so there is nothing to stop early on: "
                              "use patience=0, or select=inner to stop on a validation split of the training folds")

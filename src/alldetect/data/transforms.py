@@ -84,6 +84,11 @@ def create_transform(aug: AugConfig) -> Augment | None:
                                 aug.stain]) else None
 
 
+def worker_only(aug: AugConfig) -> AugConfig:
+    """What stays in the loader workers under augment_on=gpu: the stain augmentation (no batched version)."""
+    return AugConfig(rot90=0, rot270=0, hflip=0, vflip=0, rotate=0, color_jitter=0, stain=aug.stain)
+
+
 def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
     """A distinct, reproducible seed for one image in one epoch (or one batch in one epoch, of one process)."""
     return int(np.random.SeedSequence([seed, epoch, index] + ([rank] if rank else [])).generate_state(1)[0])

@@ -15,7 +15,7 @@ from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
 from alldetect.data.extra import extra_rows
 from alldetect.data.folds import FoldFile
-from alldetect.data.transforms import create_transform
+from alldetect.data.transforms import create_transform, worker_only
 from alldetect.engine.distributed import Dist
 from alldetect.engine.select import carve_inner
 from alldetect.errors import UserError
@@ -91,7 +91,8 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
         sampler = EpochSampler(len(rows), cfg.seed, False, None, d.rank, d.world)
         return EvalSet(make_loader(dataset(rows), batch, sampler, cfg.data.num_workers, pin), rows, sampler.order())
 
-    train_ds = dataset(train_rows, create_transform(cfg.aug) if cfg.augment_on == "cpu" else None)
+    # augment_on=gpu: the device does the rest on whole batches; stain augmentation has no batched form and stays
+    train_ds = dataset(train_rows, create_transform(cfg.aug if cfg.augment_on == "cpu" else worker_only(cfg.aug)))
     train_sampler = EpochSampler(len(train_ds), cfg.seed, True, sample_weights, d.rank, d.world)
     return FoldData(
         make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin,
