@@ -174,6 +174,10 @@ def test_features_and_neighbourhood_correction_from_the_command_line(workdir, ca
     assert "transductive" in record and len(pd.read_csv(workdir / "submissions/prelim.csv")) == 8
     saved = json.loads((workdir / "submissions/prelim/ensemble.json").read_text())
     assert saved["method"] == "weights=equal correct=knn" and "knn" in saved
+    predict_command([str(member)], str(test), "prelim", ["num_workers=0"])  # again, without features
+    assert not (member / "fold0/feat_prelim.npz").exists()  # the old ones may be of other images
+    with pytest.raises(UserError, match="feat_prelim.npz is missing"):
+        ensemble_command([str(member)], oof=False, name="prelim", overrides=["correct=knn"])
 
 
 def test_predict_oof_and_name_are_told_apart(workdir):

@@ -151,6 +151,8 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     if tap is not None:
         with atomic_path(run / f"feat_{name}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, paths=m["path"].to_numpy(str), features=tap.features(TTA_VIEWS[opts["tta"]]))
+    else:  # features of an earlier prediction of this name may be of other images: never leave them beside these
+        (run / f"feat_{name}.npz").unlink(missing_ok=True)
     frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
     if data.labelled:
         frame["label"] = m["label"].to_numpy()
