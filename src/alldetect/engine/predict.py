@@ -230,16 +230,16 @@ def predict_command(runs: list[str], data: str | None, name: str | None, overrid
     if name == OOF_NAME and not oof:
         raise UserError(f"--name {OOF_NAME} is kept for --oof (each run's own validation images); choose another")
     fold_runs = find_fold_runs(paths)
+    own = {}  # --oof: each run's validation images, found and checked with the rest
     for run in fold_runs:  # every checkpoint and run folder is checked before any prediction file is written
         state = load_checkpoint(run / "best.pt", mmap=True)
         rebuild_model(state, run)
         check_writable(run, "the run folder")
         if oof:
-            own_validation_images(run, state, data)
+            own[run] = own_validation_images(run, state, data)
     if oof:
         device = resolve_device(opts["device"])
-        rows = [predict_run(run, own_validation_images(run, load_checkpoint(run / "best.pt", mmap=True), data),
-                            name, opts, device) for run in fold_runs]
+        rows = [predict_run(run, own[run], name, opts, device) for run in fold_runs]
         table = pd.DataFrame(rows)
         print(f"\npredictions of each run's own validation images\n{table.to_string(index=False)}")
         print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json"
