@@ -49,13 +49,13 @@ def create_model(name: str, num_classes: int = 2, dropout: float = 0.5, pretrain
     return model
 
 
-def model_from_config(cfg: dict, **kwargs) -> nn.Module:
+def model_from_config(cfg: dict) -> nn.Module:
     """The network a run's config (a checkpoint's `config`) describes, without pretrained weights: what predict,
     export, report and visualize rebuild before loading a checkpoint's weights."""
     arch = cfg["arch"]
     return create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0),
                         input_size=cfg.get("input_size") or default_input_size(arch),
-                        subtract_mean=bool(cfg.get("subtract_mean", False)), **kwargs)
+                        subtract_mean=bool(cfg.get("subtract_mean", False)))
 
 
 def subtract_image_mean(module: nn.Module, args: tuple) -> tuple:
