@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
-from alldetect.data.folds import fold_file_root
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
-from alldetect.engine.predict import TTA_MODES, rebuild_model, tta_views
+from alldetect.engine.predict import TTA_MODES, tta_views
+from alldetect.engine.runfiles import RunDir
 from alldetect.engine.runs import find_fold_runs
 from alldetect.metrics import score
 
@@ -38,11 +37,11 @@ def main() -> None:
         preds = {mode: [] for mode in a.modes.split(",")}
         seconds = dict.fromkeys(preds, 0.0)
         for run in runs:
-            state = load_checkpoint(run / "best.pt")
-            model, size, crop = rebuild_model(state, run)
-            model = model.to(device)
-            oof = pd.read_csv(run / "oof.csv")
-            root = Path(a.data or state["config"]["data"].get("root") or fold_file_root(state["fold_file"]))
+            files = RunDir(run)
+            state = files.load_best()
+            model, size, crop = state.network().to(device), state.meta.input_size, state.meta.crop
+            oof = files.read_oof()
+            root = Path(a.data or state.meta.data_root())
             dataset = CellDataset(root, oof["path"], oof["label"], crop, size)
             dev = DeviceBatch(device, False, amp=False)
             for mode in preds:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,7 @@ import torch
 
 from alldetect.atomic import write_csv
 from alldetect.config import load_config
-from alldetect.engine.checkpoint import save_checkpoint
+from alldetect.engine.runfiles import Checkpoint, Progress, RunMeta, load_checkpoint, save_checkpoint
 from alldetect.models import model_from_config
 
 
@@ -21,7 +20,7 @@ def make_run(run: Path, arch: str = "proposed", *, weights: bool = False, input_
     """best.pt with the run's config; real (randomly initialised) weights only when `weights`, with batch-norm
     statistics taken from one batch of noise so that the output depends on the input."""
     cfg = load_config(arch, [f"input_size={input_size}", "dropout=0.0", f"data.crop={crop}", "data.k=3",
-                             f"select={select}", *overrides]).to_dict()
+                             f"select={select}", *overrides])
     model = {}
     if weights:
         torch.manual_seed(seed)
@@ -32,12 +31,23 @@ def make_run(run: Path, arch: str = "proposed", *, weights: bool = False, input_
         with torch.no_grad():
             net.train()(torch.randn(8, 3, input_size, input_size))
         model = net.state_dict()
-    save_checkpoint(run / "best.pt", {"model": model, "config": cfg, "fold_file": fold_file,
-                                      "fold_fingerprint": fingerprint, "epoch": 0, "metrics": {},
-                                      "saved_at": time.time()})
+    meta = RunMeta(config=cfg, run=run.name, progress=Progress(epoch=0), metrics={}, fold_file=fold_file,
+                   fold_fingerprint=fingerprint, fold_k=3)
+    save_checkpoint(run / "best.pt", Checkpoint(meta, model))
     if oof is not None:
         write_csv(run / "oof.csv", oof)
     return run
+
+
+def edit_checkpoint(path: Path, config: dict | None = None, **meta) -> None:
+    """Rewrite a checkpoint with some metadata (and config keys) changed, as an older or other run would have
+    it; a hard link to a shared checkpoint becomes a file of its own."""
+    state = load_checkpoint(path)
+    new = state.meta.model_copy(update=meta)
+    if config:
+        new.config = new.config.model_copy(update=config)
+    path.unlink()
+    save_checkpoint(path, Checkpoint(new, state.model, state.optimizer, state.ema, state.scaler))
 
 
 def oof_frame(paths, labels, probs, fold: int, subjects=None) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alldetect.cli import main
-from alldetect.engine.checkpoint import load_checkpoint
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.engine.train import train_command
 
 from conftest import FAST, write_image
@@ -23,9 +23,9 @@ def test_full_trains_on_every_image_and_keeps_the_final_average(tiny_data, workd
     history = pd.read_csv(run / "history.csv")
     assert len(history) == 2 and "f1" not in history and list(history["selected"]) == [0, 1]
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
-    assert best["run"] == "full" and best["train_images"] == 36 and best["epoch"] == 1
-    for key, value in best["model"].items():  # select=ema: best.pt is the final moving average
-        assert torch.equal(value, last["ema"][key]), key
+    assert best.meta.run == "full" and best.meta.train_images == 36 and best.meta.progress.epoch == 1
+    for key, value in best.model.items():  # select=ema: best.pt is the final moving average
+        assert torch.equal(value, last.ema[key]), key
     out = capsys.readouterr().out
     assert "trained on all 36 images" in out and "no validation fold, so no scores" in out
 
@@ -72,7 +72,7 @@ def test_extra_labelled_folders_join_the_training_images_and_are_checked(tiny_da
     common = [*FAST, f"data.root={tiny_data}", "data.cache=true"]
     [result] = train_command("proposed", "full", [*common, f"data.extra=[{extra}]"])
     assert result.train_images == 36 + 6
-    assert load_checkpoint(result.run_dir / "best.pt")["config"]["data"]["extra"] == [str(extra)]
+    assert load_checkpoint(result.run_dir / "best.pt").meta.config.data.extra == [str(extra)]
     [fold] = train_command("proposed", "fold0", [*common, f"data.extra=[{extra}]"])
     plain = pd.read_csv(workdir / "runs/proposed/fold0/oof.csv")
     assert fold.train_images == 36 - len(plain) + 6 and not plain["path"].str.contains("prelim").any()

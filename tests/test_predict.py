@@ -9,13 +9,13 @@ from torch import nn
 from alldetect.cli import main
 from alldetect.data.images import preprocess, read_rgb
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import DeviceBatch, predict_probs
-from alldetect.engine.predict import predict_command, rebuild_model, tta_views
+from alldetect.engine.predict import predict_command, tta_views
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.errors import UserError
 
 from conftest import write_image
-from fake_runs import make_run
+from fake_runs import edit_checkpoint, make_run
 
 FAST = ["num_workers=0", "batch_size=4"]
 
@@ -56,7 +56,8 @@ def test_predictions_rebuild_the_model_from_its_checkpoint_and_are_deterministic
     assert "runs/proposed/fold1" in out and "f1" in out
 
     # the same probabilities as the checkpoint's model on the run's own preprocessing (crop 48, resize 32)
-    model, size, crop = rebuild_model(load_checkpoint(runs / "fold0/best.pt"), runs / "fold0")
+    state = load_checkpoint(runs / "fold0/best.pt")
+    model, size, crop = state.network(), state.meta.input_size, state.meta.crop
     assert (size, crop) == (32, 48)
     img = preprocess(read_rgb(data / "5.bmp"), crop, size).astype(np.float32)
     x = torch.from_numpy(((img - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255))
@@ -220,13 +221,12 @@ def test_real_sample_predictions_know_labels_and_subjects(sample_root, workdir):
 
 def test_predictions_of_a_replaced_checkpoint_are_refused_or_removed(runs, workdir):
     """Retrained or resumed since `predict`: the old probabilities must not slip into a submission."""
-    from alldetect.engine.checkpoint import save_checkpoint
     from alldetect.ensemble import ensemble_command
 
     data = _prelim(workdir / "prelim")
     predict_command(["runs/proposed"], str(data), "prelim", FAST)
     ensemble_command(["runs/proposed"], oof=False, name="prelim")  # fine while best.pt is the one that predicted
-    state = load_checkpoint(runs / "fold1/best.pt")
-    save_checkpoint(runs / "fold1/best.pt", {**state, "saved_at": state["saved_at"] + 60})  # a better epoch since
+    saved = load_checkpoint(runs / "fold1/best.pt", mmap=True).meta.saved_at
+    edit_checkpoint(runs / "fold1/best.pt", saved_at=saved + 60)  # a better epoch since
     with pytest.raises(UserError, match=r"predictions 'prelim' of .*fold1.* older best.pt .*alldetect predict"):
         ensemble_command(["runs/proposed"], oof=False, name="prelim")

@@ -7,9 +7,9 @@ import torch
 
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.fit import fit_fold
 from alldetect.engine.optim import Schedule, create_optimizer
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.errors import UserError
 from alldetect.models import create_model
 
@@ -27,11 +27,11 @@ def test_paper_recipes_train_from_a_local_weights_file(recipe, arch, tiny_demo, 
     assert cfg.pretrained and cfg.aug.color_jitter == 0
     fit_fold(cfg, 0, resolve_folds(cfg))
     trained = load_checkpoint(workdir / f"runs/{arch}/fold0/last.pt")
-    assert trained["config"]["recipe"] == recipe
-    stem = trained["model"]["conv1.weight"]
+    assert trained.meta.config.recipe == recipe
+    stem = trained.model["conv1.weight"]
     # started from the file, not from a random initialisation (one small step moves a weight by about lr at most)
     assert (stem - donor["conv1.weight"]).abs().max() < (1e-5 if recipe == "prellberg" else 1e-2)
-    assert not torch.equal(trained["model"]["fc.weight"][:, :8], torch.zeros(2, 8))
+    assert not torch.equal(trained.model["fc.weight"][:, :8], torch.zeros(2, 8))
 
 
 def test_lr_stages_give_each_layer_group_its_rate_through_the_schedule():

@@ -15,8 +15,8 @@ import torch
 from alldetect.atomic import write_csv, write_text
 from alldetect.config import load_config, read_yaml
 from alldetect.data.prepare import resolve_folds
-from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
 from alldetect.engine.fit import fit_fold
+from alldetect.engine.runfiles import Checkpoint, RunMeta, load_checkpoint, save_checkpoint
 from alldetect.engine.stopping import StopRequested
 from alldetect.errors import UserError
 
@@ -30,7 +30,7 @@ def _cfg(root, *extra):
 
 
 def _same_weights(a_dir, b_dir):
-    a, b = load_checkpoint(a_dir / "last.pt")["model"], load_checkpoint(b_dir / "last.pt")["model"]
+    a, b = load_checkpoint(a_dir / "last.pt").model, load_checkpoint(b_dir / "last.pt").model
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -65,7 +65,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_to_the_same_weights(t
     with pytest.raises(StopRequested, match=r"stopped by SIGTERM in epoch 2 after batch 3.*resume=true"):
         fit_fold(_cfg(tiny_demo, "runs_dir=b", *extra), 0, folds)
     state = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
-    assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["steps"] == 3
+    assert state.meta.progress.epoch == 0 and state.meta.partial["epoch"] == 1 and state.meta.partial["steps"] == 3
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", torch.nn.CrossEntropyLoss)
     fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
     assert _same_weights(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
@@ -122,11 +122,15 @@ def test_sigterm_to_a_real_process_with_loader_workers(tiny_demo, workdir):
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err and "resume=true" in err and "Traceback" not in err
     state = load_checkpoint(workdir / "t/proposed/fold0/last.pt")
-    assert state["epoch"] >= 0 and state["epoch"] < 39
+    assert state.meta.progress.epoch >= 0 and state.meta.progress.epoch < 39
+
+
+def _tiny_checkpoint(w: torch.Tensor) -> Checkpoint:
+    return Checkpoint(RunMeta(config=load_config("proposed", [])), {"w": w})
 
 
 def test_atomic_checkpoint_write_never_leaves_a_truncated_file(workdir, monkeypatch):
-    save_checkpoint(workdir / "last.pt", {"model": {"w": torch.ones(3)}, "config": {"arch": "x"}})
+    save_checkpoint(workdir / "last.pt", _tiny_checkpoint(torch.ones(3)))
 
     def crash(obj, f, *a, **k):
         with open(f, "wb") as fh:
@@ -136,8 +140,8 @@ def test_atomic_checkpoint_write_never_leaves_a_truncated_file(workdir, monkeypa
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(UserError, match=r"could not write .*last.pt \(No space left on device\): the previous "
                                         r"last.pt is kept as it was"):
-        save_checkpoint(workdir / "last.pt", {"model": {"w": torch.zeros(3)}, "config": {}})
-    assert torch.equal(load_checkpoint(workdir / "last.pt")["model"]["w"], torch.ones(3))
+        save_checkpoint(workdir / "last.pt", _tiny_checkpoint(torch.zeros(3)))
+    assert torch.equal(load_checkpoint(workdir / "last.pt").model["w"], torch.ones(3))
     assert sorted(p.name for p in workdir.iterdir()) == ["last.pt"]
 
 
@@ -249,7 +253,7 @@ def test_outputs_get_the_users_umask_not_the_temporary_files_0600(workdir, umask
     old = os.umask(umask)
     try:
         write_text(workdir / "a.txt", "x")
-        save_checkpoint(workdir / "b.pt", {"model": {}, "config": {}})
+        save_checkpoint(workdir / "b.pt", _tiny_checkpoint(torch.zeros(1)))
     finally:
         os.umask(old)
     assert (workdir / "a.txt").stat().st_mode & 0o777 == mode
@@ -278,7 +282,7 @@ def test_an_image_that_goes_bad_after_the_split_is_a_clean_error_with_loader_wor
 def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(tiny_demo, workdir, monkeypatch):
     """A full disk or a file-size limit (ulimit -f) at epoch 2: a clear error, last.pt and history.csv of epoch 1,
     and resume=true finishes the run."""
-    import alldetect.engine.checkpoint as checkpoint
+    import alldetect.engine.runfiles as checkpoint
 
     real_save, calls = torch.save, {"n": 0}
 
@@ -295,7 +299,7 @@ def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(
                                         r"\(.*failed writing file\).*resume=true"):
         fit_fold(_cfg(tiny_demo, "epochs=3", "select=outer"), 0, resolve_folds(_cfg(tiny_demo)))
     run = workdir / "runs/proposed/fold0"
-    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    assert load_checkpoint(run / "last.pt").meta.progress.epoch == 0
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0]
     assert not list(run.glob(".*.tmp"))
     monkeypatch.setattr(checkpoint.torch, "save", real_save)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
@@ -18,12 +17,12 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from alldetect.cli import main
 from alldetect.data.images import fingerprint
 from alldetect.data.layouts import build_manifest
-from alldetect.engine.checkpoint import save_checkpoint
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.ensemble import ensemble_command
 from alldetect.errors import UserError
 from alldetect.report import report_command
 
-from fake_runs import make_run
+from fake_runs import edit_checkpoint, make_run
 
 ARCHS = ("proposed", "resnet10t")  # resnet10t: a small timm model, quick to build at 32 x 32
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,8 +37,7 @@ def checkpoints(tmp_path_factory, tiny_demo):
     for arch in ARCHS:
         run = make_run(root / arch, arch, weights=True, input_size=32, fold_file="folds/demo_k3_s42.csv",
                        fingerprint=digest)
-        state = torch.load(run / "best.pt", weights_only=True)
-        save_checkpoint(run / "best.pt", {**state, "leaky_split": False})
+        edit_checkpoint(run / "best.pt", leaky_split=False)
         out[arch] = run / "best.pt"
     return out
 
@@ -59,12 +57,12 @@ def fake_arch(runs: Path, arch: str, tiny_demo: Path, checkpoints: dict, quality
     classes better as `quality` grows."""
     rng = np.random.default_rng(seed)
     table = _folds(tiny_demo)
-    state = torch.load(checkpoints[arch], weights_only=True, mmap=True)
+    config = load_checkpoint(checkpoints[arch], mmap=True).meta.config.to_dict()
     for fold in folds:
         run = runs / arch / f"fold{fold}"
         run.mkdir(parents=True)
         os.link(checkpoints[arch], run / "best.pt")
-        (run / "config.yaml").write_text(yaml.safe_dump(state["config"]))
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
         rows = table[table["fold"] == fold]
         prob = np.clip(0.5 + quality * (rows["label"] - 0.5) + rng.normal(0, 0.25, len(rows)), 0.001, 0.999).round(6)
         rows.assign(prob_all=prob, pred=(prob >= 0.5).astype(int))[
@@ -123,12 +121,12 @@ def test_table_numbers_equal_those_recomputed_from_the_oof_files(trained, tiny_d
         assert numbers.loc[model, "folds"] == 3 and numbers.loc[model, "images"] == 36
         assert numbers.loc[model, "images_per_s"] > 0
     for arch in ARCHS:  # trainable parameters: the state dict's weights and biases (not batch-norm buffers)
-        weights = torch.load(f"runs/{arch}/fold0/best.pt", weights_only=True)["model"]
+        weights = load_checkpoint(f"runs/{arch}/fold0/best.pt").model
         trainable = sum(v.numel() for k, v in weights.items() if k.endswith(("weight", "bias")))
         assert numbers.loc[arch, "params"] == trainable
     assert "subject-grouped 3-fold" in readme and "subject-grouped 3-fold" in html
     for arch in ARCHS:  # the Runs table: the kept epoch's validation F1 beside the best epoch's (peeking)
-        kept_epoch = torch.load(f"runs/{arch}/fold0/best.pt", weights_only=True)["epoch"]
+        kept_epoch = load_checkpoint(f"runs/{arch}/fold0/best.pt").meta.progress.epoch
         row = next(line for line in readme.splitlines() if line.startswith(f"| {arch} | `runs/{arch}`"))
         assert f"| {0.5 + 0.07 * kept_epoch:.4f} | {0.5 + 0.07 * 5:.4f} |" in row, row
 
@@ -206,9 +204,7 @@ def test_page_renders_in_a_browser_with_every_image_loaded(trained, tiny_demo, t
 def test_leaky_split_is_stated_above_the_table(workdir, tiny_demo, checkpoints):
     runs = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.3, 1)
     for best in runs.glob("fold*/best.pt"):
-        state = torch.load(best, weights_only=True)
-        best.unlink()  # a link to the shared checkpoint: write a file of its own
-        save_checkpoint(best, {**state, "leaky_split": True})
+        edit_checkpoint(best, leaky_split=True)
     readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
     table_at = readme.index("| model |")
     assert "leaky split by image" in readme[:table_at]
@@ -220,9 +216,7 @@ def test_runs_that_chose_epochs_on_their_validation_folds_are_called_optimistic(
     readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
     assert "Optimistic" not in readme and "OPTIMISTIC" not in readme
     for best in runs.glob("fold*/best.pt"):
-        state = torch.load(best, weights_only=True)
-        best.unlink()  # a link to the shared checkpoint: write a file of its own
-        save_checkpoint(best, {**state, "config": {**state["config"], "select": "outer"}})
+        edit_checkpoint(best, config={"select": "outer"})
     readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
     table_at = readme.index("| model |")
     assert "**Optimistic**: proposed kept each fold's epoch" in readme[:table_at]
@@ -265,11 +259,8 @@ def test_bad_input_clear_errors_and_a_page_that_lists_what_is_missing(workdir, t
 def test_checkpoint_whose_weights_do_not_fit_its_config_is_left_out(workdir, tiny_demo, checkpoints, capsys):
     runs = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.3, 1)
     best = runs / "fold1" / "best.pt"
-    state = torch.load(best, weights_only=True)
-    best.unlink()
-    cfg = {**state["config"], "input_size": 128}  # the flattened size of the classifier changes with the input
-    save_checkpoint(best, {**state, "config": cfg})
-    (runs / "fold1" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    edit_checkpoint(best, config={"input_size": 128})  # the flattened size of the classifier changes with the input
+    (runs / "fold1" / "config.yaml").write_text(yaml.safe_dump(load_checkpoint(best, mmap=True).meta.config.to_dict()))
     result = report_command(data=str(tiny_demo), device=None)
     assert any("fold1: its best.pt weights do not fit a proposed at input size 128" in m for m in result["missing"])
     assert result["numbers"].loc[0, "folds"] == 2

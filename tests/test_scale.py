@@ -14,8 +14,8 @@ from alldetect.config import AugConfig
 from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset
 from alldetect.data.folds import make_fold_file
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.gpu_augment import BatchAugment
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.engine.train import train_command
 
 from conftest import FAST
@@ -70,8 +70,8 @@ def test_cache_is_invalidated_when_an_image_is_rewritten_at_the_same_size(tiny_d
 def test_training_with_cache_matches_training_without(tiny_demo, workdir):
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "runs_dir=plain"])
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "runs_dir=cached", "data.cache=true"])
-    a = load_checkpoint(workdir / "plain/proposed/fold0/last.pt")["model"]
-    b = load_checkpoint(workdir / "cached/proposed/fold0/last.pt")["model"]
+    a = load_checkpoint(workdir / "plain/proposed/fold0/last.pt").model
+    b = load_checkpoint(workdir / "cached/proposed/fold0/last.pt").model
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert list((workdir / "data/cache").glob("demo-*-c400-s32.u8"))
 
@@ -109,8 +109,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_demo
     proc = subprocess.run([*torchrun, "-m", "alldetect", "train", "alexnet", "fold0", *common, "runs_dir=ddp"],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_checkpoint(workdir / "single/alexnet/fold0/last.pt")["model"]
-    b = load_checkpoint(workdir / "ddp/alexnet/fold0/last.pt")["model"]
+    a = load_checkpoint(workdir / "single/alexnet/fold0/last.pt").model
+    b = load_checkpoint(workdir / "ddp/alexnet/fold0/last.pt").model
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)

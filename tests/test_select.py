@@ -8,8 +8,8 @@ import torch
 
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.fit import fit_fold
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.engine.select import carve_inner
 from alldetect.engine.train import train_command
 from alldetect.errors import UserError
@@ -31,7 +31,7 @@ def _poisoned(folds, fold):
 
 
 def _weights(run):
-    return load_checkpoint(run / "best.pt")["model"]
+    return load_checkpoint(run / "best.pt").model
 
 
 @pytest.mark.parametrize("select", ["inner", "last", pytest.param("outer", marks=pytest.mark.xfail(
@@ -74,8 +74,8 @@ def test_select_last_keeps_the_final_weights_and_scores_them(tiny_demo, workdir)
                                                    "ema=false"])
     run = workdir / "runs/proposed/fold0"
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
-    assert result.best_epoch == 2 and best["epoch"] == 2
-    assert all(torch.equal(last["model"][k], best["model"][k]) for k in last["model"])
+    assert result.best_epoch == 2 and best.meta.progress.epoch == 2
+    assert all(torch.equal(last.model[k], best.model[k]) for k in last.model)
     oof = pd.read_csv(run / "oof.csv")
     history = pd.read_csv(run / "history.csv")
     assert score(oof["label"], oof["prob_all"])["f1"] == pytest.approx(history["f1"].iloc[-1], abs=1e-6)
@@ -104,8 +104,8 @@ def test_select_last_with_the_moving_average_on_keeps_the_final_raw_weights(tiny
                                                    "ema=true"])
     run = workdir / "runs/proposed/fold0"
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
-    assert all(torch.equal(last["model"][k], best["model"][k]) for k in last["model"])
-    assert not torch.equal(last["ema"]["features.0.weight"], best["model"]["features.0.weight"])
+    assert all(torch.equal(last.model[k], best.model[k]) for k in last.model)
+    assert not torch.equal(last.ema["features.0.weight"], best.model["features.0.weight"])
 
 
 def test_a_resume_must_count_updates_as_the_run_did(tiny_demo, workdir):
@@ -119,6 +119,6 @@ def test_a_resume_must_count_updates_as_the_run_did(tiny_demo, workdir):
     with pytest.raises(UserError, match=r"cannot resume .* \(max_batches: 2 -> 0\)"):
         fit_fold(_cfg(tiny_demo, "epochs=2", "resume=true"), 0, folds)
     state = load_checkpoint(workdir / "runs/proposed/fold0/last.pt")
-    assert (state["world"], state["updates_per_epoch"]) == (1, 2)
+    assert (state.meta.world, state.meta.updates_per_epoch) == (1, 2)
     with pytest.raises(UserError, match=r"ran 2 updates per epoch on 1 process\(es\), this run would make 1 on 2"):
-        _check_same_updates(state, 2, 1, workdir)
+        _check_same_updates(state.meta, 2, 1, workdir)

@@ -8,10 +8,10 @@ from torch import nn
 
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.fit import Model, _updater, fit_fold
 from alldetect.engine.loop import DeviceBatch, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer
+from alldetect.engine.runfiles import load_checkpoint
 from alldetect.errors import UserError
 from alldetect.models import create_model
 
@@ -207,13 +207,13 @@ def test_frozen_backbone_trains_only_the_head_for_freeze_epochs(tiny_demo, workd
     fit_fold(load_config("proposed", extra), 0, folds)
     torch.manual_seed(42)
     start = create_model("proposed", input_size=32).state_dict()
-    after_one = load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["model"]
+    after_one = load_checkpoint(workdir / "runs/proposed/fold0/last.pt").model
     params = dict(create_model("proposed", input_size=32).named_parameters())
     for name in params:
         frozen = not name.startswith("classifier")
         assert torch.equal(after_one[name], start[name]) == frozen, name
     fit_fold(load_config("proposed", [*extra, "epochs=2", "resume=true"]), 0, folds)
-    after_two = load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["model"]
+    after_two = load_checkpoint(workdir / "runs/proposed/fold0/last.pt").model
     assert not torch.equal(after_two["features.0.weight"], start["features.0.weight"])
 
 
@@ -229,11 +229,11 @@ def test_ema_is_evaluated_kept_in_best_pt_and_resumed_exactly(tiny_demo, workdir
     for run in ("a", "b"):
         last = load_checkpoint(workdir / run / "proposed/fold0/last.pt")
         best = load_checkpoint(workdir / run / "proposed/fold0/best.pt")
-        assert all(torch.equal(best["model"][k], last["ema"][k]) for k in last["ema"])
-        assert not torch.equal(last["ema"]["features.0.weight"], last["model"]["features.0.weight"])
+        assert all(torch.equal(best.model[k], last.ema[k]) for k in last.ema)
+        assert not torch.equal(last.ema["features.0.weight"], last.model["features.0.weight"])
     a = load_checkpoint(workdir / "a/proposed/fold0/last.pt")
     b = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) and torch.equal(a["model"][k], b["model"][k]) for k in a["ema"])
+    assert all(torch.equal(a.ema[k], b.ema[k]) and torch.equal(a.model[k], b.model[k]) for k in a.ema)
 
 
 def test_select_ema_without_ema_and_patience_on_a_fixed_schedule_are_clear_errors():
@@ -267,6 +267,6 @@ def test_every_key_on_stopped_mid_accumulation_resumes_to_the_same_weights(tiny_
     a = load_checkpoint(workdir / "a/proposed/fold0/last.pt")
     b = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
     for key in ("model", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        assert all(torch.equal(getattr(a, key)[k], getattr(b, key)[k]) for k in getattr(a, key)), key
     _same_history(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
     assert (workdir / "a/proposed/fold0/oof.csv").read_text() == (workdir / "b/proposed/fold0/oof.csv").read_text()

@@ -7,9 +7,10 @@ import torch
 
 from alldetect.cli import main
 from alldetect.config import load_config
+from alldetect.data.folds import load_fold_file
 from alldetect.data.prepare import resolve_folds
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.fit import fit_fold
+from alldetect.engine.runfiles import RunDir, load_checkpoint
 from alldetect.engine.train import train_command
 from alldetect.errors import UserError
 from alldetect.models import create_model
@@ -43,11 +44,13 @@ def test_train_one_fold_writes_the_run_folder(tiny_demo, workdir, capsys):
 def test_checkpoint_alone_rebuilds_the_model(tiny_demo, workdir):
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}"])
     state = load_checkpoint(workdir / "runs/proposed/fold0/best.pt")
-    cfg = state["config"]
-    model = create_model(cfg["arch"], dropout=cfg["dropout"], input_size=cfg["input_size"])
-    model.load_state_dict(state["model"])
-    assert set(state) >= {"optimizer", "epoch", "metrics", "wandb_id", "fold_fingerprint"}
-    assert state["fold_fingerprint"] and state["metrics"]["f1"] >= 0
+    cfg = state.meta.config
+    model = create_model(cfg.arch, dropout=cfg.dropout, input_size=cfg.input_size)
+    model.load_state_dict(state.model)  # strict: every weight, nothing else
+    history = pd.read_csv(workdir / "runs/proposed/fold0/history.csv")
+    assert state.meta.fold_fingerprint == load_fold_file(state.meta.fold_file).meta["fingerprint"]
+    assert state.meta.metrics["f1"] == pytest.approx(history.loc[state.meta.progress.epoch, "f1"], abs=1e-6)
+    assert state.optimizer is None and state.ema is None  # best.pt keeps the weights it chose, no training state
 
 
 class Interrupt(Exception):
@@ -115,13 +118,11 @@ def test_resume_on_another_split_is_refused(tiny_demo, workdir):
 
 def test_runs_know_their_fold_files_fold_count(tiny_demo, workdir):
     """--by official gives 3 folds whatever data.k says; ensemble and report count folds from the fold file."""
-    from alldetect.engine.runs import run_info
-
     cfg = _cfg(tiny_demo, "data.split_by=official", "data.k=5", "epochs=1")
     folds = resolve_folds(cfg)
     assert folds.k == 3
     fit_fold(cfg, 2, folds)
-    assert run_info(workdir / "runs/proposed/fold2")["k"] == 3
+    assert RunDir(workdir / "runs/proposed/fold2").meta().k == 3
 
 
 def test_overwrite_removes_the_old_models_predictions(tiny_demo, workdir):
@@ -142,12 +143,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdi
     cut = _cfg(tiny_demo, "runs_dir=b", *extra)
     with pytest.raises(Interrupt):
         fit_fold(cut, 0, folds, on_epoch=_stop_after(1))
-    assert load_checkpoint(workdir / "b/proposed/fold0/last.pt")["epoch"] == 1
+    assert load_checkpoint(workdir / "b/proposed/fold0/last.pt").meta.progress.epoch == 1
     with pytest.raises(UserError, match="resume=true"):
         fit_fold(cut, 0, folds)
     fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
-    a = load_checkpoint(workdir / "a/proposed/fold0/last.pt")["model"]
-    b = load_checkpoint(workdir / "b/proposed/fold0/last.pt")["model"]
+    a = load_checkpoint(workdir / "a/proposed/fold0/last.pt").model
+    b = load_checkpoint(workdir / "b/proposed/fold0/last.pt").model
     assert all(torch.equal(a[k], b[k]) for k in a)
     ha = pd.read_csv(workdir / "a/proposed/fold0/history.csv")
     hb = pd.read_csv(workdir / "b/proposed/fold0/history.csv")
@@ -183,7 +184,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_demo, workdir, monke
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", PoisonedLoss)
     with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last.pt keeps the last good epoch \(1\)"):
         fit_fold(_cfg(tiny_demo, "epochs=3"), 0, resolve_folds(_cfg(tiny_demo)))
-    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["epoch"] == 0
+    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt").meta.progress.epoch == 0
     calls["n"] = 5  # from the first step: no epoch finishes, and the message must not claim a checkpoint
     with pytest.raises(UserError, match=r"loss became nan at epoch 1.*no epoch finished, so no checkpoint was "
                                         r"written") as error:
@@ -195,7 +196,7 @@ def test_wandb_offline_writes_a_run(tiny_demo, workdir):
     [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "wandb=offline", "epochs=1"])
     runs = glob.glob(str(workdir / "runs/proposed/fold0/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt")["wandb_id"] in runs[0]
+    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt").meta.progress.wandb_id in runs[0]
 
 
 def test_bad_fold_and_override_are_clear_errors(tiny_demo, workdir, capsys):
@@ -235,7 +236,7 @@ def test_a_fold_file_alone_names_its_data(tiny_demo, workdir):
     make_fold_file(tiny_demo, workdir / "mine.csv", k=3, seed=1)
     [result] = train_command("proposed", "fold2", [*FAST, "epochs=1", f"data.fold_file={workdir / 'mine.csv'}"])
     oof = pd.read_csv(workdir / "runs/proposed/fold2/oof.csv")
-    assert len(oof) and load_checkpoint(workdir / "runs/proposed/fold2/best.pt")["config"]["data"]["root"] == str(
+    assert len(oof) and load_checkpoint(workdir / "runs/proposed/fold2/best.pt").meta.config.data.root == str(
         tiny_demo.resolve())
 
 

@@ -13,7 +13,7 @@ from alldetect.errors import UserError
 from alldetect.models import create_model
 from alldetect.visualize import Block, cam_block, conv_blocks, grad_cam, to_nchw, visualize_command
 
-from fake_runs import make_run
+from fake_runs import edit_checkpoint, make_run
 
 
 @pytest.mark.parametrize("arch, first, last, count", [
@@ -112,9 +112,7 @@ def test_unreadable_image_stops_before_any_work_and_names_it(workdir, tiny_demo,
 
 def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(workdir, tiny_demo, capsys):
     run = make_run(workdir / "runs" / "proposed" / "fold0", "proposed", weights=True, input_size=32)
-    state = torch.load(run / "best.pt", weights_only=True)
-    state["config"]["input_size"] = 128  # the classifier's input grows with the image
-    torch.save(state, run / "best.pt")
+    edit_checkpoint(run / "best.pt", config={"input_size": 128})  # the classifier's input grows with the image
     image = next(tiny_demo.glob("C-NMC_training_data/fold_*/*/*.bmp"))
     assert main(["visualize", str(run), str(image)]) == 2
     assert "weights do not fit a proposed at input size 128" in capsys.readouterr().err

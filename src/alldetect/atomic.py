@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from alldetect.errors import UserError
+
+
+def safe_name(text: str, empty: str = "ensemble") -> str:
+    """A file or folder name made of `text`: runs of other characters than letters, digits and ._+- become _."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or empty
 
 
 def check_writable(folder: str | Path, what: str) -> Path:

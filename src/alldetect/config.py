@@ -292,6 +292,17 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """nest's inverse: {'aug': {'rotate': 0.3}} -> {'aug.rotate': 0.3}"""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def validate(raw: dict[str, Any], where: str = "the configuration") -> Config:
     try:
         return Config.model_validate(raw)

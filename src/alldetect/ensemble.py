@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, check_writable, write_csv, write_text
+from alldetect.atomic import atomic_path, check_writable, safe_name, write_csv, write_text
 from alldetect.combine import (
     AVERAGES,
     CALIBRATIONS,
@@ -37,7 +37,8 @@ from alldetect.combine import (
     fit,
 )
 from alldetect.data.layouts import NUMBERED_RE
-from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members, run_info
+from alldetect.engine.runfiles import RunDir, RunMeta
+from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members
 from alldetect.engine.select import selection_label
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import METRIC_NAMES, score
@@ -91,34 +92,16 @@ class Predictions:
 
 # ---------------------------------------------------------------- reading what earlier steps wrote
 
-def read_checked_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype={"path": str, "subject": str, "image": str})
-    except Exception as e:  # pandas raises many kinds for a broken CSV
-        raise UserError(f"cannot read {what} {path}: {str(e)[:200]}") from None
-    missing = need - set(frame.columns)
-    if missing:
-        raise UserError(f"{what} {path} lacks column(s) {', '.join(sorted(missing))} (found {', '.join(frame.columns)})")
-    if "prob_all" in frame:
-        p = pd.to_numeric(frame["prob_all"], errors="coerce")
-        bad = frame.loc[~p.between(0, 1), frame.columns[0]].tolist()
-        if bad:
-            raise UserError(f"{what} {path}: prob_all must be a probability in [0, 1]; rows {short_list(bad)} are not")
-    return frame
-
-
 def load_oof(members: list[Member]) -> Predictions:
     """Every member's OOF predictions (its folds' oof.csv concatenated), joined on path, after checking that
     all runs were trained on one fold file of one data set and that the members cover the same images."""
-    infos, tables = [], []
+    infos: list[RunInfo] = []
+    tables = []
     for member in members:
         parts = []
         for run in member.runs:
-            infos.append({**run_info(run), "member": member.name})
-            if not (run / "oof.csv").is_file():
-                raise UserError(f"{run} has a checkpoint but no oof.csv (out-of-fold predictions); retrain it "
-                                "with this version of alldetect")
-            parts.append(read_checked_csv(run / "oof.csv", {"path", "label", "prob_all", "fold"}, "out-of-fold predictions"))
+            infos.append(RunInfo(member.name, run, RunDir(run).meta()))
+            parts.append(RunDir(run).read_oof())
         table = pd.concat(parts, ignore_index=True)
         twice = table.loc[table["path"].duplicated(), "path"].tolist()
         if twice:
@@ -131,23 +114,30 @@ def load_oof(members: list[Member]) -> Predictions:
     first = tables[0].sort_index()
     frame = first.reset_index()[["path", "label", "fold"] + (["subject"] if "subject" in first else [])]
     probs = np.column_stack([t.loc[frame["path"], "prob_all"].to_numpy(float) for t in tables])
-    info = {"fold_file": infos[0]["fold_file"], "fold_fingerprint": infos[0]["fold_fingerprint"],
+    info = {"fold_file": infos[0].meta.fold_file, "fold_fingerprint": infos[0].meta.fold_fingerprint,
             "runs": {m.name: [str(r) for r in m.runs] for m in members},
-            "selection": {m.name: selection_label(i["config"] for i in infos if i["member"] == m.name) for m in members}}
+            "selection": {m.name: selection_label(i.meta.config for i in infos if i.member == m.name) for m in members}}
     return Predictions(frame, probs, [m.name for m in members], info)
 
 
-def _warn_missing_folds(member: Member, table: pd.DataFrame, info: dict) -> None:
-    k, have = info.get("k"), sorted(table["fold"].unique())
+@dataclass
+class RunInfo:
+    member: str
+    run: Path
+    meta: RunMeta
+
+
+def _warn_missing_folds(member: Member, table: pd.DataFrame, info: RunInfo) -> None:
+    k, have = info.meta.k, sorted(table["fold"].unique())
     if k and len(have) < k:
         log.warning("%s: out-of-fold predictions of fold(s) %s only (its fold file has %d folds)", member.name,
                     ", ".join(map(str, have)), k)
 
 
-def _check_same_fold_file(members: list[Member], tables: list[pd.DataFrame], infos: list[dict]) -> None:
-    prints = {i["fold_fingerprint"] for i in infos}
+def _check_same_fold_file(members: list[Member], tables: list[pd.DataFrame], infos: list[RunInfo]) -> None:
+    prints = {i.meta.fold_fingerprint for i in infos}
     if len(prints) > 1:
-        detail = "; ".join(f"{i['run']}: {i['fold_file'] or '?'} (data fingerprint {i['fold_fingerprint'] or 'none'})"
+        detail = "; ".join(f"{i.run}: {i.meta.fold_file or '?'} (data fingerprint {i.meta.fold_fingerprint or 'none'})"
                            for i in infos)
         raise UserError("the runs were trained on different data (fold files with different data fingerprints), so "
                         f"their out-of-fold predictions cannot be combined: {detail}. Use runs of one fold file")
@@ -161,7 +151,7 @@ def _check_same_fold_file(members: list[Member], tables: list[pd.DataFrame], inf
                 "Every member needs OOF predictions of the same folds (train them all: ./train.sh ARCH all)")
         moved = ref.index[ref["fold"].to_numpy() != table.loc[ref.index, "fold"].to_numpy()]
         if len(moved):
-            files = {i["member"]: i["fold_file"] for i in infos}
+            files = {i.member: i.meta.fold_file for i in infos}
             raise UserError(
                 f"{member.name} and {ref_name} were trained on different fold files ({files[member.name]} and "
                 f"{files[ref_name]}): {len(moved)} image(s) sit in other folds ({short_list(moved, 3)}). "
@@ -175,23 +165,23 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
     """`predict`'s pred_<name>.csv of every run: folds averaged per member, after checking that every run
     predicted the same images of the same data."""
     runs = [run for m in members for run in m.runs]
-    missing = [str(r) for r in runs if not (r / f"pred_{name}.csv").is_file()]
+    missing = [str(r) for r in runs if not RunDir(r).pred(name).is_file()]
     if missing:
         raise UserError(f"no predictions named '{name}' in {short_list(missing)}: run `alldetect predict "
                         f"{' '.join(str(m.folder) for m in members)} --data DIR --name {name}` first")
-    frames = {r: read_checked_csv(r / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV") for r in runs}
-    metas = {r: _read_meta(r / f"pred_{name}.json") for r in runs}
+    frames = {r: RunDir(r).read_predictions(name) for r in runs}
+    metas = {r: RunDir(r).read_pred_meta(name) for r in runs}
     ref = runs[0]
     ref_paths = set(frames[ref]["path"])
     for run in runs[1:]:
         paths = set(frames[run]["path"])
         if paths != ref_paths:
             lacks, extra = sorted(ref_paths - paths), sorted(paths - ref_paths)
-            raise UserError(f"{run / f'pred_{name}.csv'} does not cover the images of {ref / f'pred_{name}.csv'}: "
+            raise UserError(f"{RunDir(run).pred(name)} does not cover the images of {RunDir(ref).pred(name)}: "
                             f"it lacks {len(lacks)} ({short_list(lacks, 3)}) and has {len(extra)} others "
                             f"({short_list(extra, 3)}). Rerun `alldetect predict` for every run with the same --data")
     stale = [r for r, m in metas.items()
-             if m.get("checkpoint_saved_at") is not None and m["checkpoint_saved_at"] != run_info(r)["saved_at"]]
+             if m.get("checkpoint_saved_at") is not None and m["checkpoint_saved_at"] != RunDir(r).meta().saved_at]
     if stale:
         raise UserError(f"the predictions '{name}' of {short_list([str(r) for r in stale])} were made by an older "
                         "best.pt than the run holds now (it was retrained or resumed since). Rerun `alldetect predict "
@@ -215,15 +205,6 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
             "layout": meta.get("layout"), "tta": tta if len(tta) > 1 else tta[0],
             "runs": {m.name: [str(r) for r in m.runs] for m in members}}
     return Predictions(frame[keep], np.column_stack(columns), [m.name for m in members], info)
-
-
-def _read_meta(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} is missing (it records which data the predictions are of); rerun `alldetect predict`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rerun `alldetect predict`") from None
 
 
 # ---------------------------------------------------------------- tables and files
@@ -316,10 +297,6 @@ def write_isbi(folder: Path, lines: list[str]) -> tuple[Path, Path]:
     return predict_file, zip_file
 
 
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "ensemble"
-
-
 # ---------------------------------------------------------------- the two modes
 
 def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
@@ -332,7 +309,7 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     oof = load_oof(members)
     method = method_of(opts)
     labels, folds = oof.labels, oof.frame["fold"].to_numpy()
-    have_features = method.correct == "knn" or _all_have(members, "feat_oof.npz")
+    have_features = method.correct == "knn" or _all_have_features(members, "oof")
     inputs = Inputs(oof.probs, oof_neighbours(members, oof) if have_features else None)
     plain = Method(threshold=method.threshold)
     scores, columns = {}, {}
@@ -421,19 +398,20 @@ def _print_combiner(c: Combiner, members: list[str], cross: bool) -> None:
 
 # ---------------------------------------------------------------- features for correct=knn
 
-def _all_have(members: list[Member], file: str) -> bool:
-    return all((run / file).is_file() for m in members for run in m.runs)
+def _all_have_features(members: list[Member], name: str) -> bool:
+    return all(RunDir(run).feat(name).is_file() for m in members for run in m.runs)
 
 
 def _read_features(run: Path, name: str) -> pd.Series:
     """feat_<name>.npz of a run as {path: feature row}, checked against the run's current best.pt."""
-    path, meta = run / f"feat_{name}.npz", run / f"pred_{name}.json"
+    files = RunDir(run)
+    path = files.feat(name)
     how = "--oof features=true" if name == "oof" else f"--data DIR --name {name} features=true"
     if not path.is_file():
         raise UserError(f"correct=knn needs each run's features, and {path} is missing: run `alldetect predict "
                         f"{run} {how}` first")
-    saved = _read_meta(meta).get("checkpoint_saved_at")
-    if saved is not None and saved != run_info(run)["saved_at"]:
+    saved = files.read_pred_meta(name).get("checkpoint_saved_at")
+    if saved is not None and saved != files.meta().saved_at:
         raise UserError(f"{path} was made by an older best.pt than {run} holds now: rerun `alldetect predict {run} "
                         f"{how}`")
     try:
@@ -450,7 +428,7 @@ def _read_features(run: Path, name: str) -> pd.Series:
 def _aligned(features: pd.Series, paths, run: Path, name: str) -> np.ndarray:
     lacks = pd.Index(paths).difference(features.index)
     if len(lacks):
-        raise UserError(f"{run / f'feat_{name}.npz'} lacks the features of {len(lacks)} image(s) it should hold "
+        raise UserError(f"{RunDir(run).feat(name)} lacks the features of {len(lacks)} image(s) it should hold "
                         f"({short_list(lacks, 3)}): rerun `alldetect predict` with features=true")
     return np.stack(features.loc[list(paths)].to_list())
 
@@ -462,7 +440,7 @@ def oof_neighbours(members: list[Member], oof: Predictions) -> dict[int, np.ndar
     where = pd.Index(oof.frame["path"])
     for i, member in enumerate(members):
         for run in member.runs:
-            own = read_checked_csv(run / "oof.csv", {"path", "prob_all"}, "out-of-fold predictions")
+            own = RunDir(run).read_oof()
             near = neighbour_means(_aligned(_read_features(run, "oof"), own["path"], run, "oof"),
                                    own["prob_all"].to_numpy(float))
             rows = where.get_indexer(own["path"])
@@ -477,7 +455,7 @@ def held_out_neighbours(members: list[Member], name: str, frame: pd.DataFrame) -
     out = {k: np.zeros((len(frame), len(members))) for k in KNN_K}
     for i, member in enumerate(members):
         for run in member.runs:
-            own = read_checked_csv(run / f"pred_{name}.csv", {"path", "prob_all"}, "prediction CSV").set_index("path")
+            own = RunDir(run).read_predictions(name).set_index("path")
             probs = own.loc[frame["path"], "prob_all"].to_numpy(float)
             near = neighbour_means(_aligned(_read_features(run, name), frame["path"], run, name), probs)
             for k in KNN_K:
@@ -562,7 +540,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
 def _member_label(member: Member) -> str:
     """The member's name, with its folds when it is not all of its folder's (so that a result of single folds
     never replaces the full one): proposed, or proposed-fold0.2."""
-    trained = find_fold_runs([member.folder]) if not (member.folder / "best.pt").is_file() else member.runs
+    trained = find_fold_runs([member.folder]) if not RunDir(member.folder).trained else member.runs
     if {r.resolve() for r in member.runs} == {r.resolve() for r in trained}:
         return member.name
     folds = sorted(int(m.group(1)) for r in member.runs if (m := FOLD_DIR_RE.match(r.name)))

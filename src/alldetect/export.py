@@ -21,9 +21,8 @@ from torch import nn
 from alldetect import __version__
 from alldetect.atomic import atomic_path, check_writable, write_text
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import logits_of
-from alldetect.engine.predict import rebuild_model
+from alldetect.engine.runfiles import RunDir, RunMeta
 from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError
 
@@ -47,7 +46,8 @@ class Exportable(nn.Module):
         return torch.softmax(logits_of(self.model(x)), dim=1)
 
 
-def preprocessing(cfg: dict, size: int, crop: int) -> dict:
+def preprocessing(meta: RunMeta) -> dict:
+    size, crop = meta.input_size, meta.crop
     return {
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", size, size, 3], "channels": "RGB"},
         "output": {"name": "probs", "dtype": "float32", "shape": ["N", 2], "classes": ["hem", "all"],
@@ -58,20 +58,20 @@ def preprocessing(cfg: dict, size: int, crop: int) -> dict:
             if crop else "take the largest centred square",
             f"resize to {size} x {size}: cv2.INTER_AREA when shrinking, cv2.INTER_LINEAR when enlarging",
             "stack as N x S x S x 3 uint8; normalisation (ImageNet mean and std"
-            + (", then each image's mean colour subtracted" if cfg.get("subtract_mean") else "")
+            + (", then each image's mean colour subtracted" if meta.config.subtract_mean else "")
             + ") and softmax are inside the model",
         ],
         "crop": crop, "input_size": size, "resize": {"shrink": "INTER_AREA", "enlarge": "INTER_LINEAR"},
-        "threshold": 0.5, "arch": cfg["arch"],
+        "threshold": 0.5, "arch": meta.config.arch,
     }
 
 
 def export_run(run: Path, out: Path, formats: list[str], opset: int = 18) -> dict:
     """Export one fold run into out/<arch>_<fold>/; returns a summary row."""
-    state = load_checkpoint(run / "best.pt")
-    model, size, crop = rebuild_model(state, run)
-    wrapped = Exportable(model).eval()
-    folder = out / f"{state['config']['arch']}_{run.name}"
+    state = RunDir(run).load_best()
+    meta, size = state.meta, state.meta.input_size
+    wrapped = Exportable(state.network()).eval()
+    folder = out / f"{meta.config.arch}_{run.name}"
     folder.mkdir(parents=True, exist_ok=True)
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -87,10 +87,10 @@ def export_run(run: Path, out: Path, formats: list[str], opset: int = 18) -> dic
                 raise UserError(f"the {fmt} export of {run} gives other probabilities than PyTorch (largest "
                                 f"difference {diff:.2g}), so it was not kept; please report it with the architecture")
         row[f"{fmt}_max_diff"] = diff
-    meta = {**preprocessing(state["config"], size, crop), "files": {f: FORMATS[f] for f in formats},
-            "run": str(run), "epoch": state.get("epoch"), "select": state["config"].get("select"),
-            "fold_file": state.get("fold_file"), "made_by": f"alldetect {__version__}"}
-    write_text(folder / "preprocessing.json", json.dumps(meta, indent=2) + "\n")
+    about = {**preprocessing(meta), "files": {f: FORMATS[f] for f in formats}, "run": str(run),
+             "epoch": meta.progress.epoch, "select": meta.config.select, "fold_file": meta.fold_file,
+             "made_by": f"alldetect {__version__}"}
+    write_text(folder / "preprocessing.json", json.dumps(about, indent=2) + "\n")
     return row
 
 
@@ -137,7 +137,7 @@ def export_command(runs: list[str], out: str = "exports", formats: str = "onnx")
     chosen = parse_formats(formats)
     fold_runs = find_fold_runs(runs)
     for run in fold_runs:  # every checkpoint is checked before anything is written
-        rebuild_model(load_checkpoint(run / "best.pt", mmap=True), run)
+        RunDir(run).load_best(mmap=True).network()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_writable(out_dir, "--out")

@@ -29,14 +29,16 @@ import torch
 import yaml
 
 from alldetect import __version__, plots
-from alldetect.atomic import check_writable
+from alldetect.atomic import check_writable, safe_name
+from alldetect.config import Config
 from alldetect.data.demo import is_demo_data
+from alldetect.data.folds import fold_file_root
 from alldetect.data.images import center_crop, fingerprint, read_rgb
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import resolve_device
-from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_count
+from alldetect.engine.runfiles import Checkpoint, RunDir, RunMeta
+from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_dirs
 from alldetect.engine.select import selection_label, selection_text
-from alldetect.ensemble import load_oof, metrics_table, safe_name
+from alldetect.ensemble import load_oof, metrics_table
 from alldetect.errors import UserError
 from alldetect.metrics import METRIC_NAMES, score
 from alldetect.models import count_parameters, default_input_size, model_from_config
@@ -58,15 +60,15 @@ class ArchResult:
     name: str
     folder: Path
     runs: list[Path] = field(default_factory=list)
-    states: list[dict] = field(default_factory=list)  # best.pt metadata (mmap: weights not read) per usable run
+    states: list[RunMeta] = field(default_factory=list)  # best.pt metadata per usable run
     oof: pd.DataFrame | None = None  # path, label, fold, subject, prob_all, pred
     histories: dict[int, pd.DataFrame] = field(default_factory=dict)
     params: int | None = None
     speed: float | None = None
 
     @property
-    def config(self) -> dict:
-        return self.states[0]["config"] if self.states else {}
+    def config(self) -> Config | None:
+        return self.states[0].config if self.states else None
 
 
 @dataclass
@@ -103,35 +105,30 @@ class Findings:
 
 # ---------------------------------------------------------------- finding and checking runs
 
-def _fold_dirs(folder: Path) -> list[Path]:
-    dirs = [d for d in folder.iterdir() if d.is_dir() and FOLD_DIR_RE.match(d.name)]
-    return sorted(dirs, key=lambda d: int(FOLD_DIR_RE.match(d.name).group(1)))
-
-
 def find_arch_folders(runs_dir: Path) -> list[Path]:
     """runs/<arch> folders that hold fold<k> run folders; runs_dir may also be one such folder."""
     if not runs_dir.is_dir():
         raise UserError(f"no runs folder {runs_dir}: train first (./train.sh ARCH all) or point --runs at the folder "
                         "that holds <arch>/fold<k>/")
-    if _fold_dirs(runs_dir):
+    if fold_dirs(runs_dir):
         return [runs_dir]
-    archs = [d for d in sorted(runs_dir.iterdir()) if d.is_dir() and _fold_dirs(d)]
+    archs = [d for d in sorted(runs_dir.iterdir()) if d.is_dir() and fold_dirs(d)]
     if not archs:
         raise UserError(f"no runs found under {runs_dir} (expected {runs_dir}/<arch>/fold<k>/ with best.pt and "
                         "oof.csv): train first (./train.sh ARCH all) or point --runs at the folder that holds them")
     return archs
 
 
-def _shape_model(cfg: dict) -> torch.nn.Module:
+def _shape_model(cfg: Config) -> torch.nn.Module:
     """The architecture a checkpoint's config describes, on the meta device: shapes only, no memory."""
     with torch.device("meta"):
         return model_from_config(cfg)
 
 
-def checkpoint_problem(run: Path, state: dict, model: torch.nn.Module) -> str:
+def checkpoint_problem(run: Path, state: Checkpoint, model: torch.nn.Module) -> str:
     """'' when best.pt's weights fit the model its config describes and config.yaml agrees with it."""
-    cfg = state["config"]
-    saved = run / "config.yaml"
+    cfg = state.meta.config.to_dict()
+    saved = RunDir(run).config
     if saved.is_file():
         try:
             folder_cfg = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
@@ -142,14 +139,13 @@ def checkpoint_problem(run: Path, state: dict, model: torch.nn.Module) -> str:
                 return (f"{saved} says {key}={folder_cfg.get(key)} but its best.pt was trained with "
                         f"{key}={cfg.get(key)}: the folder mixes two runs; retrain it (overwrite=true)")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state["model"].items()}
+    have = {k: tuple(v.shape) for k, v in state.model.items()}
     if want != have:
         lacks, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         reshaped = [k for k in set(want) & set(have) if want[k] != have[k]]
         detail = (f"missing {lacks[:2]}" if lacks else f"unexpected {extra[:2]}" if extra
                   else f"{reshaped[0]} is {have[reshaped[0]]}, expected {want[reshaped[0]]}")
-        size = cfg.get("input_size") or default_input_size(cfg["arch"])
-        return (f"its best.pt weights do not fit a {cfg['arch']} at input size {size}, as its config says "
+        return (f"its best.pt weights do not fit a {cfg['arch']} at input size {state.meta.input_size}, as its config says "
                 f"({detail}): the checkpoint does not match its config")
     return ""
 
@@ -158,35 +154,34 @@ def collect_arch(folder: Path, findings: Findings) -> ArchResult:
     """Check every fold run of one architecture folder; read its histories and out-of-fold predictions."""
     result = ArchResult(folder.name, folder)
     models: dict[tuple, torch.nn.Module] = {}
-    for run in _fold_dirs(folder):
+    for run in fold_dirs(folder):
         fold = int(FOLD_DIR_RE.match(run.name).group(1))
-        history = run / "history.csv"
-        if history.is_file():
+        files = RunDir(run)
+        if files.history.is_file():
             try:
-                result.histories[fold] = pd.read_csv(history)
-            except Exception as e:  # pandas raises many kinds for a broken CSV
-                findings.note(f"{history}: cannot read it ({str(e)[:120]}); no training curve for {run}")
-        if not (run / "best.pt").is_file():
+                result.histories[fold] = files.read_history()
+            except UserError as e:
+                findings.note(f"{e}; no training curve for {run}")
+        if not files.trained:
             findings.note(f"{run}: no best.pt (not trained, or still in its first epoch): left out")
             continue
         try:
-            state = load_checkpoint(run / "best.pt", mmap=True)
-            cfg = state["config"]
-            key = (cfg.get("arch"), cfg.get("input_size"))
+            state = files.load_best(mmap=True)
+            key = (state.meta.config.arch, state.meta.input_size)
             if key not in models:
-                models[key] = _shape_model(cfg)
+                models[key] = _shape_model(state.meta.config)
             problem = checkpoint_problem(run, state, models[key])
         except UserError as e:
             problem = str(e)
         if problem:
             findings.note(f"{run}: {problem}; left out")
             continue
-        if not (run / "oof.csv").is_file():
+        if not files.oof.is_file():
             findings.note(f"{run}: no oof.csv (out-of-fold predictions): left out of the table and plots; "
                           "retrain it with this version of alldetect")
             continue
         result.runs.append(run)
-        result.states.append(state)
+        result.states.append(state.meta)
     _drop_other_models(result, findings)
     if result.runs:
         try:
@@ -197,9 +192,9 @@ def collect_arch(folder: Path, findings: Findings) -> ArchResult:
             return result
         prob = oof.probs[:, 0]
         result.oof = oof.frame.assign(prob_all=prob, pred=(prob >= 0.5).astype(int))
-        cfg = result.config
-        result.params = count_parameters(models[(cfg.get("arch"), cfg.get("input_size"))])[0]
-        k = fold_count(result.states[0]) if result.states else None
+        meta = result.states[0]
+        result.params = count_parameters(models[(meta.config.arch, meta.input_size)])[0]
+        k = meta.k
         done = sorted(result.oof["fold"].unique())
         if k and len(done) < k:
             findings.note(f"{folder}: out-of-fold predictions of {len(done)} of its {k} folds only "
@@ -211,7 +206,7 @@ def collect_arch(folder: Path, findings: Findings) -> ArchResult:
 def _drop_other_models(result: ArchResult, findings: Findings) -> None:
     """The fold runs of one folder are one model; leave out those trained as another architecture or input
     size than most of them (a folder that mixes runs would give a row that describes none of them)."""
-    kinds = [(s["config"].get("arch"), s["config"].get("input_size")) for s in result.states]
+    kinds = [(s.config.arch, s.input_size) for s in result.states]
     if len(set(kinds)) < 2:
         return
     common = max(kinds, key=kinds.count)
@@ -317,7 +312,7 @@ def _selection_of(name: str, findings: Findings) -> str:
     """How the model's fold runs chose their weights (select=); an ensemble is as optimistic as its members."""
     archs = {a.name: a for a in findings.archs}
     members = [name] if name in archs else next(e.members for e in findings.ensembles if e.name == name)
-    texts = {selection_label([s["config"] for s in archs[m].states]) for m in members}
+    texts = {selection_label([s.config for s in archs[m].states]) for m in members}
     return next((t for t in texts if "OPTIMISTIC" in t), None) or "/".join(sorted(texts))
 
 
@@ -334,13 +329,12 @@ def _size_and_speed(name: str, findings: Findings) -> tuple[float, float]:
     return params, speed
 
 
-def inference_speed(cfg: dict, device: torch.device) -> float:
+def inference_speed(cfg: Config, device: torch.device) -> float:
     """Images/s of the run's architecture at its input size: eval mode, fp32, a batch of SPEED_BATCH random
     images, the fastest of SPEED_STEPS timed batches after one warm-up (the weights do not change the time).
     On the CPU on one thread: with several, a machine shared with other jobs gave anything from 3 to 170
     images/s for the same model (threads waiting for each other); one thread gives the same number each time."""
-    arch = cfg["arch"]
-    size = cfg.get("input_size") or default_input_size(arch)
+    size = cfg.input_size or default_input_size(cfg.arch)
     torch.manual_seed(0)
     model = model_from_config(cfg).eval().to(device)
     x = torch.randn(SPEED_BATCH, 3, size, size, device=device)
@@ -381,12 +375,12 @@ def display_table(numbers: pd.DataFrame) -> pd.DataFrame:
 def protocol_text(findings: Findings) -> str:
     """The split protocol, as the checkpoints record it: subject-grouped, or the study's leaky split by image."""
     states = [s for a in findings.archs for s in a.states]
-    leaky = {s.get("leaky_split") for s in states}
-    files = sorted({str(s.get("fold_file") or "?") for s in states})
+    leaky = {s.leaky_split for s in states}
+    files = sorted({s.fold_file or "?" for s in states})
     oofs = [a.oof for a in findings.archs if a.oof is not None]
     images = max(len(o) for o in oofs)
     subjects = max(o["subject"].nunique() for o in oofs if "subject" in o) if any("subject" in o for o in oofs) else "?"
-    ks = sorted({fold_count(s) for s in states} - {None})
+    ks = sorted({s.k for s in states})
     k = "/".join(map(str, ks)) or "?"
     where = f"fold file{'s' if len(files) > 1 else ''} {', '.join(f'`{f}`' for f in files)}"
     if leaky == {False}:
@@ -404,7 +398,7 @@ def protocol_text(findings: Findings) -> str:
                 "not compare directly.")
     if len(files) > 1:
         text += " The architectures were trained on different fold files."
-    optimistic = [a.name for a in findings.archs if a.states and "OPTIMISTIC" in selection_label([s["config"] for s in a.states])]
+    optimistic = [a.name for a in findings.archs if a.states and "OPTIMISTIC" in selection_label([s.config for s in a.states])]
     if optimistic:
         text += (f" **Optimistic**: {', '.join(optimistic)} kept each fold's epoch with the best score on that fold "
                  "itself (select=outer), so their scores (and those of ensembles of them) flatter them; retrain "
@@ -418,12 +412,7 @@ def protocol_text(findings: Findings) -> str:
 def _data_root(arch: ArchResult, override: str | None) -> Path | None:
     if override:
         return Path(override)
-    root = arch.config.get("data", {}).get("root")
-    if root and Path(root).is_dir():
-        return Path(root)
-    sidecar = Path(str(arch.states[0].get("fold_file") or "")).with_suffix(".json") if arch.states else None
-    if sidecar and sidecar.is_file():
-        root = json.loads(sidecar.read_text(encoding="utf-8")).get("data_root")
+    for root in ((arch.config.data.root, fold_file_root(arch.states[0].fold_file)) if arch.states else ()):
         if root and Path(root).is_dir():
             return Path(root)
     return None
@@ -507,12 +496,12 @@ def _runs_table(findings: Findings) -> pd.DataFrame:
     rows = []
     for a in findings.archs:
         cfg = a.config
+        known = {"input": a.states[0].input_size, "epochs": cfg.epochs, "optimiser": cfg.optimizer, "lr": cfg.lr,
+                 "batch": cfg.batch_size, "pretrained": cfg.pretrained} if cfg else {}
         rows.append({"architecture": a.name, "folder": f"`{a.folder}`", "fold runs used": len(a.runs),
-                     "input": cfg.get("input_size") or (default_input_size(cfg["arch"]) if cfg else "?"),
-                     "epochs": cfg.get("epochs", "?"), "optimiser": cfg.get("optimizer", "?"), "lr": cfg.get("lr", "?"),
-                     "batch": cfg.get("batch_size", "?"), "pretrained": cfg.get("pretrained", "?"),
-                     "selection": selection_label([s["config"] for s in a.states]),
-                     "kept epoch per fold": ", ".join(str(s.get("epoch", -1) + 1) for s in a.states) or "-",
+                     **{k: known.get(k, "?") for k in ("input", "epochs", "optimiser", "lr", "batch", "pretrained")},
+                     "selection": selection_label([s.config for s in a.states]),
+                     "kept epoch per fold": ", ".join(str(s.progress.epoch + 1) for s in a.states) or "-",
                      "kept F1": _mean_over_folds(a, "kept"), "best-epoch F1 (peeking)": _mean_over_folds(a, "max")})
     return pd.DataFrame(rows)
 
@@ -525,7 +514,7 @@ def _mean_over_folds(a: ArchResult, which: str) -> str:
         h = a.histories.get(int(FOLD_DIR_RE.match(run.name).group(1)))
         if h is None or "f1" not in h:
             continue
-        kept = h.loc[h["epoch"] == state.get("epoch"), "f1"]
+        kept = h.loc[h["epoch"] == state.progress.epoch, "f1"]
         if which == "max":
             values.append(h["f1"].max())
         elif len(kept):
@@ -553,12 +542,12 @@ def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[st
                                               "each bin (on the diagonal = calibrated), with how many images fall "
                                               "in each bin."))
     for a in findings.archs:
-        if a.histories:
-            monitor = a.config.get("monitor", "f1")
-            best = {int(FOLD_DIR_RE.match(r.name).group(1)): s.get("epoch") for r, s in zip(a.runs, a.states)}
+        if a.histories and a.config:
+            monitor = a.config.monitor
+            best = {int(FOLD_DIR_RE.match(r.name).group(1)): s.progress.epoch for r, s in zip(a.runs, a.states)}
             path = plots.training_figure(a.name, a.histories, monitor, best,
                                          fig_dir / f"training_{safe_name(a.name)}.png")
-            select = a.config.get("select", "outer")
+            select = a.config.select
             inner = " Dotted: the inner split of the training folds that chose the epoch." if select == "inner" else ""
             figures["training"].append((rel(path), f"{a.name}: loss and validation-fold score per epoch, per fold; "
                                                    f"the dot marks the weights kept: "
@@ -568,10 +557,10 @@ def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[st
         source = archs.get(name) or archs[next(e.members[0] for e in findings.ensembles if e.name == name)]
         root = _data_root(source, data)
         if root is None:
-            recorded = source.config.get("data", {}).get("root")
+            recorded = source.config.data.root
             findings.note(f"the images of {source.name} are not here (data root in its config: {recorded or 'none'}; "
                           "not found from this folder): its mistakes are shown as empty tiles; pass --data DIR")
-        tiles = mistakes_tiles(oof, root, source.config.get("data", {}).get("crop", 400), findings)
+        tiles = mistakes_tiles(oof, root, source.config.data.crop, findings)
         if not tiles:
             continue
         path = plots.image_grid(tiles, fig_dir / f"mistakes_{safe_name(name)}.png",
@@ -619,12 +608,12 @@ def _check_data(findings: Findings, data: str | None) -> list[str]:
             break
     if data:
         a = next(a for a in findings.archs if a.oof is not None)
-        k = fold_count(a.states[0])
-        if a.oof["fold"].nunique() == k and all((Path(data) / p).is_file() for p in a.oof["path"]):
+        meta = a.states[0]
+        if a.oof["fold"].nunique() == meta.k and all((Path(data) / p).is_file() for p in a.oof["path"]):
             digest, _ = fingerprint(Path(data), sorted(a.oof["path"]))
-            if digest != a.states[0].get("fold_fingerprint"):
+            if digest != meta.fold_fingerprint:
                 findings.note(f"the images under --data {data} differ from those {a.name} was trained on "
-                              f"(fingerprint {digest}, its fold file's {a.states[0].get('fold_fingerprint')})")
+                              f"(fingerprint {digest}, its fold file's {meta.fold_fingerprint})")
     return notes
 
 

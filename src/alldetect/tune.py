@@ -27,6 +27,7 @@ from alldetect.config import (
     Config,
     configs_dir,
     deep_merge,
+    flatten,
     keys_with_role,
     load_config,
     nest,
@@ -36,7 +37,7 @@ from alldetect.config import (
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
 from alldetect.engine.fit import TrainingDiverged, fit_fold
-from alldetect.engine.rundir import flatten
+from alldetect.engine.runfiles import RunDir
 from alldetect.engine.train import parse_fold_spec, resolve_config
 from alldetect.errors import UserError
 from alldetect.search_space import SearchSpace, load_search_space, space_file
@@ -287,8 +288,8 @@ def _objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[
         trial.set_user_attr("run_dir", str(trial_dir))
         scores = []
         for i, fold in enumerate(wanted):
-            run_dir = trial_dir / f"fold{fold}"
-            if (run_dir / "last.pt").is_file():
+            run_dir = RunDir(trial_dir / f"fold{fold}")
+            if run_dir.last.is_file():
                 raise UserError(f"{run_dir} already holds a run of an earlier study named '{study_name}' (was its "
                                 f"storage deleted?). Move {trial_dir.parent} away, or choose another --study NAME")
 

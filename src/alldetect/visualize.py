@@ -23,13 +23,11 @@ import torch
 from torch import nn
 
 from alldetect import plots
-from alldetect.atomic import check_writable
+from alldetect.atomic import check_writable, safe_name
 from alldetect.data.images import check_image, preprocess, read_rgb
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.loop import DeviceBatch, logits_of, resolve_device
-from alldetect.engine.predict import rebuild_model
+from alldetect.engine.runfiles import RunDir
 from alldetect.engine.runs import find_fold_runs
-from alldetect.ensemble import safe_name
 from alldetect.errors import UserError, short_list
 from alldetect.page import Figure, Heading, Page, Paragraph, to_html, to_markdown
 
@@ -224,16 +222,16 @@ def visualize_command(run: str, images: list[str], out: str = "reports/visualize
     run_dir = runs[0]
     pictures = _check_images(images)
     check_writable(out, "the output folder (--out)")
-    state = load_checkpoint(run_dir / "best.pt")
-    model, size, crop = rebuild_model(state, run_dir)
+    state = RunDir(run_dir).load_best()
+    model, size, crop = state.network(), state.meta.input_size, state.meta.crop
     dev = resolve_device(device)
     model = model.eval().to(dev)
     blocks = conv_blocks(model)
     batch = DeviceBatch(dev, channels_last=False, amp=False)  # the normalisation training and predict use
-    arch = state["config"]["arch"]
+    arch = state.meta.config.arch
     folder = Path(out) / f"{safe_name(arch)}_{run_dir.name}"
     page = Page(f"{arch} ({run_dir}): feature maps and Grad-CAM")
-    page.add(Paragraph(f"Model: `{run_dir / 'best.pt'}` (epoch {state.get('epoch', -1) + 1}), input {size} x {size} "
+    page.add(Paragraph(f"Model: `{state.path}` (epoch {state.meta.progress.epoch + 1}), input {size} x {size} "
                        f"after a {crop} px centre crop. Feature maps: the {MAX_CHANNELS} most active channels at the "
                        "end of each convolution block, each scaled to its own range. Grad-CAM: at "
                        + (f"`{layer}`." if layer else f"the last block whose map is at least {MIN_CAM_SIDE} x "

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from alldetect.data.layouts import read_labels_file
-from alldetect.ensemble import read_checked_csv, render, write_json
+from alldetect.engine.runfiles import read_checked_csv
+from alldetect.ensemble import render, write_json
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
 

@@ -1,10 +1,4 @@
-"""Fit one fold: everything a later step needs ends up in the run folder.
-
-runs/<arch>/fold<k>/
-  config.yaml   the resolved config          history.csv  one row per epoch (validation fold, and inner split)
-  best.pt       the weights `select=` kept    last.pt      the latest epoch, for resume=true
-  oof.csv       validation-fold predictions of best.pt (path, subject, label, prob_all, pred, fold)
-  inner.csv     select=inner: the inner split's predictions of best.pt
+"""Fit one fold: everything a later step needs ends up in the run folder (what each file holds: runfiles).
 
 runs/<arch>/full/ (fold FULL: trained on every image of the fold file) has no validation fold, so no oof.csv and
 no validation columns in history.csv; it keeps the weights of a fixed schedule (select=ema or last).
@@ -14,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +22,13 @@ from tqdm.auto import tqdm
 from alldetect.atomic import check_writable, write_csv
 from alldetect.config import Config, save_config
 from alldetect.data.folds import FoldFile
-from alldetect.engine.checkpoint import load_checkpoint, save_checkpoint
 from alldetect.engine.distributed import Dist, init_distributed
 from alldetect.engine.folddata import EvalSet, fold_data
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, Updater, predict_probs, resolve_device, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer, set_frozen
 from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_dir, run_dir_for, run_name
+from alldetect.engine.runfiles import Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
 from alldetect.engine.select import Selector
 from alldetect.engine.stopping import StopRequested, stop_on_signals
 from alldetect.errors import UserError
@@ -63,26 +56,6 @@ class FitResult:
     select: str = "last"
     fold: int | None = 0  # FULL (None): trained on every image, metrics empty
     train_images: int = 0
-
-
-@dataclass
-class Progress:
-    """The loop's state, saved in every checkpoint: the last finished epoch, the best selection score so far,
-    its epoch, epochs since it improved, and the W&B run."""
-
-    epoch: int = -1
-    best: float | None = None
-    best_epoch: int = -1
-    stale: int = 0
-    wandb_id: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-                "wandb_id": self.wandb_id}
-
-    @classmethod
-    def of(cls, state: dict) -> Progress:
-        return cls(state["epoch"], state["best"], state["best_epoch"], state["stale"], state.get("wandb_id"))
 
 
 class TrainingDiverged(UserError):
@@ -129,21 +102,21 @@ def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | Non
     d = init_distributed()
     if d.enabled and cfg.freeze_epochs:
         raise UserError("freeze_epochs is not supported with several GPUs (--gpus): train on one")
-    run_dir = Path(run_dir or run_dir_for(cfg, fold))
+    run_dir = RunDir(run_dir) if run_dir is not None else run_dir_for(cfg, fold)
     if d.main:
-        check_writable(run_dir, "the run folder")
-    lock = exclusive(run_dir / ".lock", f"the run folder {run_dir}") if d.main else contextlib.nullcontext()
+        check_writable(run_dir.path, "the run folder")
+    lock = exclusive(run_dir.path / ".lock", f"the run folder {run_dir}") if d.main else contextlib.nullcontext()
     with lock:
         return _fit_locked(cfg, fold, folds, run_dir, d, on_epoch, wandb_name, job_type)
 
 
-def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d: Dist, on_epoch, wandb_name,
+def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir, d: Dist, on_epoch, wandb_name,
                 job_type):
     resume_state = prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
         check_resume(cfg, resume_state, folds, run_dir)
     if d.main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir.config)
 
     device = torch.device("cuda", d.local_rank) if d.enabled and torch.cuda.is_available() else resolve_device(cfg.device)
     dev = DeviceBatch(device, cfg.channels_last, cfg.amp)
@@ -165,22 +138,27 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
     selector = Selector(cfg)
 
     progress, history = Progress(), pd.DataFrame()
-    partial = resume_state.get("partial") if resume_state is not None else None  # a half-done epoch to finish
+    partial = resume_state.meta.partial if resume_state is not None else None  # a half-done epoch to finish
     if resume_state is not None:
-        _check_same_updates(resume_state, d.world, updates_per_epoch, run_dir)
+        _check_same_updates(resume_state.meta, d.world, updates_per_epoch, run_dir)
         progress = _restore(resume_state, cfg, model, optimizer, updater, run_dir)
-        if (run_dir / "history.csv").is_file():
-            history = pd.read_csv(run_dir / "history.csv").query("epoch <= @progress.epoch")
+        if run_dir.history.is_file():
+            history = run_dir.read_history().query("epoch <= @progress.epoch")
     tracker = Tracker()
     if d.main:
-        tracker = start_tracker(cfg.wandb, run_dir, name=wandb_name or f"{cfg.arch}-{run_name(fold)}", group=cfg.study,
+        tracker = start_tracker(cfg.wandb, run_dir.path, name=wandb_name or f"{cfg.arch}-{run_name(fold)}", group=cfg.study,
                                 config=cfg.to_dict(), job_type=job_type, resume_id=progress.wandb_id)
         progress.wandb_id = tracker.run_id
 
-    def checkpoint(metrics: dict | None, **extra) -> dict:
-        return _checkpoint(cfg, model, optimizer, updater, progress, metrics, folds, world=d.world,
-                           updates_per_epoch=updates_per_epoch, run=run_name(fold), train_images=data.train_images,
-                           **extra)
+    def checkpoint(metrics: dict | None, partial: dict | None = None) -> Checkpoint:
+        """last.pt as it stands now (best.pt: the same with the kept weights)."""
+        meta = RunMeta(config=cfg, run=run_name(fold), progress=progress.model_copy(), metrics=metrics,
+                       fold_file=str(folds.path), fold_fingerprint=folds.meta.get("fingerprint", ""), fold_k=folds.k,
+                       fold_assignment=folds.assignment, leaky_split=folds.leaky, world=d.world,
+                       updates_per_epoch=updates_per_epoch, train_images=data.train_images, partial=partial)
+        return Checkpoint(meta, model.module.state_dict(), optimizer.state_dict(),
+                          model.ema.module.state_dict() if model.ema is not None else None,
+                          updater.scaler.state_dict() if updater.scaler is not None else None)
 
     stopped_early, exit_code = False, 1
     try:
@@ -190,7 +168,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
                     stopped_early = True
                     break
                 if (float(bool(stop)) if not d.enabled else d.mean(float(bool(stop)))) > 0:  # every rank together
-                    raise StopRequested(f"stopped by {stop.signal_name} after epoch {epoch}; {run_dir / 'last.pt'} "
+                    raise StopRequested(f"stopped by {stop.signal_name} after epoch {epoch}; {run_dir.last} "
                                         "holds it: continue with the same command and resume=true")
                 if cfg.freeze_epochs:
                     set_frozen(model.module, epoch < cfg.freeze_epochs)
@@ -203,11 +181,10 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
                                         desc=f"{cfg.arch} {run_name(fold)} epoch {epoch + 1}/{cfg.epochs}")
                 if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
                     if d.main:
-                        save_checkpoint(run_dir / "last.pt",
-                                        checkpoint(None, partial={"epoch": epoch, **stats["carry"]}))
+                        save_checkpoint(run_dir.last, checkpoint(None, partial={"epoch": epoch, **stats["carry"]}))
                     raise StopRequested(
                         f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
-                        f"{run_dir / 'last.pt'} holds it: continue with the same command and resume=true")
+                        f"{run_dir.last} holds it: continue with the same command and resume=true")
                 outer_probs = metrics = inner_probs = inner = None
                 if data.outer is not None:
                     outer_probs, metrics = _evaluate(model.evaluated, data.outer, dev, val_loss_fn, d, "validate")
@@ -228,13 +205,14 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
                     try:  # checkpoints first: history.csv is never ahead of last.pt
                         state = checkpoint(metrics)
                         if chosen:
-                            save_checkpoint(run_dir / "best.pt", {**state, "model": model.weights()})
+                            save_checkpoint(run_dir.best, replace(state, model=model.weights(), optimizer=None,
+                                                                  ema=None, scaler=None))
                             if outer_probs is not None:
-                                _write_predictions(run_dir / "oof.csv", data.outer.rows, outer_probs, fold)
+                                run_dir.write_scored(False, data.outer.rows, outer_probs, fold)
                             if inner_probs is not None:
-                                _write_predictions(run_dir / "inner.csv", data.inner.rows, inner_probs, fold)
-                        save_checkpoint(run_dir / "last.pt", state)
-                        write_csv(run_dir / "history.csv", history)
+                                run_dir.write_scored(True, data.inner.rows, inner_probs, fold)
+                        save_checkpoint(run_dir.last, state)
+                        write_csv(run_dir.history, history)
                     except UserError as e:
                         raise UserError(f"training stopped in epoch {epoch + 1}: {e}. Make room (or raise the limit) "
                                         "and continue with the same command and resume=true, from the last epoch "
@@ -252,14 +230,13 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
             raise UserError(f"{run_dir} kept no weights: {done} epoch(s) were done before and epochs={cfg.epochs}"
                             + (f" runs no more; resume with epochs={done + 1} or more" if done >= cfg.epochs else ""))
         d.barrier()  # rank 0 has written best.pt
-        best_state = load_checkpoint(run_dir / "best.pt")
-        kept_metrics = best_state["metrics"] or {}
+        kept_metrics = load_checkpoint(run_dir.best, mmap=True).meta.metrics or {}
         tracker.summary({"best_epoch": progress.best_epoch + 1,
                          **{f"best/{k}": v for k, v in kept_metrics.items() if k != "confusion"}})
         exit_code = 0
     except NonFiniteLoss as e:
-        kept = (f"{run_dir / 'last.pt'} keeps the last good epoch ({progress.epoch + 1})" if progress.epoch >= 0
-                else f"{run_dir / 'last.pt'} keeps the half-done first epoch" if (run_dir / "last.pt").is_file()
+        kept = (f"{run_dir.last} keeps the last good epoch ({progress.epoch + 1})" if progress.epoch >= 0
+                else f"{run_dir.last} keeps the half-done first epoch" if run_dir.last.is_file()
                 else "no epoch finished, so no checkpoint was written")
         raise TrainingDiverged(f"{e}. Training stopped; {kept}. Try a lower lr (e.g. lr=1e-4), clip_grad=1, "
                                "or class_balance=none") from None
@@ -268,7 +245,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path, d
     finally:
         tracker.finish(exit_code)
         data.close()
-    return FitResult(run_dir, progress.best_epoch, kept_metrics.get(cfg.monitor, float("nan")), kept_metrics,
+    return FitResult(run_dir.path, progress.best_epoch, kept_metrics.get(cfg.monitor, float("nan")), kept_metrics,
                      len(history), stopped_early, history, cfg.select, fold, data.train_images)
 
 
@@ -310,15 +287,15 @@ def _updater(cfg: Config, model: Model, optimizer, schedule: Schedule, class_wei
                    mixup)
 
 
-def _restore(state: dict, cfg: Config, model: Model, optimizer, updater: Updater, run_dir: Path) -> Progress:
-    model.module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def _restore(state: Checkpoint, cfg: Config, model: Model, optimizer, updater: Updater, run_dir: RunDir) -> Progress:
+    model.module.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
     if model.ema is not None:
-        model.ema.module.load_state_dict(state["ema"])
-    if updater.scaler is not None and state.get("scaler"):
-        updater.scaler.load_state_dict(state["scaler"])
-    progress = Progress.of(state)
-    partial = state.get("partial")
+        model.ema.module.load_state_dict(state.ema)
+    if updater.scaler is not None and state.scaler:
+        updater.scaler.load_state_dict(state.scaler)
+    progress = state.meta.progress.model_copy()
+    partial = state.meta.partial
     where = f"epoch {progress.epoch + 2}" + (f", batch {partial['steps'] + 1}" if partial else "")
     so_far = (f"best selection score {progress.best:.4f} at epoch {progress.best_epoch + 1}"
               if progress.best is not None else f"{progress.epoch + 1} epoch(s) done")
@@ -326,17 +303,17 @@ def _restore(state: dict, cfg: Config, model: Model, optimizer, updater: Updater
         log.info("%s has finished its %d epochs already (epochs=N continues it for longer)", run_dir, cfg.epochs)
     else:
         log.info("resuming %s from %s (%s)", run_dir, where, so_far)
-    saved_epochs = state["config"].get("epochs")
+    saved_epochs = state.meta.config.epochs
     if saved_epochs != cfg.epochs and cfg.scheduler != "none":
         log.warning("epochs %s -> %d: the %s schedule now spans %d epochs and continues from where the run is",
                     saved_epochs, cfg.epochs, cfg.scheduler, cfg.epochs)
     return progress
 
 
-def _check_same_updates(state: dict, world: int, updates_per_epoch: int, run_dir: Path) -> None:
+def _check_same_updates(meta: RunMeta, world: int, updates_per_epoch: int, run_dir: RunDir) -> None:
     """The learning rate and the moving average follow the update count: a resume must count updates as the run
     did (same number of processes, same updates per epoch)."""
-    then = (state.get("world", world), state.get("updates_per_epoch", updates_per_epoch))
+    then = (meta.world, meta.updates_per_epoch or updates_per_epoch)
     if then != (world, updates_per_epoch):
         raise UserError(f"cannot resume {run_dir}: it ran {then[1]} updates per epoch on {then[0]} process(es), this "
                         f"run would make {updates_per_epoch} on {world} (--gpus or max_batches changed), which would "
@@ -356,25 +333,6 @@ def _out_of_memory(cfg: Config, size: int) -> str:
     return (f"the GPU ran out of memory training {cfg.arch} at batch_size={cfg.batch_size}, input {size} x {size}. "
             f"Try batch_size={smaller}" + ("" if cfg.amp else ", amp=true") + " (or accum_steps=2 to keep the "
             "effective batch), or a smaller input_size; resume=true continues from the last completed epoch")
-
-
-def _checkpoint(cfg: Config, model: Model, optimizer, updater: Updater, progress: Progress, metrics: dict | None,
-                folds: FoldFile, **extra) -> dict:
-    return {
-        "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-        "ema": model.ema.module.state_dict() if model.ema is not None else None,
-        "scaler": updater.scaler.state_dict() if updater.scaler is not None else None,
-        **progress.as_dict(), "metrics": metrics, "config": cfg.to_dict(), "select": cfg.select,
-        "fold_file": str(folds.path), "fold_fingerprint": folds.meta.get("fingerprint", ""),
-        "fold_k": folds.k, "fold_assignment": folds.assignment, "leaky_split": folds.leaky, "saved_at": time.time(),
-        **extra,
-    }
-
-
-def _write_predictions(path: Path, rows: pd.DataFrame, probs: np.ndarray, fold: int) -> None:
-    table = rows[["path", "subject", "label"]].assign(
-        prob_all=probs[:, 1].round(6), pred=(probs[:, 1] >= 0.5).astype(int), fold=fold)
-    write_csv(path, table)
 
 
 def _history_row(epoch: int, stats: dict, metrics: dict | None, inner: dict | None, lr: float, chosen: bool,

@@ -31,14 +31,13 @@ from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.folds import fold_file_root
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
+from alldetect.engine.runfiles import RunDir, RunMeta
 from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
-from alldetect.models import default_input_size, model_from_config
 from alldetect.options import at_least, boolean, choice, parse_options, split_options, text
 
 log = logging.getLogger("alldetect")
@@ -115,27 +114,13 @@ def load_held_out(data: str | Path) -> HeldOutData:
     return HeldOutData(root, manifest, digest)
 
 
-def rebuild_model(state: dict, run: Path) -> tuple[torch.nn.Module, int, int]:
-    """The run's model with its best weights, and the (input size, crop) it was trained with."""
-    cfg = state["config"]
-    arch = cfg["arch"]
-    size = cfg.get("input_size") or default_input_size(arch)
-    crop = cfg.get("data", {}).get("crop", 400)
-    model = model_from_config(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{run / 'best.pt'}: its weights do not fit a {arch} at input size {size} "
-                        f"({str(e).splitlines()[0][:200]})") from None
-    return model, size, crop
-
-
 def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: torch.device) -> dict:
     """Predict every image with one fold run; write pred_<name>.csv and .json; return a summary row."""
-    state = load_checkpoint(run / "best.pt")
-    model, size, crop = rebuild_model(state, run)
-    cfg = state["config"]
-    dev = DeviceBatch(device, cfg.get("channels_last", True), amp=cfg.get("amp", True))
+    files = RunDir(run)
+    state = files.load_best()
+    model, meta = state.network(), state.meta
+    size, crop = meta.input_size, meta.crop
+    dev = DeviceBatch(device, meta.config.channels_last, amp=meta.config.amp)
     model = model.to(device)
     if dev.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -149,25 +134,25 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
                                  views=tta_views(opts["tta"], dev))
     seconds = time.perf_counter() - start
     if tap is not None:
-        with atomic_path(run / f"feat_{name}.npz") as tmp, open(tmp, "wb") as f:
+        with atomic_path(files.feat(name)) as tmp, open(tmp, "wb") as f:
             np.savez(f, paths=m["path"].to_numpy(str), features=tap.features(TTA_VIEWS[opts["tta"]]))
     else:  # features of an earlier prediction of this name may be of other images: never leave them beside these
-        (run / f"feat_{name}.npz").unlink(missing_ok=True)
+        files.feat(name).unlink(missing_ok=True)
     frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
     if data.labelled:
         frame["label"] = m["label"].to_numpy()
     if data.subjects_known:
         frame["subject"] = m["subject"].to_numpy()
-    write_csv(run / f"pred_{name}.csv", frame)
-    meta = {"name": name, "run": str(run), "arch": cfg["arch"], "epoch": state.get("epoch"),
+    write_csv(files.pred(name), frame)
+    about = {"name": name, "run": str(run), "arch": meta.config.arch, "epoch": meta.progress.epoch,
             "data_root": str(data.root), "data_fingerprint": data.fingerprint,
             "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
-            "checkpoint_saved_at": state.get("saved_at"),
+            "checkpoint_saved_at": meta.saved_at,
             "tta": opts["tta"], "features": opts["features"], "input_size": size, "crop": crop,
             "made_by": f"alldetect {__version__}"}
-    write_text(run / f"pred_{name}.json", json.dumps(meta, indent=2) + "\n")
+    write_text(files.pred_meta(name), json.dumps(about, indent=2) + "\n")
     if name != OOF_NAME:
-        _warn_if_trained_on(run, state, data)
+        _warn_if_trained_on(run, meta, data)
     row = {"run": str(run), "images": len(m), "tta": opts["tta"], "seconds": round(seconds, 1),
            "images_per_s": round(len(m) / max(seconds, 1e-9), 1)}
     if data.labelled:
@@ -176,14 +161,14 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     return row
 
 
-def _warn_if_trained_on(run: Path, state: dict, data: HeldOutData) -> None:
+def _warn_if_trained_on(run: Path, meta: RunMeta, data: HeldOutData) -> None:
     """Predictions on images the run was trained or validated on are not held-out; say so."""
-    if state.get("fold_fingerprint") and state["fold_fingerprint"] == data.fingerprint:
+    if meta.fold_fingerprint and meta.fold_fingerprint == data.fingerprint:
         log.warning("%s was trained on these very images (same data fingerprint %s): its scores on them are not "
                     "held-out scores", run, data.fingerprint)
         return
-    fold_file = Path(state.get("fold_file") or "")
-    if fold_file.is_file():
+    fold_file = Path(meta.fold_file)
+    if meta.fold_file and fold_file.is_file():
         seen = set(pd.read_csv(fold_file, usecols=["path"])["path"].map(lambda p: Path(p).name))
         overlap = [p for p in data.manifest["path"] if Path(p).name in seen and not NUMBERED_RE.match(Path(p).name)]
         if overlap:
@@ -191,18 +176,11 @@ def _warn_if_trained_on(run: Path, state: dict, data: HeldOutData) -> None:
                         "not held-out", len(overlap), data.root, run, short_list(overlap, 3))
 
 
-def own_validation_images(run: Path, state: dict, data: str | None) -> HeldOutData:
+def own_validation_images(run: Path, meta: RunMeta, data: str | None) -> HeldOutData:
     """The images a fold run was validated on (its oof.csv), where they are now: `data`, else the run's data
     root (its config, else its fold file's sidecar)."""
-    if not (run / "oof.csv").is_file():
-        why = ("it was trained on every image (a final model), so it has none" if run.name == "full"
-               else "train it with this version of alldetect")
-        raise UserError(f"{run} has no oof.csv, the list of its validation images: {why}")
-    try:
-        oof = pd.read_csv(run / "oof.csv", dtype={"path": str, "subject": str})
-    except Exception as e:  # pandas raises many kinds for a broken CSV
-        raise UserError(f"cannot read {run / 'oof.csv'}: {str(e)[:200]}") from None
-    root = Path(data or state["config"].get("data", {}).get("root") or fold_file_root(state.get("fold_file", "")))
+    oof = RunDir(run).read_oof()
+    root = Path(data or meta.config.data.root or fold_file_root(meta.fold_file))
     missing = [p for p in oof["path"] if not (root / p).is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {run}'s validation images are not under {root} ({short_list(missing, 3)}): "
@@ -232,11 +210,11 @@ def predict_command(runs: list[str], data: str | None, name: str | None, overrid
     fold_runs = find_fold_runs(paths)
     own = {}  # --oof: each run's validation images, found and checked with the rest
     for run in fold_runs:  # every checkpoint and run folder is checked before any prediction file is written
-        state = load_checkpoint(run / "best.pt", mmap=True)
-        rebuild_model(state, run)
+        state = RunDir(run).load_best(mmap=True)
+        state.network()
         check_writable(run, "the run folder")
         if oof:
-            own[run] = own_validation_images(run, state, data)
+            own[run] = own_validation_images(run, state.meta, data)
     if oof:
         device = resolve_device(opts["device"])
         rows = [predict_run(run, own[run], name, opts, device) for run in fold_runs]

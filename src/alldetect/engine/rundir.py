@@ -10,18 +10,16 @@ from pathlib import Path
 from torch import nn
 
 from alldetect.atomic import check_writable
-from alldetect.config import RESUMABLE_ROLES, Config, keys_with_role, validate
+from alldetect.config import RESUMABLE_ROLES, Config, flatten, keys_with_role
 from alldetect.data.folds import FoldFile
-from alldetect.engine.checkpoint import load_checkpoint
 from alldetect.engine.distributed import Dist
+from alldetect.engine.runfiles import Checkpoint, RunDir, load_checkpoint
 from alldetect.errors import UserError
 
 log = logging.getLogger("alldetect")
 
 # Keys that may change when a run is resumed (config.RESUMABLE_ROLES); any other difference is another experiment.
 RESUMABLE_CHANGES = keys_with_role(RESUMABLE_ROLES)
-RUN_FILES = ("best.pt", "last.pt", "history.csv", "oof.csv", "inner.csv", "config.yaml")
-RESULT_FILES = set(RUN_FILES) - {"config.yaml"}  # what a plain rerun must never replace (with pred_*)
 
 
 def run_name(fold: int | None) -> str:
@@ -29,40 +27,34 @@ def run_name(fold: int | None) -> str:
     return "full" if fold is None else f"fold{fold}"
 
 
-def run_dir_for(cfg: Config, fold: int | None) -> Path:
-    return Path(cfg.runs_dir) / cfg.arch / run_name(fold)
+def run_dir_for(cfg: Config, fold: int | None) -> RunDir:
+    return RunDir(Path(cfg.runs_dir) / cfg.arch / run_name(fold))
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, d: Dist) -> dict | None:
-    """Refuse to overwrite a run by accident; return the last.pt state when resuming. Rank 0 checks and
-    prepares the folder; the other ranks wait for it, then read the same checkpoint."""
-    last = run_dir / "last.pt"
+def prepare_run_dir(cfg: Config, run_dir: RunDir, d: Dist) -> Checkpoint | None:
+    """Refuse to overwrite a run by accident; return last.pt when resuming. Rank 0 checks and prepares the
+    folder; the other ranks wait for it, then read the same checkpoint."""
     if not d.main:
         d.barrier()
-        return load_checkpoint(last) if cfg.resume and last.is_file() else None
+        return load_checkpoint(run_dir.last) if cfg.resume and run_dir.last.is_file() else None
     try:
-        return _prepare_on_main(cfg, run_dir, last)
+        return _prepare_on_main(cfg, run_dir)
     finally:
         d.barrier()
 
 
-def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
-    results = [p.name for p in sorted(run_dir.glob("*")) if p.name in RESULT_FILES or p.name.startswith("pred_")] \
-        if run_dir.is_dir() else []
-    if cfg.overwrite and run_dir.exists():
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        for old in run_dir.glob("pred_*"):  # predictions of the model being replaced
-            old.unlink()
-        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+def _prepare_on_main(cfg: Config, run_dir: RunDir) -> Checkpoint | None:
+    results, last = run_dir.results(), run_dir.last
+    if cfg.overwrite and run_dir.path.exists():
+        run_dir.remove_results()
     elif results and not cfg.resume:
         raise UserError(f"{run_dir} already holds a run ({', '.join(results)}). Continue it with resume=true, or "
                         "start over with overwrite=true (or choose another runs_dir=)")
     elif results and cfg.resume and not last.is_file():
         raise UserError(f"cannot resume {run_dir}: its last.pt is gone (it holds {', '.join(results)}). Start "
                         "over with overwrite=true (or choose another runs_dir=)")
-    check_writable(run_dir, "the run folder")
-    for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
+    check_writable(run_dir.path, "the run folder")
+    for stale_tmp in run_dir.path.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
         stale_tmp.unlink()
     if cfg.resume and last.is_file():
         return load_checkpoint(last)
@@ -71,36 +63,23 @@ def _prepare_on_main(cfg: Config, run_dir: Path, last: Path) -> dict | None:
     return None
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def check_resume(cfg: Config, state: dict, folds: FoldFile, run_dir: Path) -> None:
+def check_resume(cfg: Config, state: Checkpoint, folds: FoldFile, run_dir: RunDir) -> None:
     """A resumed run must be the same experiment (only RESUMABLE_CHANGES may differ) and validate on the images
     it validated on before, never on ones it has trained on."""
-    if "select" not in state["config"]:
+    meta = state.meta
+    if meta.version == 0:
         raise UserError(f"cannot resume {run_dir}: it was made by an older alldetect (before select=, the moving "
                         "average and per-update schedules), which this version cannot continue exactly. Start over "
                         "with overwrite=true")
-    try:  # keys added since the run started read as their defaults
-        saved = flatten(validate(state["config"]).to_dict())
-    except UserError:
-        saved = flatten(state["config"])
-    now = flatten(cfg.to_dict())
+    saved, now = flatten(meta.config.to_dict()), flatten(cfg.to_dict())  # keys added since read as their defaults
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise UserError(f"cannot resume {run_dir} with different settings ({detail}). Resume with the run's own "
                         "settings, or start over with overwrite=true")
-    assigned = state.get("fold_assignment")
+    assigned = meta.fold_assignment
     if assigned and assigned != folds.assignment:
-        old = state.get("fold_file")
+        old = meta.fold_file
         what = (f"its fold file {folds.path} was made again since the run started" if str(old) == str(folds.path)
                 else f"it was trained on the fold file {old}, and {folds.path}")
         raise UserError(f"cannot resume {run_dir}: {what} splits the images differently, so its validation fold "
@@ -108,12 +87,12 @@ def check_resume(cfg: Config, state: dict, folds: FoldFile, run_dir: Path) -> No
                         "(data.fold_file=FILE), or start over with overwrite=true")
 
 
-def check_free_space(cfg: Config, model: nn.Module, run_dir: Path) -> None:
+def check_free_space(cfg: Config, model: nn.Module, run_dir: RunDir) -> None:
     """Fail now, not after the first epoch, when best.pt + last.pt + a temporary copy would not fit."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     slots = {"sgd": 1 if cfg.momentum else 0, "momentum": 1 if cfg.momentum else 0}.get(cfg.optimizer, 2)
     needed = 3 * weights * (1 + slots + int(cfg.ema))
-    free = shutil.disk_usage(run_dir).free
+    free = shutil.disk_usage(run_dir.path).free
     if free < needed:
         raise UserError(f"only {free / 2**20:.0f} MiB free where {run_dir} lies; this run's checkpoints need about "
                         f"{needed / 2**20:.0f} MiB (best.pt, last.pt and a temporary copy). Free some space or "

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from alldetect.engine.runfiles import RunDir
 from alldetect.errors import UserError, short_list
 
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
@@ -21,6 +22,12 @@ class Member:
     runs: list[Path]
 
 
+def fold_dirs(folder: Path) -> list[Path]:
+    """The fold<k> folders of an architecture folder, in numeric order (trained or not)."""
+    dirs = [d for d in folder.iterdir() if d.is_dir() and FOLD_DIR_RE.match(d.name)]
+    return sorted(dirs, key=lambda d: int(FOLD_DIR_RE.match(d.name).group(1)))
+
+
 def find_fold_runs(paths: list[str | Path]) -> list[Path]:
     """Every fold run under the given folders, each once, in the order given (folds in numeric order).
     A folder without a checkpoint is an error that names it."""
@@ -32,17 +39,16 @@ def find_fold_runs(paths: list[str | Path]) -> list[Path]:
         if not path.is_dir():
             raise UserError(f"run folder {path} does not exist; train it first (./train.sh ARCH FOLD) or check "
                             "the path (runs/<arch> or runs/<arch>/fold<k>)")
-        if (path / "best.pt").is_file():
+        if RunDir(path).trained:
             runs = [path]
         else:
-            folds = sorted((d for d in path.iterdir() if d.is_dir() and FOLD_DIR_RE.match(d.name)),
-                           key=lambda d: int(FOLD_DIR_RE.match(d.name).group(1)))
+            folds = fold_dirs(path)
             if not folds:
                 full = path / "full"
-                hint = (f": its final model is {full} (trained on every image), name it" if (full / "best.pt").is_file()
+                hint = (f": its final model is {full} (trained on every image), name it" if RunDir(full).trained
                         else "; name a trained run (runs/<arch>, runs/<arch>/fold<k> or runs/<arch>/full)")
                 raise UserError(f"{path} holds no checkpoint (best.pt) and no fold<k> run folders{hint}")
-            untrained = [d for d in folds if not (d / "best.pt").is_file()]
+            untrained = [d for d in folds if not RunDir(d).trained]
             if untrained:
                 raise UserError(f"run folder(s) {short_list(map(str, untrained))} have no checkpoint (best.pt): "
                                 "finish training them, or name only the fold folders that have one")
@@ -64,21 +70,3 @@ def group_members(runs: list[Path]) -> list[Member]:
         name = folder.name if names.count(folder.name) == 1 else str(shown)
         members.append(Member(name, shown, fold_runs))
     return members
-
-
-def fold_count(state: dict) -> int | None:
-    """How many folds the run's fold file has (older checkpoints: the config's data.k, which a fold file given
-    with data.fold_file or made --by official may not match)."""
-    return state.get("fold_k") or state["config"].get("data", {}).get("k")
-
-
-def run_info(run: Path) -> dict:
-    """What a run's best.pt says about how it was trained (fold file, data fingerprint, config), read without
-    loading its weights into memory."""
-    from alldetect.engine.checkpoint import load_checkpoint
-
-    state = load_checkpoint(run / "best.pt", mmap=True)
-    return {"run": str(run), "arch": state["config"].get("arch"), "fold_file": state.get("fold_file", ""),
-            "fold_fingerprint": state.get("fold_fingerprint", ""), "k": fold_count(state),
-            "epoch": state.get("epoch"), "saved_at": state.get("saved_at"), "config": state["config"]}
-

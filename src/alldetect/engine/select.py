@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pandas as pd
 
@@ -17,9 +19,10 @@ from alldetect.errors import UserError
 OPTIMISTIC = "OPTIMISTIC: the epoch was chosen on the very images it is scored on (select=outer)"
 
 
-def selection_label(configs) -> str:
-    """How some runs chose their weights, e.g. "last" or "outer (OPTIMISTIC)" (runs from before select=)."""
-    modes = sorted({c.get("select", "outer") for c in configs})
+def selection_label(configs: Iterable[Config]) -> str:
+    """How some runs chose their weights, e.g. "last" or "outer (OPTIMISTIC)" (runs from before select= count as
+    outer: they kept the epoch that scored best on the validation fold)."""
+    modes = sorted({c.select for c in configs})
     text = "/".join(modes)
     return f"{text} (OPTIMISTIC)" if "outer" in modes else text
 

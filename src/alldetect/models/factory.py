@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from alldetect.errors import UserError
 from alldetect.models.proposed import ProposedCNN, conv_group_matcher
+
+if TYPE_CHECKING:
+    from alldetect.config import Config
 
 # The report's five and their natural input sizes (the report resized all of them to fit its GPU).
 REPORT_ARCHS = {"proposed": 300, "alexnet": 224, "vgg16": 224, "resnet50": 224, "inception_v3": 299}
@@ -49,13 +53,11 @@ def create_model(name: str, num_classes: int = 2, dropout: float = 0.5, pretrain
     return model
 
 
-def model_from_config(cfg: dict) -> nn.Module:
-    """The network a run's config (a checkpoint's `config`) describes, without pretrained weights: what predict,
-    export, report and visualize rebuild before loading a checkpoint's weights."""
-    arch = cfg["arch"]
-    return create_model(arch, num_classes=2, dropout=cfg.get("dropout", 0.0),
-                        input_size=cfg.get("input_size") or default_input_size(arch),
-                        subtract_mean=bool(cfg.get("subtract_mean", False)))
+def model_from_config(cfg: Config) -> nn.Module:
+    """The network a run's config (a checkpoint's) describes, without pretrained weights: what predict, export,
+    report and visualize rebuild before loading a checkpoint's weights."""
+    return create_model(cfg.arch, num_classes=2, dropout=cfg.dropout,
+                        input_size=cfg.input_size or default_input_size(cfg.arch), subtract_mean=cfg.subtract_mean)
 
 
 def subtract_image_mean(module: nn.Module, args: tuple) -> tuple:

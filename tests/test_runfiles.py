@@ -1,0 +1,76 @@
+"""Run files: the checkpoint's versioned metadata and the run folder's readers."""
+
+import pandas as pd
+import pytest
+import torch
+
+from alldetect.config import load_config
+from alldetect.engine.rundir import check_resume
+from alldetect.engine.runfiles import SCHEMA_VERSION, Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.errors import UserError
+
+WEIGHTS = {"w": torch.arange(3.0)}
+
+
+def _flat_v1(**config) -> dict:
+    """A checkpoint as alldetect wrote it before the metadata had a schema: one flat dict."""
+    cfg = {**load_config("proposed", ["input_size=32"]).to_dict(), **config}
+    return {"model": WEIGHTS, "optimizer": None, "ema": None, "scaler": None, "epoch": 4, "best": 0.8,
+            "best_epoch": 3, "stale": 1, "wandb_id": "abc", "metrics": {"f1": 0.8}, "config": cfg,
+            "select": cfg.get("select"), "fold_file": "folds/x.csv", "fold_fingerprint": "f00d", "fold_k": 3,
+            "fold_assignment": "d1", "leaky_split": False, "saved_at": 12.5, "world": 1, "updates_per_epoch": 7}
+
+
+def test_a_checkpoint_round_trips_its_typed_metadata(tmp_path):
+    meta = RunMeta(config=load_config("resnet18", ["input_size=64", "data.crop=300"]), run="fold2",
+                   progress=Progress(epoch=5, best=0.91, best_epoch=4, stale=1, wandb_id="w1"),
+                   metrics={"f1": 0.9, "confusion": [[1, 2], [3, 4]]}, fold_file="folds/a.csv", fold_k=5)
+    save_checkpoint(tmp_path / "best.pt", Checkpoint(meta, WEIGHTS))
+    got = load_checkpoint(tmp_path / "best.pt")
+    assert got.meta == meta and got.meta.version == SCHEMA_VERSION
+    assert (got.meta.input_size, got.meta.crop, got.meta.k) == (64, 300, 5)
+    assert torch.equal(got.model["w"], WEIGHTS["w"]) and got.optimizer is None
+    # what is on the disk: plain values under "meta", nothing a reader must re-derive
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert raw["meta"]["version"] == SCHEMA_VERSION and raw["meta"]["config"]["input_size"] == 64
+
+
+def test_a_version_1_checkpoint_is_read_as_the_current_schema(tmp_path):
+    torch.save(_flat_v1(), tmp_path / "best.pt")
+    meta = load_checkpoint(tmp_path / "best.pt").meta
+    assert meta.version == 1 and meta.progress == Progress(epoch=4, best=0.8, best_epoch=3, stale=1, wandb_id="abc")
+    assert (meta.fold_file, meta.fold_k, meta.updates_per_epoch, meta.saved_at) == ("folds/x.csv", 3, 7, 12.5)
+    assert meta.config.arch == "proposed" and meta.input_size == 32
+
+
+def test_a_version_0_checkpoint_counts_as_choosing_on_its_fold_and_cannot_be_resumed(tmp_path):
+    old = _flat_v1()
+    del old["config"]["select"]  # before select=, every run kept the epoch that scored best on its fold
+    torch.save(old, tmp_path / "last.pt")
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state.meta.version == 0 and state.meta.config.select == "outer"
+    with pytest.raises(UserError, match="made by an older alldetect .* Start over with overwrite=true"):
+        check_resume(load_config("proposed", ["input_size=32"]), state, None, RunDir(tmp_path))
+
+
+def test_a_checkpoint_of_a_newer_schema_or_with_bad_metadata_is_a_clear_error(tmp_path):
+    torch.save({"meta": {"version": SCHEMA_VERSION + 1, "config": {}}, "model": WEIGHTS}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match=rf"new.pt was written by a newer alldetect \(checkpoint schema "
+                                        rf"{SCHEMA_VERSION + 1}; this version reads up to {SCHEMA_VERSION}\)"):
+        load_checkpoint(tmp_path / "new.pt")
+    torch.save(_flat_v1(lr=-1), tmp_path / "odd.pt")
+    with pytest.raises(UserError, match=r"invalid settings in the config saved in .*odd.pt:\n  lr=-1"):
+        load_checkpoint(tmp_path / "odd.pt")
+
+
+def test_a_run_folder_names_its_files_and_reads_them_checked(tmp_path):
+    run = RunDir(tmp_path / "fold0")
+    assert (run.best.name, run.last.name, run.oof.name, run.pred("prelim").name, run.feat("prelim").name) == (
+        "best.pt", "last.pt", "oof.csv", "pred_prelim.csv", "feat_prelim.npz")
+    with pytest.raises(UserError, match="fold0 has no oof.csv.*retrain it"):
+        run.read_oof()
+    run.path.mkdir()
+    pd.DataFrame({"path": ["a.bmp"], "label": [1], "prob_all": [1.5], "fold": [0]}).to_csv(run.oof, index=False)
+    with pytest.raises(UserError, match=r"oof.csv: prob_all must be a probability in \[0, 1\]; rows a.bmp"):
+        run.read_oof()
+    assert run.results() == ["oof.csv"] and not run.trained
