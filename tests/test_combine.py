@@ -10,8 +10,8 @@ from scipy.special import expit
 from sklearn.metrics import log_loss, roc_auc_score
 
 from alldetect.combine import Inputs, Method, cross_fitted, fit, greedy_weights
-from alldetect.engine.predict import predict_command
-from alldetect.ensemble import ensemble_command
+from alldetect.commands.ensemble import ensemble_command
+from alldetect.commands.predict import predict_command
 from alldetect.errors import UserError
 from alldetect.metrics import calibration_error, score
 from alldetect.neighbours import neighbour_means

@@ -99,7 +99,7 @@ def test_demo_data_built_by_several_runs_at_once_is_whole_and_built_once(tmp_pat
 @pytest.mark.slow
 def test_demo_profile_trains_the_proposed_network_to_f1_085(demo_full, workdir):
     """What `./train.sh proposed fold0` does on a fresh clone, with the demo data built above."""
-    from alldetect.engine.train import train_command
+    from alldetect.commands.train import train_command
 
     from conftest import REPO
 

@@ -9,9 +9,10 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score,
 
 from alldetect.cli import main
 from alldetect.combine import Inputs, Method, cross_fitted, fit_weights
-from alldetect.engine.evaluate import evaluate_command
+from alldetect.commands.ensemble import ensemble_command
+from alldetect.commands.evaluate import evaluate_command
 from alldetect.engine.runs import find_fold_runs, group_members
-from alldetect.ensemble import ensemble_command, isbi_lines
+from alldetect.ensemble import isbi_lines
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
 from alldetect.plots import probability_text

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from alldetect.cli import main
-from alldetect.engine.predict import predict_command
+from alldetect.commands.predict import predict_command
 
 from conftest import write_image
 from fake_runs import make_run

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from alldetect.cli import main
+from alldetect.commands.train import train_command
 from alldetect.engine.runfiles import load_checkpoint
-from alldetect.engine.train import train_command
 
 from conftest import FAST, write_image
 

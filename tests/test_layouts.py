@@ -213,7 +213,7 @@ def test_sixteen_bit_rgb_and_32_bit_bmp_are_read_as_8_bit_rgb_and_said_so(tmp_pa
     """They decode to the same 8-bit RGB cv2 reads for training; index and split name them, nothing is silent."""
     import cv2
 
-    from alldetect.data.index import index_command
+    from alldetect.commands.data import index_command
 
     root = tmp_path / "C-NMC_training_data"
     for subject in ["1", "2", "3"]:
@@ -236,7 +236,7 @@ def test_identical_images_under_two_classes_or_people_are_named(tmp_path, capsys
     import shutil
 
     from alldetect.cli import main
-    from alldetect.data.index import index_command
+    from alldetect.commands.data import index_command
 
     root = tmp_path / "C-NMC_training_data"
     for subject in ["1", "2", "3"]:

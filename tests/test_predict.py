@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from alldetect.cli import main
+from alldetect.commands.predict import predict_command
 from alldetect.data.images import preprocess, read_rgb
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from alldetect.engine.loop import DeviceBatch, predict_probs
-from alldetect.engine.predict import predict_command, tta_views
+from alldetect.engine.predict import tta_views
 from alldetect.engine.runfiles import load_checkpoint
 from alldetect.errors import UserError
 
@@ -221,7 +222,7 @@ def test_real_sample_predictions_know_labels_and_subjects(sample_root, workdir):
 
 def test_predictions_of_a_replaced_checkpoint_are_refused_or_removed(runs, workdir):
     """Retrained or resumed since `predict`: the old probabilities must not slip into a submission."""
-    from alldetect.ensemble import ensemble_command
+    from alldetect.commands.ensemble import ensemble_command
 
     data = _prelim(workdir / "prelim")
     predict_command(["runs/proposed"], str(data), "prelim", FAST)

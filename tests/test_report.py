@@ -15,12 +15,12 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from alldetect.cli import main
+from alldetect.commands.ensemble import ensemble_command
+from alldetect.commands.report import report_command
 from alldetect.data.images import fingerprint
 from alldetect.data.layouts import build_manifest
 from alldetect.engine.runfiles import load_checkpoint
-from alldetect.ensemble import ensemble_command
 from alldetect.errors import UserError
-from alldetect.report import report_command
 
 from fake_runs import edit_checkpoint, make_run
 

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from alldetect.commands.train import train_command
 from alldetect.config import AugConfig
 from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset
 from alldetect.data.folds import make_fold_file
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.runfiles import load_checkpoint
-from alldetect.engine.train import train_command
 
 from conftest import FAST
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from alldetect.cli import main
+from alldetect.commands.train import train_command
 from alldetect.config import load_config
 from alldetect.data.folds import load_fold_file
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
 from alldetect.engine.runfiles import RunDir, load_checkpoint
-from alldetect.engine.train import train_command
 from alldetect.errors import UserError
 from alldetect.models import create_model
 
@@ -34,7 +34,8 @@ def test_train_one_fold_writes_the_run_folder(tiny_demo, workdir, capsys):
     oof = pd.read_csv(run / "oof.csv", dtype={"subject": str})
     assert list(oof.columns) == ["path", "subject", "label", "prob_all", "pred", "fold"]
     assert sorted(oof["path"]) == sorted(folds[folds["fold"] == 1]["path"])
-    assert ((oof["prob_all"] >= 0) & (oof["prob_all"] <= 1)).all()
+    held = folds[folds["fold"] == 1]
+    assert dict(zip(oof["path"], oof["label"])) == dict(zip(held["path"], held["label"]))  # the fold file's labels
     assert (oof["pred"] == (oof["prob_all"] >= 0.5)).all()
     out = capsys.readouterr().out
     assert "runs/proposed/fold1" in out and "kept_epoch" in out and "select=ema" in out

@@ -9,9 +9,10 @@ from PIL import Image
 from torch import nn
 
 from alldetect.cli import main
+from alldetect.commands.visualize import visualize_command
 from alldetect.errors import UserError
 from alldetect.models import create_model
-from alldetect.visualize import Block, cam_block, conv_blocks, grad_cam, to_nchw, visualize_command
+from alldetect.visualize import Block, cam_block, conv_blocks, grad_cam, to_nchw
 
 from fake_runs import edit_checkpoint, make_run
 

@@ -9,13 +9,13 @@ import sys
 
 
 def _index(a):
-    from alldetect.data.index import index_command
+    from alldetect.commands.data import index_command
 
     print(index_command(a.data_root))
 
 
 def _split(a):
-    from alldetect.data.index import split_command
+    from alldetect.commands.data import split_command
 
     print(split_command(a.data_root, a.k, a.seed, a.by, a.out, a.folds_dir, a.skip_bad))
 
@@ -28,7 +28,7 @@ def _demo_data(a):
 
 
 def _train(a):
-    from alldetect.engine.train import train_command
+    from alldetect.commands.train import train_command
 
     train_command(a.arch, a.fold, a.overrides, a.config)
 
@@ -40,57 +40,57 @@ def _models(a):
 
 
 def _cache(a):
-    from alldetect.engine.train import cache_command
+    from alldetect.commands.train import cache_command
 
     print(cache_command(a.arch, a.overrides, a.config))
 
 
 def _bench(a):
-    from alldetect.bench import bench_command
+    from alldetect.commands.bench import bench_command
 
     print(bench_command(a.kind, a.data, a.images, a.workers, a.archs, a.steps, a.max_batch, a.compile, a.device,
                         a.out, a.cache_dir))
 
 
 def _predict(a):
-    from alldetect.engine.predict import predict_command
+    from alldetect.commands.predict import predict_command
 
     predict_command(a.runs, a.data, a.name, a.overrides, oof=a.oof)
 
 
 def _ensemble(a):
-    from alldetect.ensemble import ensemble_command
+    from alldetect.commands.ensemble import ensemble_command
 
     ensemble_command(a.runs, a.oof, a.name, a.overrides, a.out)
 
 
 def _evaluate(a):
-    from alldetect.engine.evaluate import evaluate_command
+    from alldetect.commands.evaluate import evaluate_command
 
     evaluate_command(a.submission, a.labels)
 
 
 def _tune(a):
-    from alldetect.tune import tune_command
+    from alldetect.commands.tune import tune_command
 
     tune_command(a.arch, a.overrides, a.config, trials=a.trials, folds=a.folds, study=a.study, storage=a.storage,
                  space=a.space, pruner=a.pruner, timeout=a.timeout, heartbeat=a.heartbeat, out=a.out)
 
 
 def _report(a):
-    from alldetect.report import report_command
+    from alldetect.commands.report import report_command
 
     report_command(a.runs, a.submissions, a.name, a.out, a.data, None if a.no_speed else a.device)
 
 
 def _visualize(a):
-    from alldetect.visualize import visualize_command
+    from alldetect.commands.visualize import visualize_command
 
     visualize_command(a.run, a.images, a.out, a.device, a.target, a.layer)
 
 
 def _export(a):
-    from alldetect.export import export_command
+    from alldetect.commands.export import export_command
 
     export_command(a.runs, a.out, a.format)
 

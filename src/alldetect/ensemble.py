@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, check_writable, safe_name, write_csv, write_text
+from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.combine import (
     AVERAGES,
     CALIBRATIONS,
@@ -38,12 +38,12 @@ from alldetect.combine import (
 )
 from alldetect.data.layouts import NUMBERED_RE
 from alldetect.engine.runfiles import RunDir, RunMeta
-from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members
+from alldetect.engine.runs import Member, find_fold_runs
 from alldetect.engine.select import selection_label
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import METRIC_NAMES, score
 from alldetect.neighbours import neighbour_means
-from alldetect.options import choice, parse_options, split_options
+from alldetect.options import choice
 
 log = logging.getLogger("alldetect")
 
@@ -535,32 +535,3 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
     _print_combiner(combiner, held.members, False)
     print("wrote " + ", ".join(map(str, written)))
     return record
-
-
-def _member_label(member: Member) -> str:
-    """The member's name, with its folds when it is not all of its folder's (so that a result of single folds
-    never replaces the full one): proposed, or proposed-fold0.2."""
-    trained = find_fold_runs([member.folder]) if not RunDir(member.folder).trained else member.runs
-    if {r.resolve() for r in member.runs} == {r.resolve() for r in trained}:
-        return member.name
-    folds = sorted(int(m.group(1)) for r in member.runs if (m := FOLD_DIR_RE.match(r.name)))
-    return f"{member.name}-fold{'.'.join(map(str, folds))}"
-
-
-def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: list[str] | None = None,
-                     out: str = "submissions") -> dict:
-    paths, raw = split_options([*runs, *(overrides or [])])
-    opts = parse_options(raw, OPTIONS, "ensemble")
-    if not oof and not name:
-        raise UserError("say what to combine: --oof (out-of-fold predictions) or --name NAME (the held-out "
-                        "predictions `alldetect predict ... --name NAME` made)")
-    if name:
-        from alldetect.engine.predict import check_name
-
-        check_name(name)
-    members = group_members(find_fold_runs(paths))
-    check_writable(out, "the output folder (--out)")
-    if oof:
-        label = name or "+".join(_member_label(m) for m in members)
-        return oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")
-    return submission(members, name, opts, Path(out))

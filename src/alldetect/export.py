@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, check_writable, write_text
+from alldetect.atomic import atomic_path, write_text
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from alldetect.engine.loop import logits_of
 from alldetect.engine.runfiles import RunDir, RunMeta
-from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError
 
 log = logging.getLogger("alldetect")
@@ -123,30 +122,3 @@ def _run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", FutureWarning)
             model = torch.jit.load(str(path)).eval()
         return model(torch.from_numpy(images)).numpy()
-
-
-def parse_formats(spec: str) -> list[str]:
-    formats = [f.strip() for f in spec.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise UserError(f"--format {spec!r}: choose from {', '.join(FORMATS)} (comma-separated, e.g. onnx,torchscript)")
-    return formats
-
-
-def export_command(runs: list[str], out: str = "exports", formats: str = "onnx") -> list[dict]:
-    chosen = parse_formats(formats)
-    fold_runs = find_fold_runs(runs)
-    for run in fold_runs:  # every checkpoint is checked before anything is written
-        RunDir(run).load_best(mmap=True).network()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_writable(out_dir, "--out")
-    rows = []
-    for run in fold_runs:
-        log.info("exporting %s as %s", run, ", ".join(chosen))
-        rows.append(export_run(run, out_dir, chosen))
-        diffs = ", ".join(f"{f} reproduces PyTorch to {rows[-1][f'{f}_max_diff']:.1e}" for f in chosen)
-        print(f"{run} -> {rows[-1]['folder']}/ ({diffs})", flush=True)
-    print("Each folder holds the model file(s) and preprocessing.json (input, crop, resize, output); see the "
-          "README's Export section for running it with onnxruntime alone.")
-    return rows

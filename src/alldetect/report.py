@@ -16,10 +16,8 @@ import json
 import logging
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
@@ -28,8 +26,8 @@ import pandas as pd
 import torch
 import yaml
 
-from alldetect import __version__, plots
-from alldetect.atomic import check_writable, safe_name
+from alldetect import plots
+from alldetect.atomic import safe_name
 from alldetect.config import Config
 from alldetect.data.demo import is_demo_data
 from alldetect.data.folds import fold_file_root
@@ -42,7 +40,7 @@ from alldetect.ensemble import load_oof, metrics_table
 from alldetect.errors import UserError
 from alldetect.metrics import METRIC_NAMES, score
 from alldetect.models import count_parameters, default_input_size, model_from_config
-from alldetect.page import Bullets, Figure, Heading, Page, Paragraph, Table, to_html, to_markdown
+from alldetect.page import Bullets, Figure, Heading, Page, Paragraph, Table
 
 log = logging.getLogger("alldetect")
 
@@ -584,7 +582,7 @@ def collect(runs_dir: Path, submissions: Path) -> Findings:
     return findings
 
 
-def _measure_speeds(findings: Findings, device: str | None) -> str:
+def measure_speeds(findings: Findings, device: str | None) -> str:
     if device is None:
         return "Images/s: not measured (--no-speed)."
     dev = resolve_device(device)
@@ -598,7 +596,7 @@ def _measure_speeds(findings: Findings, device: str | None) -> str:
             "after a warm-up; it varies with the machine and with what else runs on it.")
 
 
-def _check_data(findings: Findings, data: str | None) -> list[str]:
+def check_data(findings: Findings, data: str | None) -> list[str]:
     """Context lines about the data: synthetic demo data is said loudly; other images than the runs' are warned."""
     notes = []
     for a in findings.archs:
@@ -617,7 +615,7 @@ def _check_data(findings: Findings, data: str | None) -> list[str]:
     return notes
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     """Replace the report folder in one step, so a reader never sees half of an old and half of a new one."""
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -625,35 +623,3 @@ def _publish(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def report_command(runs: str = "runs", submissions: str = "submissions", name: str | None = None,
-                   out: str = "reports", data: str | None = None, device: str | None = "auto") -> dict:
-    """Write reports/<name>/index.html, README.md and figures/. device=None skips the speed measurement."""
-    start = time.perf_counter()
-    findings = collect(Path(runs), Path(submissions))
-    name = safe_name(name or "+".join(a.name for a in findings.archs if a.oof is not None))
-    final = check_writable(out, "the reports folder (--out)") / name
-    notes = _check_data(findings, data)
-    speed_note = _measure_speeds(findings, device)
-    numbers = comparison_table(findings)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
-        figures = draw_figures(findings, tmp / "figures", data)
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        context = [*notes, f"Made by alldetect {__version__} on {stamp} from the runs in `{runs}`"
-                   + (f" and the ensembles in `{submissions}`." if findings.ensembles else ".")]
-        page = build_page(f"alldetect report: {name}", findings, numbers, figures, context, speed_note)
-        (tmp / "index.html").write_text(to_html(page), encoding="utf-8")
-        (tmp / "README.md").write_text(to_markdown(page), encoding="utf-8")
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - start
-    shown = display_table(numbers)
-    print(f"{protocol_text(findings)}\n{shown.to_string(index=False)}")
-    n_fig = sum(len(v) for v in figures.values())
-    print(f"wrote {final / 'index.html'} and {final / 'README.md'} ({n_fig} figures) in {seconds:.1f} s"
-          + (f"; {len(findings.missing)} item(s) missing or left out (listed on the page)" if findings.missing else ""))
-    return {"folder": final, "numbers": numbers, "missing": findings.missing, "figures": figures, "seconds": seconds}

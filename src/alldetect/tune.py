@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 import yaml
 
-from alldetect.atomic import check_writable, write_text
+from alldetect.atomic import write_text
 from alldetect.config import (
     STUDY_RUNTIME_ROLES,
     Config,
@@ -31,16 +31,15 @@ from alldetect.config import (
     keys_with_role,
     load_config,
     nest,
-    tuned_config_path,
     validate,
 )
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
-from alldetect.engine.fit import TrainingDiverged, fit_fold
+from alldetect.engine.fit import fit_fold
 from alldetect.engine.runfiles import RunDir
-from alldetect.engine.train import parse_fold_spec, resolve_config
+from alldetect.engine.train import resolve_config
 from alldetect.errors import UserError
-from alldetect.search_space import SearchSpace, load_search_space, space_file
+from alldetect.search_space import SearchSpace
 
 log = logging.getLogger("alldetect")
 
@@ -78,55 +77,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
-def tune_command(arch: str, overrides: list[str], files: list[str] | None = None, *, trials: int = 20,
-                 folds: str = "fold0", study: str | None = None, storage: str | None = None,
-                 space: str | None = None, pruner: str = "median", timeout: float | None = None,
-                 heartbeat: int = 60, out: str | None = None) -> optuna.Study:
-    if trials < 0:
-        raise UserError(f"--trials {trials}: give the number of trials to add (0 only reports the study)")
-    if heartbeat < 1:
-        raise UserError(f"--heartbeat {heartbeat}: give the seconds between heartbeats (1 or more)")
-    if out:  # every output place is checked before any work
-        check_writable(Path(out).parent, "the folder of --out")
-    if storage is None:
-        check_writable("studies", "the studies folder")
-    cfg, demo, fold_file = _trial_base(arch, overrides, files or [])
-    if "full" in [spec.strip() for spec in folds.split(",")]:
-        raise UserError("--folds full: a trial is scored on its validation folds, and full has none; name folds "
-                        "(fold0,fold1) or all")
-    wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)})
-    search = load_search_space(space_file(arch, space), cfg)
-    name = study or (f"{arch}-demo" if demo else arch)
-    url = storage or f"sqlite:///{Path('studies') / f'{name}.db'}"
-    the_study = open_study(name, url, heartbeat, pruner, cfg.seed)
-    check_study_matches(the_study, url, _identity(cfg, search, wanted, fold_file))
-    cfg = cfg.model_copy(update={"study": name})
-    print(f"study '{name}' in {safe_url(url)}: {len(the_study.trials)} trial(s) so far; adding {trials} "
-          f"({', '.join(search.params)} from {_shown(search.source)}; folds {', '.join(f'fold{f}' for f in wanted)})",
-          flush=True)
-    objective = _objective(cfg, search, fold_file, wanted, name)
-    with _storage_errors(url, "lost the connection to"):
-        the_study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrainingDiverged,),
-                           callbacks=[_print_trial], gc_after_trial=True)
-        with _quiet_experimental():
-            optuna.storages.fail_stale_trials(the_study)
-        print(study_summary(the_study, url, wanted, demo))
-        best = _best_trial(the_study)
-    if best is not None:
-        path = Path(out) if out else _shown(tuned_config_path(arch))
-        write_tuned_config(path, arch, best, name, url, len(the_study.trials), wanted, demo)
-        hint = "tuned=true" if not out else f"--config {path}"
-        print(f"wrote {path}; train with it: ./train.sh {arch} fold{wanted[0]} {hint}")
-    return the_study
-
-
-def _trial_base(arch: str, overrides: list[str], files: list[str]) -> tuple[Config, bool, FoldFile]:
+def trial_base(arch: str, overrides: list[str], files: list[str]) -> tuple[Config, bool, FoldFile]:
     """The settings every trial starts from, whether they are the demo data's, and the verified fold file."""
     cfg, demo = resolve_config(arch, overrides, files)
     if demo:  # shorter trials on the synthetic data: configs/demo-tune.yaml after the demo profile
         demo_tune = configs_dir() / "demo-tune.yaml"
         cfg = load_config(arch, [*overrides, f"data.root={cfg.data.root}"], [demo_tune, *files], profile="demo")
-        print(f"tuning on the demo data: {_shown(demo_tune)} after the demo profile (epochs={cfg.epochs})")
+        print(f"tuning on the demo data: {shown_path(demo_tune)} after the demo profile (epochs={cfg.epochs})")
     fold_file = resolve_folds(cfg)
     print(data_line(cfg, fold_file), flush=True)
     if cfg.data.root is None:
@@ -134,7 +91,7 @@ def _trial_base(arch: str, overrides: list[str], files: list[str]) -> tuple[Conf
     return cfg, demo, fold_file
 
 
-def _shown(path: str | Path) -> Path:
+def shown_path(path: str | Path) -> Path:
     """A path as the user would type it: relative to the current folder when it lies inside it."""
     try:
         return Path(path).resolve().relative_to(Path.cwd())
@@ -153,7 +110,7 @@ def safe_url(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ()):
+def storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ()):
     """Database trouble reaches users as one line naming the URL, never as a SQLAlchemy traceback."""
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -170,7 +127,7 @@ def _storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ()
 
 
 @contextlib.contextmanager
-def _quiet_experimental():
+def quiet_experimental():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
@@ -190,7 +147,7 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
         engine = {"connect_args": {"timeout": 60}}  # workers sharing one file wait for its lock
     elif url.startswith("postgres"):
         engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    with _storage_errors(url, "cannot open", also=(ImportError, ValueError)), _quiet_experimental():
+    with storage_errors(url, "cannot open", also=(ImportError, ValueError)), quiet_experimental():
         for attempt in range(5):
             try:
                 return optuna.storages.RDBStorage(driver_url(url), engine_kwargs=engine,
@@ -221,11 +178,11 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 def open_study(name: str, url: str, heartbeat: int, pruner: str, seed: int) -> optuna.Study:
     """Create the study, or load it when it exists (re-running a command resumes its study)."""
-    # Optuna logs a failed trial with its traceback; alldetect reports trials itself (_print_trial, error:).
+    # Optuna logs a failed trial with its traceback; alldetect reports trials itself (print_trial, error:).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     the_pruner = make_pruner(pruner)
     storage = open_storage(url, heartbeat)
-    with _storage_errors(url, "cannot open", also=(ImportError, ValueError)):
+    with storage_errors(url, "cannot open", also=(ImportError, ValueError)):
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                     sampler=TrialSeededSampler(seed), pruner=the_pruner)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
@@ -234,7 +191,7 @@ def open_study(name: str, url: str, heartbeat: int, pruner: str, seed: int) -> o
     return study
 
 
-def _identity(cfg: Config, search: SearchSpace, folds: list[int], fold_file: FoldFile) -> dict[str, Any]:
+def study_identity(cfg: Config, search: SearchSpace, folds: list[int], fold_file: FoldFile) -> dict[str, Any]:
     """What makes two trials comparable: stored with the study, checked whenever a worker joins it."""
     split = fold_file.table[["path", "label", "fold"]].sort_values("path").to_csv(index=False)
     settings = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in RUNTIME_KEYS | set(search.params)}
@@ -276,7 +233,7 @@ def _flow(spec: dict | None) -> str:
     return yaml.safe_dump(spec, default_flow_style=True, sort_keys=False, width=10_000).strip()
 
 
-def _objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[int], study_name: str):
+def make_objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[int], study_name: str):
     # Steps of later folds follow the earlier folds' epochs, so each step compares one fold and epoch.
     searched_epochs = search.params.get("epochs", {})
     steps_per_fold = max([base.epochs, searched_epochs.get("high", 0), *searched_epochs.get("choices", [])])
@@ -314,10 +271,10 @@ def _objective(base: Config, search: SearchSpace, folds: FoldFile, wanted: list[
     return objective
 
 
-def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        best = _best_trial(study)
+        best = best_trial(study)
         line = f"trial {trial.number} finished: weighted F1 {trial.value:.4f} ({params})"
         if best is not None:
             line += f"; best so far: trial {best.number} ({best.value:.4f})"
@@ -332,7 +289,7 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     # The lowest number wins a tie, so every worker names the same best trial.
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
@@ -342,7 +299,7 @@ def study_summary(study: optuna.Study, url: str, folds: list[int], demo: bool) -
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running") if s in states)
     lines = [f"\nstudy '{study.study_name}' in {safe_url(url)}: {len(states)} trial(s) ({counts or 'none yet'})"]
-    best = _best_trial(study)
+    best = best_trial(study)
     if best is None:
         lines.append("no trial has completed yet, so there is no best trial and no tuned config")
         return "\n".join(lines)

@@ -23,13 +23,11 @@ import torch
 from torch import nn
 
 from alldetect import plots
-from alldetect.atomic import check_writable, safe_name
-from alldetect.data.images import check_image, preprocess, read_rgb
-from alldetect.engine.loop import DeviceBatch, logits_of, resolve_device
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import find_fold_runs
+from alldetect.atomic import safe_name
+from alldetect.data.images import check_image, read_rgb
+from alldetect.engine.loop import logits_of
 from alldetect.errors import UserError, short_list
-from alldetect.page import Figure, Heading, Page, Paragraph, to_html, to_markdown
+from alldetect.page import Figure, Heading
 
 log = logging.getLogger("alldetect")
 
@@ -142,7 +140,7 @@ def grad_cam(model: nn.Module, block: Block, x: torch.Tensor, target: int) -> np
     return np.nan_to_num(heat[0])
 
 
-def _check_images(images: list[str]) -> list[np.ndarray]:
+def check_images(images: list[str]) -> list[np.ndarray]:
     """Check and read every image first (by the rule training uses), so that one bad file stops the command before
     any work, naming them all."""
     read, bad = [], []
@@ -161,7 +159,7 @@ def _check_images(images: list[str]) -> list[np.ndarray]:
     return read
 
 
-def _unique_stems(images: list[str]) -> list[str]:
+def unique_stems(images: list[str]) -> list[str]:
     stems, seen = [], {}
     for path in images:
         stem = safe_name(Path(path).stem)
@@ -209,40 +207,3 @@ def visualize_image(model: nn.Module, blocks: list[Block], x: torch.Tensor, imag
     what = f"Grad-CAM of '{plots.CLASS_NAMES[cls]}' at {where.name}"
     plots.gradcam_figure(image, heat, overlay, f"{name}: {verdict}; {what}", folder / "gradcam.png")
     return verdict, [Heading(f"{name}: {verdict}"), Figure(f"{folder.name}/gradcam.png", what), *figures]
-
-
-def visualize_command(run: str, images: list[str], out: str = "reports/visualize", device: str = "cpu",
-                      target: str = "pred", layer: str | None = None) -> Path:
-    """Feature-map grids and Grad-CAM of `images` through the model of `run`; returns the output folder."""
-    if not images:
-        raise UserError("name at least one image: alldetect visualize RUN IMAGE...")
-    runs = find_fold_runs([run])
-    if len(runs) > 1:
-        log.info("%s holds %d fold runs: using %s (name runs/<arch>/fold<k> for another)", run, len(runs), runs[0])
-    run_dir = runs[0]
-    pictures = _check_images(images)
-    check_writable(out, "the output folder (--out)")
-    state = RunDir(run_dir).load_best()
-    model, size, crop = state.network(), state.meta.input_size, state.meta.crop
-    dev = resolve_device(device)
-    model = model.eval().to(dev)
-    blocks = conv_blocks(model)
-    batch = DeviceBatch(dev, channels_last=False, amp=False)  # the normalisation training and predict use
-    arch = state.meta.config.arch
-    folder = Path(out) / f"{safe_name(arch)}_{run_dir.name}"
-    page = Page(f"{arch} ({run_dir}): feature maps and Grad-CAM")
-    page.add(Paragraph(f"Model: `{state.path}` (epoch {state.meta.progress.epoch + 1}), input {size} x {size} "
-                       f"after a {crop} px centre crop. Feature maps: the {MAX_CHANNELS} most active channels at the "
-                       "end of each convolution block, each scaled to its own range. Grad-CAM: at "
-                       + (f"`{layer}`." if layer else f"the last block whose map is at least {MIN_CAM_SIDE} x "
-                          f"{MIN_CAM_SIDE}.")))
-    for path, picture, stem in zip(images, pictures, _unique_stems(images)):
-        image = preprocess(picture, crop, size)
-        x = batch.images(torch.from_numpy(image[None]))
-        verdict, shown = visualize_image(model, blocks, x, image, Path(path).name, folder / stem, target, layer)
-        page.add(*shown)
-        print(f"{path}: {verdict}; wrote {folder / stem}/gradcam.png and {len(blocks)} feature-map grids")
-    (folder / "index.html").write_text(to_html(page), encoding="utf-8")
-    (folder / "README.md").write_text(to_markdown(page), encoding="utf-8")
-    print(f"wrote {folder / 'index.html'}")
-    return folder

@@ -26,19 +26,18 @@ import pandas as pd
 import torch
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, check_writable, write_csv, write_text
+from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.folds import fold_file_root
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
-from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
+from alldetect.engine.loop import DeviceBatch, predict_probs
 from alldetect.engine.runfiles import RunDir, RunMeta
-from alldetect.engine.runs import find_fold_runs
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
-from alldetect.options import at_least, boolean, choice, parse_options, split_options, text
+from alldetect.options import at_least, boolean, choice, text
 
 log = logging.getLogger("alldetect")
 
@@ -190,50 +189,3 @@ def own_validation_images(run: Path, meta: RunMeta, data: str | None) -> HeldOut
     if "subject" not in manifest:
         manifest["subject"] = manifest["path"]
     return HeldOutData(root.resolve(), manifest.reset_index(drop=True), fingerprint(root, manifest["path"].tolist())[0])
-
-
-def predict_command(runs: list[str], data: str | None, name: str | None, overrides: list[str] | None = None,
-                    oof: bool = False) -> pd.DataFrame:
-    paths, raw = split_options([*runs, *(overrides or [])])
-    opts = parse_options(raw, OPTIONS, "predict")
-    if oof and name:
-        raise UserError(f"--oof and --name {name}: choose one. --oof predicts each fold run's own validation images "
-                        "(as pred_oof.csv); --data DIR --name NAME predicts a folder of images")
-    if not oof and not name:
-        raise UserError("say what to predict: --data DIR --name NAME (a folder of images), or --oof (each fold run's "
-                        "own validation images)")
-    if not oof and not data:
-        raise UserError(f"--name {name} needs --data DIR: the folder of images to predict")
-    name = OOF_NAME if oof else check_name(name)
-    if name == OOF_NAME and not oof:
-        raise UserError(f"--name {OOF_NAME} is kept for --oof (each run's own validation images); choose another")
-    fold_runs = find_fold_runs(paths)
-    own = {}  # --oof: each run's validation images, found and checked with the rest
-    for run in fold_runs:  # every checkpoint and run folder is checked before any prediction file is written
-        state = RunDir(run).load_best(mmap=True)
-        state.network()
-        check_writable(run, "the run folder")
-        if oof:
-            own[run] = own_validation_images(run, state.meta, data)
-    if oof:
-        device = resolve_device(opts["device"])
-        rows = [predict_run(run, own[run], name, opts, device) for run in fold_runs]
-        table = pd.DataFrame(rows)
-        print(f"\npredictions of each run's own validation images\n{table.to_string(index=False)}")
-        print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json"
-              + (f" and feat_{name}.npz; use them with `alldetect ensemble RUN... --oof correct=knn`."
-                 if opts["features"] else "."))
-        return table
-    held_out = load_held_out(data)
-    device = resolve_device(opts["device"])
-    log.info("predicting %d image(s) of %s (%s) with %d run(s), tta=%s", len(held_out.manifest), held_out.root,
-             held_out.manifest["source_layout"].iloc[0], len(fold_runs), opts["tta"])
-    rows = [predict_run(run, held_out, name, opts, device) for run in fold_runs]  # predict_probs: no grad
-    table = pd.DataFrame(rows)
-    note = "" if held_out.labelled else " (unlabelled: no scores)"
-    print(f"\npredictions '{name}' on {held_out.root}{note}\n{table.to_string(index=False)}")
-    feats = f" and feat_{name}.npz" if opts["features"] else ""
-    print(f"Each run folder now holds pred_{name}.csv and pred_{name}.json{feats}; combine them with "
-          f"`alldetect ensemble RUN... --name {name}`.")
-    return table
-
