@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint (ruff), then run the whole test suite, slow end-to-end tests included (what CI runs). Creates .venv on first use.
+# Lint (ruff) and type-check (mypy), then run the whole test suite, slow end-to-end tests included (what CI runs). Creates .venv on first use.
 #   ./test.sh                 everything
 #   ./test.sh -m "not slow"   the fast tests only; any other pytest arguments work too
 set -euo pipefail
@@ -7,5 +7,7 @@ cd "$(dirname "$0")"
 source scripts/ensure-venv.sh
 echo "[alldetect] ruff check src tests bench"
 .venv/bin/ruff check --quiet src tests bench || { echo "[alldetect] ruff found problems (above); fix them, or run .venv/bin/ruff check --fix" >&2; exit 1; }
+echo "[alldetect] mypy (src/alldetect, settings in pyproject.toml)"
+.venv/bin/mypy || { echo "[alldetect] mypy found type errors (above)" >&2; exit 1; }
 [ $# -eq 0 ] && set -- -m "slow or not slow"
 exec .venv/bin/python -m pytest "$@"

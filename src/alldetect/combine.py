@@ -15,6 +15,7 @@ The steps, in order (a `Method` names one choice of each):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -83,12 +84,13 @@ class Combiner:
     ranks: list[np.ndarray] = field(default_factory=list)  # per member: its sorted OOF probabilities
     scale: np.ndarray | None = None  # sorted OOF plain averages: quantiles back to probabilities
     stacker: LogisticRegression | None = None
-    calibrator: object = None  # probability -> probability
+    calibrator: Callable[[np.ndarray], np.ndarray] | None = None  # probability -> probability
 
     def members(self, inputs: Inputs) -> np.ndarray:
         """The members' probabilities after correction and the rank transform."""
         p = inputs.probs
         if self.corrections:
+            assert inputs.neighbours is not None, "a correction needs the neighbours' means"
             p = np.column_stack([(1 - mix) * p[:, i] + mix * inputs.neighbours[k][:, i] if mix else p[:, i]
                                  for i, (k, mix) in enumerate(self.corrections)])
         if self.ranks:
@@ -149,7 +151,7 @@ def greedy_weights(probs: np.ndarray, labels: np.ndarray, rounds: int | None = N
     n, m = probs.shape
     rounds = rounds or 10 * m
     total, counts = np.zeros(n), np.zeros(m)
-    best, best_counts = np.inf, None
+    best, best_counts = np.inf, counts.copy()
     for r in range(1, rounds + 1):
         losses = [_loss(labels, (total + probs[:, j]) / r) for j in range(m)]
         j = int(np.argmin(losses))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,7 +253,7 @@ def keys_with_role(roles: set[str], model: type[BaseModel] = Config, prefix: str
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys |= keys_with_role(roles, ann, f"{prefix}{name}.")
-        elif (field.json_schema_extra or {}).get("role") in roles:
+        elif isinstance(extra := field.json_schema_extra, dict) and extra.get("role") in roles:
             keys.add(prefix + name)
     return keys
 
@@ -324,7 +325,7 @@ def validate(raw: dict[str, Any], where: str = "the configuration") -> Config:
 def load_config(
     arch: str,
     overrides: list[str] | None = None,
-    files: list[str | Path] | None = None,
+    files: Sequence[str | Path] | None = None,
     profile: str | None = None,
 ) -> Config:
     """base.yaml -> <arch>.yaml (if any) -> <profile>.yaml -> recipes/<recipe>.yaml (recipe=NAME) ->

@@ -309,6 +309,7 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     oof = load_oof(members)
     method = method_of(opts)
     labels, folds = oof.labels, oof.frame["fold"].to_numpy()
+    assert labels is not None, "out-of-fold predictions are labelled"
     have_features = method.correct == "knn" or _all_have_features(members, "oof")
     inputs = Inputs(oof.probs, oof_neighbours(members, oof) if have_features else None)
     plain = Method(threshold=method.threshold)
@@ -377,7 +378,7 @@ def _print_combiner(c: Combiner, members: list[str], cross: bool) -> None:
         how = " (greedy selection with replacement)" if method.weights == "greedy" else ""
         print(f"weights fitted on all out-of-fold predictions{how}: {shown}"
               + (f" ({c.note})" if c.note else ""))
-    if method.weights == "stack":
+    if method.weights == "stack" and c.stacker is not None:
         coef = ", ".join(f"{m} {w:.3f}" for m, w in zip(members, c.stacker.coef_[0]))
         print(f"stacking (logistic regression on log-odds) fitted on all out-of-fold predictions: {coef}, "
               f"intercept {c.stacker.intercept_[0]:.3f}")
@@ -385,7 +386,8 @@ def _print_combiner(c: Combiner, members: list[str], cross: bool) -> None:
         shown = ", ".join(f"{m} k={k} mix={mix:g}" for m, (k, mix) in zip(members, c.corrections))
         print(f"neighbourhood correction fitted on all out-of-fold predictions: {shown}")
     if method.calibrate != "none":
-        extra = f" (T = {c.calibrator.t:.3f})" if hasattr(c.calibrator, "t") else ""
+        t = getattr(c.calibrator, "t", None)
+        extra = f" (T = {t:.3f})" if t is not None else ""
         print(f"calibration ({method.calibrate}) fitted on all out-of-fold predictions{extra}")
     if method.threshold == "oof":
         print(f"threshold chosen on all out-of-fold predictions (max weighted F1): {c.threshold:.4f}")
@@ -497,6 +499,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
     if method.fitted:
         fold_members = _with_folds_for_full(members)
         oof = load_oof(fold_members)
+        assert oof.labels is not None, "out-of-fold predictions are labelled"
         combiner = fit(method, Inputs(oof.probs, oof_neighbours(fold_members, oof) if knn else None), oof.labels)
         member_thresholds = [fit(Method(threshold=method.threshold), Inputs(oof.probs[:, [i]]), oof.labels).threshold
                              for i in range(m)]

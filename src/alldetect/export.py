@@ -34,6 +34,9 @@ TOLERANCE = 1e-4  # largest difference in probability allowed between the export
 class Exportable(nn.Module):
     """uint8 RGB N x S x S x 3 -> softmax probabilities N x 2 (hem, all), normalisation included."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
@@ -75,7 +78,7 @@ def export_run(run: Path, out: Path, formats: list[str], opset: int = 18) -> dic
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = wrapped(example).numpy()
-    row = {"run": str(run), "folder": str(folder)}
+    row: dict[str, str | float] = {"run": str(run), "folder": str(folder)}
     for fmt in formats:
         path = folder / FORMATS[fmt]
         with atomic_path(path) as tmp:  # checked before it replaces anything
@@ -99,6 +102,8 @@ def _onnx(wrapped: nn.Module, example: torch.Tensor, path: Path, opset: int) -> 
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probs"],
                                     dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False)
+    if program is None:
+        raise UserError(f"torch's ONNX exporter returned nothing for {path.name}; try --format torchscript")
     program.save(str(path), external_data=False)
 
 

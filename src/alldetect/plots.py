@@ -6,6 +6,7 @@ path. Colours follow one order everywhere, so a model keeps its colour across fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def calibration_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: P
     return _save(fig, path)
 
 
-def training_figure(name: str, histories: dict[int, pd.DataFrame], monitor: str, best_epochs: dict[int, int | None],
+def training_figure(name: str, histories: dict[int, pd.DataFrame], monitor: str, best_epochs: Mapping[int, int | None],
                     path: Path) -> Path:
     """Loss (training solid, validation dashed) and the validation score per epoch, one colour per fold;
     a dot marks each fold's kept epoch: the one its best.pt and oof.csv come from (`best_epochs`, 0-based). With

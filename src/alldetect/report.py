@@ -34,7 +34,7 @@ from alldetect.data.folds import fold_file_root
 from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.loop import resolve_device
 from alldetect.engine.runfiles import Checkpoint, RunDir, RunMeta
-from alldetect.engine.runs import FOLD_DIR_RE, Member, fold_dirs
+from alldetect.engine.runs import Member, fold_dirs, fold_of
 from alldetect.engine.select import selection_label, selection_text
 from alldetect.ensemble import load_oof, metrics_table
 from alldetect.errors import UserError
@@ -65,8 +65,10 @@ class ArchResult:
     speed: float | None = None
 
     @property
-    def config(self) -> Config | None:
-        return self.states[0].config if self.states else None
+    def config(self) -> Config:
+        """The settings of its runs (of the first: they are one model); only for a folder with usable runs."""
+        assert self.states, f"{self.folder} has no usable run"
+        return self.states[0].config
 
 
 @dataclass
@@ -153,7 +155,7 @@ def collect_arch(folder: Path, findings: Findings) -> ArchResult:
     result = ArchResult(folder.name, folder)
     models: dict[tuple, torch.nn.Module] = {}
     for run in fold_dirs(folder):
-        fold = int(FOLD_DIR_RE.match(run.name).group(1))
+        fold = fold_of(run)
         files = RunDir(run)
         if files.history.is_file():
             try:
@@ -220,7 +222,7 @@ def _drop_other_models(result: ArchResult, findings: Findings) -> None:
 def collect_ensembles(submissions: Path, archs: dict[str, ArchResult], findings: Findings) -> list[EnsembleResult]:
     """submissions/oof_*/ whose members are among the runs and whose member probabilities are theirs (an
     ensemble made from other or older runs would not describe these)."""
-    found = []
+    found: list[EnsembleResult] = []
     if not submissions.is_dir():
         return found
     for folder in sorted(submissions.glob("oof_*")):
@@ -252,7 +254,9 @@ def _ensemble_problem(members: list[str], oof: pd.DataFrame, archs: dict[str, Ar
     if absent:
         return f"member(s) {', '.join(absent)} are not among the usable runs of this report"
     for m in members:
-        own = archs[m].oof.set_index("path")["prob_all"]
+        member_oof = archs[m].oof
+        assert member_oof is not None  # checked above
+        own = member_oof.set_index("path")["prob_all"]
         if not oof["path"].isin(own.index).all() or len(own) != len(oof):
             return (f"it covers other images than {m}'s runs do (made from other runs?); rerun "
                     "`alldetect ensemble --oof`")
@@ -263,7 +267,7 @@ def _ensemble_problem(members: list[str], oof: pd.DataFrame, archs: dict[str, Ar
 
 
 def collect_held_out(submissions: Path, findings: Findings) -> dict[str, dict]:
-    out = {}
+    out: dict[str, dict] = {}
     if not submissions.is_dir():
         return out
     for metrics_file in sorted(submissions.glob("*/metrics.json")):
@@ -320,10 +324,11 @@ def _size_and_speed(name: str, findings: Findings) -> tuple[float, float]:
         a = archs[name]
         return (a.params if a.params is not None else np.nan), (a.speed if a.speed is not None else np.nan)
     members = [archs[m] for m in next(e.members for e in findings.ensembles if e.name == name)]
-    params = sum(m.params for m in members) if all(m.params is not None for m in members) else np.nan
-    speeds = [m.speed for m in members]
+    sizes = [m.params for m in members if m.params is not None]
+    params = sum(sizes) if len(sizes) == len(members) else np.nan
+    speeds = [m.speed for m in members if m.speed]
     # Every image goes through one model of each member, one after the other.
-    speed = 1 / sum(1 / s for s in speeds) if all(s for s in speeds) else np.nan
+    speed = 1 / sum(1 / s for s in speeds) if len(speeds) == len(members) else np.nan
     return params, speed
 
 
@@ -493,7 +498,7 @@ def _threshold_text(meta: dict) -> str:
 def _runs_table(findings: Findings) -> pd.DataFrame:
     rows = []
     for a in findings.archs:
-        cfg = a.config
+        cfg = a.config if a.states else None
         known = {"input": a.states[0].input_size, "epochs": cfg.epochs, "optimiser": cfg.optimizer, "lr": cfg.lr,
                  "batch": cfg.batch_size, "pretrained": cfg.pretrained} if cfg else {}
         rows.append({"architecture": a.name, "folder": f"`{a.folder}`", "fold runs used": len(a.runs),
@@ -509,7 +514,7 @@ def _mean_over_folds(a: ArchResult, which: str) -> str:
     the best epoch ("max": what choosing on the fold itself would have printed)."""
     values = []
     for run, state in zip(a.runs, a.states):
-        h = a.histories.get(int(FOLD_DIR_RE.match(run.name).group(1)))
+        h = a.histories.get(fold_of(run))
         if h is None or "f1" not in h:
             continue
         kept = h.loc[h["epoch"] == state.progress.epoch, "f1"]
@@ -540,9 +545,9 @@ def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[st
                                               "each bin (on the diagonal = calibrated), with how many images fall "
                                               "in each bin."))
     for a in findings.archs:
-        if a.histories and a.config:
+        if a.histories and a.states:
             monitor = a.config.monitor
-            best = {int(FOLD_DIR_RE.match(r.name).group(1)): s.progress.epoch for r, s in zip(a.runs, a.states)}
+            best = {fold_of(r): s.progress.epoch for r, s in zip(a.runs, a.states)}
             path = plots.training_figure(a.name, a.histories, monitor, best,
                                          fig_dir / f"training_{safe_name(a.name)}.png")
             select = a.config.select
@@ -606,9 +611,10 @@ def check_data(findings: Findings, data: str | None) -> list[str]:
             break
     if data:
         a = next(a for a in findings.archs if a.oof is not None)
-        meta = a.states[0]
-        if a.oof["fold"].nunique() == meta.k and all((Path(data) / p).is_file() for p in a.oof["path"]):
-            digest, _ = fingerprint(Path(data), sorted(a.oof["path"]))
+        meta, oof = a.states[0], a.oof
+        assert oof is not None
+        if oof["fold"].nunique() == meta.k and all((Path(data) / p).is_file() for p in oof["path"]):
+            digest, _ = fingerprint(Path(data), sorted(oof["path"]))
             if digest != meta.fold_fingerprint:
                 findings.note(f"the images under --data {data} differ from those {a.name} was trained on "
                               f"(fingerprint {digest}, its fold file's {meta.fold_fingerprint})")

@@ -39,7 +39,7 @@ class WandbTracker(Tracker):
                                   init_timeout=120)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=name, group=group,
-                                  job_type=job_type, dir=str(run_dir), config=config, mode=mode,
+                                  job_type=job_type, dir=str(run_dir), config=config, mode=mode,  # type: ignore[arg-type]
                                   id=resume_id, resume="allow" if resume_id else None,
                                   reinit="create_new", settings=settings)
         except Exception as e:  # wandb raises its own error types for login and network problems

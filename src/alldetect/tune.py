@@ -14,6 +14,7 @@ import logging
 import random
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +111,14 @@ def safe_url(url: str) -> str:
 
 
 @contextlib.contextmanager
-def storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ()):
+def storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """Database trouble reaches users as one line naming the URL, never as a SQLAlchemy traceback."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    caught: tuple[type[BaseException], ...] = (SQLAlchemyError, optuna.exceptions.StorageInternalError, *also)
     try:
         yield
-    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, *also) as e:
+    except caught as e:
         cause: BaseException = e
         while isinstance(cause, (optuna.exceptions.StorageInternalError, ImportError)) and cause.__cause__:
             cause = cause.__cause__  # Optuna's wrapper -> SQLAlchemy's or the import's own error
@@ -127,7 +129,7 @@ def storage_errors(url: str, doing: str, also: tuple[type[Exception], ...] = ())
 
 
 @contextlib.contextmanager
-def quiet_experimental():
+def quiet_experimental() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
@@ -156,6 +158,7 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
                 if attempt == 4 or not _lost_creation_race(e):
                     raise
                 time.sleep(0.2 + random.random())  # another worker is making the same tables: use theirs
+    raise AssertionError("unreachable: the fifth attempt returns or raises")
 
 
 def _lost_creation_race(e: Exception) -> bool:

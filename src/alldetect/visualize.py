@@ -160,7 +160,8 @@ def check_images(images: list[str]) -> list[np.ndarray]:
 
 
 def unique_stems(images: list[str]) -> list[str]:
-    stems, seen = [], {}
+    stems: list[str] = []
+    seen: dict[str, int] = {}
     for path in images:
         stem = safe_name(Path(path).stem)
         seen[stem] = seen.get(stem, 0) + 1

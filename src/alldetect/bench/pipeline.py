@@ -51,14 +51,14 @@ class NaiveDataset(Dataset):
 
 def _images_per_s(loader, epochs: int, prepare) -> float:
     """Time `epochs` passes after the first batch (worker start-up is not the pipeline's throughput)."""
-    n, start = 0, None
+    n, start = 0, 0.0
     with loader:
         for _ in range(epochs + 1):
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(_)
             for batch in loader:
                 prepare(batch[0])
-                if start is None:
+                if not start:
                     start = time.perf_counter()
                     continue
                 n += len(batch[0])

@@ -28,6 +28,7 @@ def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: li
     if oof:
         label = name or "+".join(_member_label(m) for m in members)
         return oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")
+    assert name is not None  # checked above
     return submission(members, name, opts, Path(out))
 
 

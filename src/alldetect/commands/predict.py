@@ -30,7 +30,7 @@ def predict_command(runs: list[str], data: str | None, name: str | None, overrid
                         "own validation images)")
     if not oof and not data:
         raise UserError(f"--name {name} needs --data DIR: the folder of images to predict")
-    name = OOF_NAME if oof else check_name(name)
+    name = OOF_NAME if oof else check_name(name or "")
     if name == OOF_NAME and not oof:
         raise UserError(f"--name {OOF_NAME} is kept for --oof (each run's own validation images); choose another")
     fold_runs = find_fold_runs(paths)
@@ -50,6 +50,7 @@ def predict_command(runs: list[str], data: str | None, name: str | None, overrid
               + (f" and feat_{name}.npz; use them with `alldetect ensemble RUN... --oof correct=knn`."
                  if opts["features"] else "."))
         return table
+    assert data is not None  # checked above
     held_out = load_held_out(data)
     device = resolve_device(opts["device"])
     log.info("predicting %d image(s) of %s (%s) with %d run(s), tta=%s", len(held_out.manifest), held_out.root,

@@ -48,7 +48,8 @@ def tune_command(arch: str, overrides: list[str], files: list[str] | None = None
     if "full" in [spec.strip() for spec in folds.split(",")]:
         raise UserError("--folds full: a trial is scored on its validation folds, and full has none; name folds "
                         "(fold0,fold1) or all")
-    wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)})
+    wanted = sorted({f for spec in folds.split(",") for f in parse_fold_spec(spec.strip(), fold_file.k)
+                     if f is not None})  # full is refused above
     search = load_search_space(space_file(arch, space), cfg)
     name = study or (f"{arch}-demo" if demo else arch)
     url = storage or f"sqlite:///{Path('studies') / f'{name}.db'}"

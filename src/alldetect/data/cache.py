@@ -34,7 +34,7 @@ class ImageCache:
     def __init__(self, file: Path, paths: list[str], size: int):
         self.file, self.paths, self.size = Path(file), list(paths), size
         self.row_of = {p: i for i, p in enumerate(self.paths)}
-        self._array = None
+        self._array: np.ndarray | None = None
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}

@@ -36,7 +36,7 @@ Scores on these images say nothing about real leukemia detection.
 def _blob_noise(rng: np.random.Generator, scale: float) -> np.ndarray:
     """Smooth zero-mean unit-variance noise whose blobs are about `scale` px across."""
     small = max(4, int(SIZE / scale))
-    field = rng.standard_normal((small, small)).astype(np.float32)
+    field: np.ndarray = rng.standard_normal((small, small)).astype(np.float32)
     field = cv2.resize(field, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
     return (field - field.mean()) / (field.std() + 1e-6)
 
@@ -84,7 +84,7 @@ def render_cell(rng: np.random.Generator, blast: bool, stain: np.ndarray, size_f
         texture -= 0.03  # keep the mean close to a normal cell's
     brightness = np.clip(1 + texture + rng.normal(0, 0.03), 0.4, 1.8)
 
-    img = np.zeros((SIZE, SIZE, 3), np.float32)
+    img: np.ndarray = np.zeros((SIZE, SIZE, 3), np.float32)
     img[cell] = stain[1]
     img[nucleus] = stain[0][None, :] * brightness[nucleus][:, None]
     img += rng.normal(0, 3, img.shape).astype(np.float32) * cell[..., None]

@@ -97,7 +97,7 @@ def _cnmc_train(root: Path, paths: list[str]) -> pd.DataFrame | None:
         if m.group(2).lower() != cls:
             mismatched.append(p)
         rows.append(dict(path=p, label=CLASS_LABELS[cls], label_name=cls, subject=m.group(1).upper(),
-                         source_layout="cnmc_train", official_fold=int(FOLD_RE.match(parts[-3]).group(1))))
+                         source_layout="cnmc_train", official_fold=_official_fold(parts[-3])))
     if not rows and not bad_names:
         return None
     if bad_names:
@@ -242,3 +242,10 @@ def dataset_name(root: str | Path) -> str:
     """A short name for fold files: the data folder's name, made file-safe."""
     name = Path(root).resolve().name or "data"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _official_fold(folder: str) -> int:
+    """C-NMC's fold_0 .. fold_2 folder -> 0 .. 2 (the layout's pattern has matched it already)."""
+    m = FOLD_RE.match(folder)
+    assert m is not None, folder
+    return int(m.group(1))

@@ -74,7 +74,7 @@ def resolve_folds(cfg: Config) -> FoldFile:
     """Load the configured fold file (checked against the data), or make the default one on first use."""
     if cfg.data.fold_file:  # its sidecar knows the data root when none is given
         return load_fold_file(cfg.data.fold_file, cfg.data.root)
-    root = Path(cfg.data.root)
+    root = Path(cfg.data.root or "")
     if not root.is_dir():  # say so before naming a fold file after it
         build_manifest(root)
     path = default_fold_path(cfg.folds_dir, root, cfg.data.k, cfg.seed, cfg.data.split_by)

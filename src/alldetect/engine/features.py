@@ -9,7 +9,8 @@ from torch import nn
 
 def classifier_of(model: nn.Module) -> nn.Linear:
     """The layer that turns features into logits: timm's get_classifier(), else the last linear layer."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
     if isinstance(head, nn.Linear):
         return head
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

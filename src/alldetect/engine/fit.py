@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,7 +69,7 @@ class Model:
 
     module: nn.Module
     forward: nn.Module
-    ema: object = None
+    ema: Any = None  # timm ModelEmaV3
     use_ema: bool = True  # False with select=last: the average is kept up (in last.pt) but not evaluated or kept
 
     @property
@@ -85,7 +86,7 @@ class Model:
         return (self.module if self.averaged is None else self.averaged).state_dict()
 
 
-def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | None = None,
+def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | RunDir | None = None,
              on_epoch: Callable[[int, dict], None] | None = None, wandb_name: str | None = None,
              job_type: str = "train") -> FitResult:
     """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` (the validation
@@ -102,12 +103,12 @@ def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | Non
     d = init_distributed()
     if d.enabled and cfg.freeze_epochs:
         raise UserError("freeze_epochs is not supported with several GPUs (--gpus): train on one")
-    run_dir = RunDir(run_dir) if run_dir is not None else run_dir_for(cfg, fold)
+    files = RunDir(run_dir) if run_dir is not None else run_dir_for(cfg, fold)
     if d.main:
-        check_writable(run_dir.path, "the run folder")
-    lock = exclusive(run_dir.path / ".lock", f"the run folder {run_dir}") if d.main else contextlib.nullcontext()
+        check_writable(files.path, "the run folder")
+    lock = exclusive(files.path / ".lock", f"the run folder {files}") if d.main else contextlib.nullcontext()
     with lock:
-        return _fit_locked(cfg, fold, folds, run_dir, d, on_epoch, wandb_name, job_type)
+        return _fit_locked(cfg, fold, folds, files, d, on_epoch, wandb_name, job_type)
 
 
 def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir, d: Dist, on_epoch, wandb_name,
@@ -173,7 +174,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                 if cfg.freeze_epochs:
                     set_frozen(model.module, epoch < cfg.freeze_epochs)
                 carry = partial if partial is not None and partial["epoch"] == epoch else None
-                data.train_loader.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
+                data.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
                 stats = train_one_epoch(model.forward, data.train_loader, updater, dev, epoch=epoch, seed=cfg.seed,
                                         updates_per_epoch=updates_per_epoch, max_batches=cfg.max_batches,
                                         augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
@@ -195,7 +196,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                 if selector.curve is not None:
                     judged = inner if data.inner is not None else metrics
                     progress.stale = 0 if chosen else progress.stale + 1
-                    if chosen:
+                    if chosen and judged is not None:
                         progress.best = judged[cfg.monitor]
                 if chosen:
                     progress.best_epoch = epoch
@@ -207,9 +208,9 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                         if chosen:
                             save_checkpoint(run_dir.best, replace(state, model=model.weights(), optimizer=None,
                                                                   ema=None, scaler=None))
-                            if outer_probs is not None:
+                            if outer_probs is not None and data.outer is not None and fold is not None:
                                 run_dir.write_scored(False, data.outer.rows, outer_probs, fold)
-                            if inner_probs is not None:
+                            if inner_probs is not None and data.inner is not None and fold is not None:
                                 run_dir.write_scored(True, data.inner.rows, inner_probs, fold)
                         save_checkpoint(run_dir.last, state)
                         write_csv(run_dir.history, history)
@@ -258,11 +259,11 @@ def _build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: Dev
     module = module.to(device)
     if dev.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    forward = module
+    forward: nn.Module = module
     if d.enabled:
         forward = DistributedDataParallel(module, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if cfg.compile and device.type == "cuda":
-        forward = torch.compile(forward)
+        forward = torch.compile(forward)  # type: ignore[assignment]  # a callable module in all but its type
     ema = None
     if cfg.ema:
         from timm.utils import ModelEmaV3

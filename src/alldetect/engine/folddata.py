@@ -35,6 +35,7 @@ class EvalSet:
 @dataclass
 class FoldData:
     train_loader: Loader
+    sampler: EpochSampler  # the training loader's: set_epoch(epoch, skip) before each epoch
     outer: EvalSet | None  # the validation fold: what the run's scores and oof.csv are of (None: train=full)
     inner: EvalSet | None  # select=inner: held-out subjects of the training folds, which pick the epoch
     class_weights: torch.Tensor | None
@@ -55,6 +56,7 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     val_rows = folds.table[held_out].reset_index(drop=True)
     inner_rows = None
     if cfg.select == "inner":
+        assert fold is not None, "fit_fold refuses select=inner for full"
         train_rows, inner_rows = carve_inner(train_rows, cfg.select_share, cfg.seed, fold)
     extra = extra_rows(cfg.data.extra, folds.table) if cfg.data.extra else None
     if extra is not None:
@@ -96,6 +98,6 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     train_sampler = EpochSampler(len(train_ds), cfg.seed, True, sample_weights, d.rank, d.world)
     return FoldData(
         make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin,
-                    drop_last=len(train_ds) > cfg.batch_size),
+                    drop_last=len(train_ds) > cfg.batch_size), train_sampler,
         eval_set(val_rows) if fold is not None else None, eval_set(inner_rows) if inner_rows is not None else None,
         class_weights, batch, len(train_rows))

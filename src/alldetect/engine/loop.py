@@ -6,6 +6,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from tqdm.auto import tqdm
 
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_seed
 from alldetect.errors import UserError
+
+if TYPE_CHECKING:
+    from alldetect.engine.optim import Schedule
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,13 +86,13 @@ class Updater:
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    schedule: object  # engine.optim.Schedule
-    loss_fn: nn.Module
-    scaler: object = None
+    schedule: Schedule
+    loss_fn: Any  # an nn.Module, or timm's soft-target loss
+    scaler: torch.amp.GradScaler | None = None
     accum: int = 1
     clip: float = 0.0
-    ema: object = None  # timm ModelEmaV3
-    mixup: object = None  # timm.data.Mixup
+    ema: Any = None  # timm ModelEmaV3
+    mixup: Any = None  # timm.data.Mixup
 
     def targets(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup / cutmix on the device. timm's Mixup draws from numpy's global generator: seed it per step (and
@@ -158,7 +162,8 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
         x, target = updater.targets(x, y, step_seed)
         group_end = min(step - step % accum + accum, n_batches)
         boundary = step + 1 == group_end
-        sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: no all-reduce inside an accumulation
+        sync = no_sync() if callable(no_sync) and not boundary else nullcontext()
         with sync:
             with dev.autocast():
                 loss = updater.loss_fn(logits_of(model(x)), target)

@@ -8,6 +8,7 @@ nothing to restore or patch.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from torch import nn
 
@@ -28,7 +29,7 @@ def create_optimizer(cfg: Config, model: nn.Module):
     if cfg.optimizer not in list_optimizers():
         raise UserError(f"optimizer={cfg.optimizer} is not one of timm's optimisers; use sgd, adam, adamw, or "
                         "another of timm.optim.list_optimizers()")
-    extra = {"momentum": cfg.momentum} if cfg.optimizer in ("sgd", "momentum") else {}
+    extra: dict[str, Any] = {"momentum": cfg.momentum} if cfg.optimizer in ("sgd", "momentum") else {}
     # timm's "sgd" is Nesterov SGD; the report's (Keras') SGD and `momentum` here are plain
     name = "momentum" if cfg.optimizer == "sgd" else cfg.optimizer
     if cfg.lr_stages:
@@ -45,9 +46,10 @@ def stage_groups(model: nn.Module, stages: list[float], weight_decay: float) -> 
     warm-up and decay move all of them together. No weight decay on biases and norms, as timm does."""
     from timm.models import group_parameters
 
-    if not hasattr(model, "group_matcher"):
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
         raise UserError(f"lr_stages: {type(model).__name__} has no layer groups; use lr (and layer_decay) instead")
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+    groups = group_parameters(model, matcher(coarse=True))
     if len(groups) != len(stages):
         raise UserError(f"lr_stages has {len(stages)} learning rates but this network has {len(groups)} layer groups "
                         f"(stem to head; they begin with {', '.join(names[0] for names in groups.values())}): give "
@@ -78,8 +80,9 @@ class Schedule:
         if warmup >= cfg.epochs:
             raise UserError(f"warmup_epochs={warmup:g} must be shorter than the run (epochs={cfg.epochs})")
         sched = {"none": "constant", "onecycle": "cosine"}.get(cfg.scheduler, cfg.scheduler)
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
+        self.scheduler, _ = create_scheduler_v2(  # timm takes fractional epochs, though typed int
+            optimizer, sched=sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup,  # type: ignore[arg-type]
+            warmup_prefix=True,
             warmup_lr=cfg.lr * WARMUP_START if warmup else cfg.lr, min_lr=cfg.min_lr, decay_epochs=cfg.step_size,
             decay_rate=cfg.gamma, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
         self.optimizer = optimizer

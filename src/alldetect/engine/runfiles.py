@@ -21,6 +21,7 @@ refused with a clear message.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
 import zipfile
@@ -142,7 +143,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
         raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): {str(e)[:200]}") from None
     if not isinstance(state, dict) or "model" not in state or not ("meta" in state or "config" in state):
         raise UserError(f"{path} is not an alldetect checkpoint (no model weights and metadata inside)")
-    return Checkpoint(_read_meta(state, path), *(state.get(k) for k in TENSORS), path=path)
+    return Checkpoint(_read_meta(state, path), state["model"], state.get("optimizer"), state.get("ema"),
+                      state.get("scaler"), path=path)
 
 
 def _read_meta(state: dict, path: Path) -> RunMeta:
@@ -174,7 +176,7 @@ def _upgrade_flat(state: dict) -> dict:
 class RunDir:
     """One run folder: the path of every file it holds, and their readers (see the module's docstring)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ Folds of one architecture folder form one ensemble member."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,17 @@ class Member:
 def fold_dirs(folder: Path) -> list[Path]:
     """The fold<k> folders of an architecture folder, in numeric order (trained or not)."""
     dirs = [d for d in folder.iterdir() if d.is_dir() and FOLD_DIR_RE.match(d.name)]
-    return sorted(dirs, key=lambda d: int(FOLD_DIR_RE.match(d.name).group(1)))
+    return sorted(dirs, key=fold_of)
 
 
-def find_fold_runs(paths: list[str | Path]) -> list[Path]:
+def fold_of(run: Path) -> int:
+    """runs/<arch>/fold3 -> 3 (a folder FOLD_DIR_RE has matched)."""
+    m = FOLD_DIR_RE.match(run.name)
+    assert m is not None, run
+    return int(m.group(1))
+
+
+def find_fold_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Every fold run under the given folders, each once, in the order given (folds in numeric order).
     A folder without a checkpoint is an error that names it."""
     if not paths:

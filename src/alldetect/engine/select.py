@@ -57,6 +57,7 @@ class Selector:
     def chooses(self, epoch: int, metrics: dict | None, best: float | None) -> bool:
         if self.curve is None:
             return epoch == self.last_epoch
+        assert metrics is not None, "a chosen epoch needs scores to choose on"
         return self.better(metrics[self.monitor], best)
 
     def should_stop(self, stale: int) -> bool:

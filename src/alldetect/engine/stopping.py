@@ -14,7 +14,7 @@ class StopRequested(Exception):
 
 
 class StopFlag:
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal_name: str | None = None
 
     def __bool__(self) -> bool:

@@ -43,6 +43,6 @@ def resolve_config(arch: str, overrides: list[str], files: list[str]) -> tuple[C
         root = ensure_demo_data()
         print(demo_banner(root), flush=True)
         return load_config(arch, [*overrides, f"data.root={root}"], files, profile="demo"), True
-    if is_demo_data(cfg.data.root or fold_file_root(cfg.data.fold_file)):
+    if is_demo_data(cfg.data.root or fold_file_root(cfg.data.fold_file or "")):
         return load_config(arch, overrides, files, profile="demo"), True
     return cfg, False
