@@ -12,8 +12,8 @@ from alldetect.combine import Inputs, Method, cross_fitted, fit_weights
 from alldetect.commands.ensemble import ensemble_command
 from alldetect.commands.evaluate import evaluate_command
 from alldetect.engine.runs import find_fold_runs, group_members
-from alldetect.ensemble import isbi_lines
 from alldetect.errors import UserError
+from alldetect.isbi import isbi_lines
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
 from alldetect.plots import probability_text
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from alldetect.data.layouts import read_labels_file
 from alldetect.engine.runfiles import read_checked_csv
-from alldetect.ensemble import render, write_json
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
+from alldetect.render import render, write_json
 
 
 def evaluate_command(submission: str, labels_file: str) -> dict:

@@ -10,18 +10,10 @@ from pathlib import Path
 
 from alldetect import __version__
 from alldetect.atomic import check_writable, safe_name
+from alldetect.comparison import comparison_table, display_table
+from alldetect.findings import collect
 from alldetect.page import to_html, to_markdown
-from alldetect.report import (
-    build_page,
-    check_data,
-    collect,
-    comparison_table,
-    display_table,
-    draw_figures,
-    measure_speeds,
-    protocol_text,
-    publish,
-)
+from alldetect.report import build_page, check_data, draw_figures, measure_speeds, protocol_text, publish
 
 
 def report_command(runs: str = "runs", submissions: str = "submissions", name: str | None = None,

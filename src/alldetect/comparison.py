@@ -1,0 +1,120 @@
+"""The numbers of `alldetect report`: per-fold scores of every model's out-of-fold predictions, their mean and
+spread (the study's Table 2 and more), size and speed, and the table of how each architecture was trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from alldetect.engine.runs import fold_of
+from alldetect.engine.select import selection_label
+from alldetect.findings import ArchResult, Findings
+from alldetect.metrics import METRIC_NAMES, score
+
+COLUMNS = {"accuracy": "accuracy", "f1": "weighted F1", "precision": "precision", "recall": "recall",
+           "roc_auc": "ROC-AUC"}  # the table's order: the study's accuracy first
+
+
+def fold_scores(oof: pd.DataFrame) -> pd.DataFrame:
+    """One row per fold: the metrics of that fold's images, from their `pred` decisions and `prob_all`."""
+    rows = []
+    for fold, g in oof.groupby("fold"):
+        s = score(g["label"], g["prob_all"], pred=g["pred"])
+        rows.append({"fold": int(fold), "images": len(g), **{k: s[k] for k in METRIC_NAMES}})
+    return pd.DataFrame(rows)
+
+
+def comparison_table(findings: Findings) -> pd.DataFrame:
+    """The numbers of the study's Table 2: per model, each metric's mean and standard deviation (ddof=1) over
+    folds, parameters and inference images/s."""
+    rows = []
+    for name, oof in findings.models().items():
+        per_fold = fold_scores(oof)
+        row = {"model": name, "folds": len(per_fold), "images": int(per_fold["images"].sum())}
+        for k in COLUMNS:
+            row[f"{k}_mean"] = float(per_fold[k].mean())
+            row[f"{k}_std"] = float(per_fold[k].std(ddof=1)) if len(per_fold) > 1 else float("nan")
+        row["params"], row["images_per_s"] = _size_and_speed(name, findings)
+        row["selection"] = _selection_of(name, findings)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _selection_of(name: str, findings: Findings) -> str:
+    """How the model's fold runs chose their weights (select=); an ensemble is as optimistic as its members."""
+    archs = {a.name: a for a in findings.archs}
+    members = [name] if name in archs else next(e.members for e in findings.ensembles if e.name == name)
+    texts = {selection_label([s.config for s in archs[m].states]) for m in members}
+    return next((t for t in texts if "OPTIMISTIC" in t), None) or "/".join(sorted(texts))
+
+
+def _size_and_speed(name: str, findings: Findings) -> tuple[float, float]:
+    archs = {a.name: a for a in findings.archs}
+    if name in archs:
+        a = archs[name]
+        return (a.params if a.params is not None else np.nan), (a.speed if a.speed is not None else np.nan)
+    members = [archs[m] for m in next(e.members for e in findings.ensembles if e.name == name)]
+    sizes = [m.params for m in members if m.params is not None]
+    params = sum(sizes) if len(sizes) == len(members) else np.nan
+    speeds = [m.speed for m in members if m.speed]
+    # Every image goes through one model of each member, one after the other.
+    speed = 1 / sum(1 / s for s in speeds) if len(speeds) == len(members) else np.nan
+    return params, speed
+
+
+def _cell(mean: float, std: float) -> str:
+    return f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def display_table(numbers: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"model": numbers["model"], "folds": numbers["folds"]})
+    for k, label in COLUMNS.items():
+        out[label] = [_cell(m, s) for m, s in zip(numbers[f"{k}_mean"], numbers[f"{k}_std"])]
+    out["parameters"] = [f"{int(p):,}" if not np.isnan(p) else "?" for p in numbers["params"]]
+    out["images/s"] = [f"{s:.1f}" if not np.isnan(s) else "not measured" for s in numbers["images_per_s"]]
+    out["selection"] = numbers["selection"]
+    return out
+
+
+def per_fold_table(findings: Findings) -> pd.DataFrame:
+    rows = []
+    for name, oof in findings.models().items():
+        for r in fold_scores(oof).itertuples():
+            rows.append({"model": name, "fold": r.fold, "images": r.images,
+                         **{label: f"{getattr(r, k):.4f}" for k, label in COLUMNS.items()}})
+    return pd.DataFrame(rows)
+
+
+def threshold_text(meta: dict) -> str:
+    mode = str(meta.get("threshold_mode", "0.5"))
+    return "chosen per fold on the other folds" if mode == "oof" else mode
+
+
+def runs_table(findings: Findings) -> pd.DataFrame:
+    rows = []
+    for a in findings.archs:
+        cfg = a.config if a.states else None
+        known = {"input": a.states[0].input_size, "epochs": cfg.epochs, "optimiser": cfg.optimizer, "lr": cfg.lr,
+                 "batch": cfg.batch_size, "pretrained": cfg.pretrained} if cfg else {}
+        rows.append({"architecture": a.name, "folder": f"`{a.folder}`", "fold runs used": len(a.runs),
+                     **{k: known.get(k, "?") for k in ("input", "epochs", "optimiser", "lr", "batch", "pretrained")},
+                     "selection": selection_label([s.config for s in a.states]),
+                     "kept epoch per fold": ", ".join(str(s.progress.epoch + 1) for s in a.states) or "-",
+                     "kept F1": _mean_over_folds(a, "kept"), "best-epoch F1 (peeking)": _mean_over_folds(a, "max")})
+    return pd.DataFrame(rows)
+
+
+def _mean_over_folds(a: ArchResult, which: str) -> str:
+    """Mean over folds of the validation-fold weighted F1 (history.csv) of the epoch best.pt kept ("kept") or of
+    the best epoch ("max": what choosing on the fold itself would have printed)."""
+    values = []
+    for run, state in zip(a.runs, a.states):
+        h = a.histories.get(fold_of(run))
+        if h is None or "f1" not in h:
+            continue
+        kept = h.loc[h["epoch"] == state.progress.epoch, "f1"]
+        if which == "max":
+            values.append(h["f1"].max())
+        elif len(kept):
+            values.append(kept.iloc[0])
+    return f"{np.mean(values):.4f}" if values else "-"

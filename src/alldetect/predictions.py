@@ -1,0 +1,221 @@
+"""The predictions an ensemble combines, read and checked: each member's out-of-fold predictions (its folds' oof.csv),
+or `predict`'s pred_<NAME>.csv of every run (folds averaged per member), with the checks that they are of one
+split of one data set and of the checkpoints the runs hold now; and, for correct=knn, each run's features."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from alldetect.combine import (
+    KNN_K,
+)
+from alldetect.engine.runfiles import RunDir, RunMeta
+from alldetect.engine.runs import Member
+from alldetect.engine.select import selection_label
+from alldetect.errors import UserError, short_list
+from alldetect.neighbours import neighbour_means
+
+log = logging.getLogger("alldetect")
+
+
+@dataclass
+class Predictions:
+    """Images x members: each member's probability of `all`, aligned on the image path."""
+
+    frame: pd.DataFrame  # path, and label, subject, fold where known
+    probs: np.ndarray  # images x members
+    members: list[str]
+    info: dict  # what they were made from (runs, fold files, data), for metrics.json
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.frame["label"].to_numpy() if "label" in self.frame else None
+
+    @property
+    def subjects(self) -> np.ndarray | None:
+        return self.frame["subject"].to_numpy() if "subject" in self.frame else None
+
+
+def load_oof(members: list[Member]) -> Predictions:
+    """Every member's OOF predictions (its folds' oof.csv concatenated), joined on path, after checking that
+    all runs were trained on one fold file of one data set and that the members cover the same images."""
+    infos: list[RunInfo] = []
+    tables = []
+    for member in members:
+        parts = []
+        for run in member.runs:
+            infos.append(RunInfo(member.name, run, RunDir(run).meta()))
+            parts.append(RunDir(run).read_oof())
+        table = pd.concat(parts, ignore_index=True)
+        twice = table.loc[table["path"].duplicated(), "path"].tolist()
+        if twice:
+            raise UserError(f"{member.name}: {len(twice)} image(s) are in the OOF predictions of more than one of its "
+                            f"runs ({short_list(twice, 3)}): its runs were trained on different fold files. "
+                            "Name runs of one fold file only")
+        tables.append(table.set_index("path"))
+        _warn_missing_folds(member, table, infos[-1])
+    _check_same_fold_file(members, tables, infos)
+    first = tables[0].sort_index()
+    frame = first.reset_index()[["path", "label", "fold"] + (["subject"] if "subject" in first else [])]
+    probs = np.column_stack([t.loc[frame["path"], "prob_all"].to_numpy(float) for t in tables])
+    info = {"fold_file": infos[0].meta.fold_file, "fold_fingerprint": infos[0].meta.fold_fingerprint,
+            "runs": {m.name: [str(r) for r in m.runs] for m in members},
+            "selection": {m.name: selection_label(i.meta.config for i in infos if i.member == m.name) for m in members}}
+    return Predictions(frame, probs, [m.name for m in members], info)
+
+
+@dataclass
+class RunInfo:
+    member: str
+    run: Path
+    meta: RunMeta
+
+
+def _warn_missing_folds(member: Member, table: pd.DataFrame, info: RunInfo) -> None:
+    k, have = info.meta.k, sorted(table["fold"].unique())
+    if k and len(have) < k:
+        log.warning("%s: out-of-fold predictions of fold(s) %s only (its fold file has %d folds)", member.name,
+                    ", ".join(map(str, have)), k)
+
+
+def _check_same_fold_file(members: list[Member], tables: list[pd.DataFrame], infos: list[RunInfo]) -> None:
+    prints = {i.meta.fold_fingerprint for i in infos}
+    if len(prints) > 1:
+        detail = "; ".join(f"{i.run}: {i.meta.fold_file or '?'} (data fingerprint {i.meta.fold_fingerprint or 'none'})"
+                           for i in infos)
+        raise UserError("the runs were trained on different data (fold files with different data fingerprints), so "
+                        f"their out-of-fold predictions cannot be combined: {detail}. Use runs of one fold file")
+    ref, ref_name = tables[0], members[0].name
+    for member, table in zip(members[1:], tables[1:]):
+        lacks, extra = ref.index.difference(table.index), table.index.difference(ref.index)
+        if len(lacks) or len(extra):
+            raise UserError(
+                f"the members cover different images: {member.name} lacks {len(lacks)} image(s) that {ref_name} has "
+                f"({short_list(lacks, 3)}) and has {len(extra)} that {ref_name} lacks ({short_list(extra, 3)}). "
+                "Every member needs OOF predictions of the same folds (train them all: ./train.sh ARCH all)")
+        moved = ref.index[ref["fold"].to_numpy() != table.loc[ref.index, "fold"].to_numpy()]
+        if len(moved):
+            files = {i.member: i.meta.fold_file for i in infos}
+            raise UserError(
+                f"{member.name} and {ref_name} were trained on different fold files ({files[member.name]} and "
+                f"{files[ref_name]}): {len(moved)} image(s) sit in other folds ({short_list(moved, 3)}). "
+                "Use runs trained on the same fold file")
+        relabelled = ref.index[ref["label"].to_numpy() != table.loc[ref.index, "label"].to_numpy()]
+        if len(relabelled):
+            raise UserError(f"{member.name} and {ref_name} disagree on the labels of {short_list(relabelled, 3)}")
+
+
+def load_predictions(members: list[Member], name: str) -> Predictions:
+    """`predict`'s pred_<name>.csv of every run: folds averaged per member, after checking that every run
+    predicted the same images of the same data."""
+    runs = [run for m in members for run in m.runs]
+    missing = [str(r) for r in runs if not RunDir(r).pred(name).is_file()]
+    if missing:
+        raise UserError(f"no predictions named '{name}' in {short_list(missing)}: run `alldetect predict "
+                        f"{' '.join(str(m.folder) for m in members)} --data DIR --name {name}` first")
+    frames = {r: RunDir(r).read_predictions(name) for r in runs}
+    metas = {r: RunDir(r).read_pred_meta(name) for r in runs}
+    ref = runs[0]
+    ref_paths = set(frames[ref]["path"])
+    for run in runs[1:]:
+        paths = set(frames[run]["path"])
+        if paths != ref_paths:
+            lacks, extra = sorted(ref_paths - paths), sorted(paths - ref_paths)
+            raise UserError(f"{RunDir(run).pred(name)} does not cover the images of {RunDir(ref).pred(name)}: "
+                            f"it lacks {len(lacks)} ({short_list(lacks, 3)}) and has {len(extra)} others "
+                            f"({short_list(extra, 3)}). Rerun `alldetect predict` for every run with the same --data")
+    stale = [r for r, m in metas.items()
+             if m.get("checkpoint_saved_at") is not None and m["checkpoint_saved_at"] != RunDir(r).meta().saved_at]
+    if stale:
+        raise UserError(f"the predictions '{name}' of {short_list([str(r) for r in stale])} were made by an older "
+                        "best.pt than the run holds now (it was retrained or resumed since). Rerun `alldetect predict "
+                        f"{' '.join(str(r) for r in stale)} --data DIR --name {name}`")
+    prints = {m.get("data_fingerprint") for m in metas.values()}
+    if len(prints) > 1:
+        detail = "; ".join(f"{r}: {m.get('data_root')} ({m.get('data_fingerprint')})" for r, m in metas.items())
+        raise UserError(f"predictions '{name}' were made on different data: {detail}. Rerun `alldetect predict` for "
+                        "every run with the same --data")
+    frame = frames[ref].reset_index(drop=True)  # predict's order: numeric for C-NMC test folders
+    keep = ["path"] + [c for c in ("label", "subject") if c in frame]
+    columns = []
+    for member in members:
+        folds = [frames[r].set_index("path").loc[frame["path"], "prob_all"].to_numpy(float) for r in member.runs]
+        columns.append(np.mean(folds, axis=0))
+    tta = sorted({str(m.get("tta")) for m in metas.values()})
+    if len(tta) > 1:
+        log.warning("the runs' predictions '%s' used different test-time augmentation (%s)", name, ", ".join(tta))
+    meta = metas[ref]
+    info = {"data_root": meta.get("data_root"), "data_fingerprint": meta.get("data_fingerprint"),
+            "layout": meta.get("layout"), "tta": tta if len(tta) > 1 else tta[0],
+            "runs": {m.name: [str(r) for r in m.runs] for m in members}}
+    return Predictions(frame[keep], np.column_stack(columns), [m.name for m in members], info)
+
+
+def all_have_features(members: list[Member], name: str) -> bool:
+    return all(RunDir(run).feat(name).is_file() for m in members for run in m.runs)
+
+
+def _read_features(run: Path, name: str) -> pd.Series:
+    """feat_<name>.npz of a run as {path: feature row}, checked against the run's current best.pt."""
+    files = RunDir(run)
+    path = files.feat(name)
+    how = "--oof features=true" if name == "oof" else f"--data DIR --name {name} features=true"
+    if not path.is_file():
+        raise UserError(f"correct=knn needs each run's features, and {path} is missing: run `alldetect predict "
+                        f"{run} {how}` first")
+    saved = files.read_pred_meta(name).get("checkpoint_saved_at")
+    if saved is not None and saved != files.meta().saved_at:
+        raise UserError(f"{path} was made by an older best.pt than {run} holds now: rerun `alldetect predict {run} "
+                        f"{how}`")
+    try:
+        with np.load(path) as z:
+            paths, features = z["paths"].astype(str), z["features"]
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:120]}): rerun `alldetect predict {run} "
+                        f"{how}`") from None
+    if len(paths) != len(features) or features.ndim != 2:
+        raise UserError(f"{path} holds {len(paths)} paths but features of shape {features.shape}: rerun predict")
+    return pd.Series(list(features), index=paths)
+
+
+def _aligned(features: pd.Series, paths, run: Path, name: str) -> np.ndarray:
+    lacks = pd.Index(paths).difference(features.index)
+    if len(lacks):
+        raise UserError(f"{RunDir(run).feat(name)} lacks the features of {len(lacks)} image(s) it should hold "
+                        f"({short_list(lacks, 3)}): rerun `alldetect predict` with features=true")
+    return np.stack(features.loc[list(paths)].to_list())
+
+
+def oof_neighbours(members: list[Member], oof: Predictions) -> dict[int, np.ndarray]:
+    """{k: images x members}: for each member, each OOF image's neighbours among its fold's images (what that fold's
+    model predicted together), by that model's features, and the mean of their OOF probabilities."""
+    out = {k: np.zeros(oof.probs.shape) for k in KNN_K}
+    where = pd.Index(oof.frame["path"])
+    for i, member in enumerate(members):
+        for run in member.runs:
+            own = RunDir(run).read_oof()
+            near = neighbour_means(_aligned(_read_features(run, "oof"), own["path"], run, "oof"),
+                                   own["prob_all"].to_numpy(float))
+            rows = where.get_indexer(own["path"])
+            for k in KNN_K:
+                out[k][rows, i] = near[k]
+    return out
+
+
+def held_out_neighbours(members: list[Member], name: str, frame: pd.DataFrame) -> dict[int, np.ndarray]:
+    """{k: images x members}: per run, each held-out image's neighbours among all of them by the run's features,
+    the mean of their probabilities; averaged over a member's runs as their probabilities are."""
+    out = {k: np.zeros((len(frame), len(members))) for k in KNN_K}
+    for i, member in enumerate(members):
+        for run in member.runs:
+            own = RunDir(run).read_predictions(name).set_index("path")
+            probs = own.loc[frame["path"], "prob_all"].to_numpy(float)
+            near = neighbour_means(_aligned(_read_features(run, name), frame["path"], run, name), probs)
+            for k in KNN_K:
+                out[k][:, i] += near[k] / len(member.runs)
+    return out
