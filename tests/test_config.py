@@ -130,3 +130,16 @@ def test_each_question_about_a_setting_is_answered_by_its_role():
         assert key not in RESUMABLE_CHANGES | RUNTIME_KEYS | NOT_SEARCHABLE, key
     assert {"epochs", "patience"} <= RESUMABLE_CHANGES - NOT_SEARCHABLE  # a run may be extended; length is searchable
     assert {"data.k", "data.split_by"} <= NOT_SEARCHABLE - RUNTIME_KEYS  # the split: compared, never searched
+
+
+def test_options_are_told_from_paths_by_their_form_not_by_the_disk(tmp_path, monkeypatch):
+    from alldetect.options import parse_options, split_options
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tta=d8").mkdir()  # a folder that looks like an option stays an option
+    tokens = ["runs/proposed", "tta=d8", "./tta=d8", "runs/a=b", "threshold=0.4", "tta=none"]
+    assert split_options(tokens) == (["runs/proposed", "./tta=d8", "runs/a=b"], {"tta": "none", "threshold": "0.4"})
+    (tmp_path / "odd=1").mkdir()
+    with pytest.raises(UserError, match=r"unknown option odd= for `alldetect predict` \(to name the folder odd=1, "
+                                        r"write ./odd=1\). Valid options: tta="):
+        parse_options({"odd": "1"}, {"tta": ("none", str)}, "predict")

@@ -86,6 +86,12 @@ class Combiner:
     stacker: LogisticRegression | None = None
     calibrator: Callable[[np.ndarray], np.ndarray] | None = None  # probability -> probability
 
+    @classmethod
+    def equal(cls, method: Method, members: int) -> Combiner:
+        """Equal weights at the method's own threshold: a method with nothing to fit (not method.fitted)."""
+        assert not method.fitted, method
+        return cls(method, np.full(members, 1.0 / members), float(method.threshold))
+
     def members(self, inputs: Inputs) -> np.ndarray:
         """The members' probabilities after correction and the rank transform."""
         p = inputs.probs

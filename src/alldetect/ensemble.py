@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from alldetect import __version__
@@ -218,8 +217,8 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
         member_thresholds = [fit(Method(threshold=method.threshold), Inputs(oof.probs[:, [i]]), oof.labels).threshold
                              for i in range(m)]
     else:
-        combiner, member_thresholds = Combiner(method, np.full(m, 1.0 / m), float(method.threshold)), \
-            [float(method.threshold)] * m
+        combiner = Combiner.equal(method, m)
+        member_thresholds = [combiner.threshold] * m
     prob = combiner.probs(inputs)
     pred = (prob >= combiner.threshold).astype(int)
     table = pd.DataFrame({"image": held.frame["path"], "prob_all": prob.round(6), "label": pred,

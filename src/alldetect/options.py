@@ -14,12 +14,13 @@ OPTION_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)=(.*)$")
 
 
 def split_options(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
-    """['runs/proposed', 'tta=d8'] -> (['runs/proposed'], {'tta': 'd8'}). A token that names an existing
-    path stays a path even when it contains '='. A later key=value wins, as with `train`'s overrides."""
+    """['runs/proposed', 'tta=d8'] -> (['runs/proposed'], {'tta': 'd8'}). One grammar, as `train`'s overrides:
+    a token is an option when it starts with a name (letters, digits, _ and .) and '='; anything else is a path
+    (a folder whose name has '=' in it is named with its folder: ./a=b). A later key=value wins."""
     paths, options = [], {}
     for token in tokens:
         m = OPTION_RE.match(token)
-        if not m or Path(token).exists():
+        if m is None:
             paths.append(token)
             continue
         key, value = m.groups()
@@ -33,7 +34,9 @@ def parse_options(options: dict[str, str], spec: dict[str, tuple[Any, Callable[[
     unknown = sorted(set(options) - set(spec))
     if unknown:
         valid = ", ".join(f"{k}=" for k in spec)
-        raise UserError(f"unknown option {unknown[0]}= for `alldetect {command}`. Valid options: {valid}")
+        token = f"{unknown[0]}={options[unknown[0]]}"
+        hint = f" (to name the folder {token}, write ./{token})" if Path(token).exists() else ""
+        raise UserError(f"unknown option {unknown[0]}= for `alldetect {command}`{hint}. Valid options: {valid}")
     out = {key: default for key, (default, _) in spec.items()}
     for key, raw in options.items():
         try:

@@ -14,8 +14,8 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, brier_score_loss
 
 CLASS_NAMES = ("hem", "all")  # label 0, label 1
 DPI = 100
@@ -32,7 +32,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def confusion_figure(confusions: dict[str, np.ndarray], path: Path) -> Path:
-    """One column per model: counts on top, row-normalised shares below (rows true, columns predicted)."""
+    """One column per model (scikit-learn's ConfusionMatrixDisplay): counts on top, row-normalised shares below
+    (rows true, columns predicted)."""
     n = len(confusions)
     fig = Figure(figsize=(3.0 * n + 0.5, 5.8))
     axes = np.asarray(fig.subplots(2, n, squeeze=False))
@@ -40,38 +41,34 @@ def confusion_figure(confusions: dict[str, np.ndarray], path: Path) -> Path:
         matrix = np.asarray(matrix, dtype=float)
         rows = matrix.sum(axis=1, keepdims=True)
         shares = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-        for i, (values, fmt, title) in enumerate(((matrix, "{:.0f}", "counts"), (shares, "{:.1%}", "row-normalised"))):
+        for i, (values, fmt, title) in enumerate(((matrix.astype(int), "d", "counts"),
+                                                  (shares, ".1%", "row-normalised"))):
             ax = axes[i, j]
-            ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-            for (r, c), v in np.ndenumerate(values):
-                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=11,
-                        color="white" if shares[r, c] > 0.6 else "black")
-            ax.set_xticks([0, 1], [f"pred {c}" for c in CLASS_NAMES], fontsize=9)
-            ax.set_yticks([0, 1], [f"true {c}" for c in CLASS_NAMES], fontsize=9)
+            ConfusionMatrixDisplay(values, display_labels=list(CLASS_NAMES)).plot(
+                ax=ax, cmap="Blues", colorbar=False, values_format=fmt, im_kw={"vmin": 0} if i == 0 else
+                {"vmin": 0, "vmax": 1}, text_kw={"fontsize": 11})
             ax.set_title(f"{name}\n{title}" if i == 0 else title, fontsize=10)
+            ax.set_xlabel("predicted", fontsize=9)
+            ax.set_ylabel("true", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
 
 def roc_pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
-    """ROC (left) and precision-recall of `all` (right), one curve per model, on pooled OOF predictions."""
+    """ROC (left) and precision-recall of `all` (right), one curve per model, on pooled OOF predictions
+    (scikit-learn's RocCurveDisplay and PrecisionRecallDisplay; AUC and average precision in the legend)."""
     fig = Figure(figsize=(11, 4.6))
     roc_ax, pr_ax = fig.subplots(1, 2)
-    prevalence = None
-    for i, (name, (labels, prob)) in enumerate(curves.items()):
-        if len(np.unique(labels)) < 2:
-            continue
-        fpr, tpr, _ = roc_curve(labels, prob)
-        roc_ax.plot(fpr, tpr, color=_colour(i), lw=1.6, label=f"{name} (AUC {roc_auc_score(labels, prob):.3f})")
-        precision, recall, _ = precision_recall_curve(labels, prob)
-        pr_ax.plot(recall, precision, color=_colour(i), lw=1.6,
-                   label=f"{name} (AP {average_precision_score(labels, prob):.3f})")
-        prevalence = float(np.mean(labels))
-    roc_ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
+    drawn = [(name, labels, prob) for name, (labels, prob) in curves.items() if len(np.unique(labels)) > 1]
+    for i, (name, labels, prob) in enumerate(drawn):
+        last = i == len(drawn) - 1  # the chance level once, after the curves
+        style = {"color": _colour(i), "lw": 1.6}
+        RocCurveDisplay.from_predictions(labels, prob, name=name, ax=roc_ax, curve_kwargs=style,
+                                         plot_chance_level=last, chance_level_kw={"color": "grey", "ls": ":"})
+        PrecisionRecallDisplay.from_predictions(labels, prob, name=name, ax=pr_ax, curve_kwargs=style,
+                                                plot_chance_level=last, chance_level_kw={"color": "grey", "ls": ":"})
     roc_ax.set(xlabel="false positive rate (hem called all)", ylabel="true positive rate (recall of all)",
                title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    if prevalence is not None:
-        pr_ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance ({prevalence:.2f})")
     pr_ax.set(xlabel="recall of all", ylabel="precision of all", title="precision-recall", xlim=(0, 1),
               ylim=(0, 1.01))
     for ax in (roc_ax, pr_ax):
@@ -82,18 +79,18 @@ def roc_pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) 
 
 
 def calibration_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 10) -> Path:
-    """Reliability diagram (share of `all` per bin of predicted probability) over a histogram of the
-    predicted probabilities; the legend gives each model's Brier score."""
+    """Reliability diagram (scikit-learn's CalibrationDisplay: share of `all` per bin of predicted probability)
+    over a histogram of the predicted probabilities; the legend gives each model's Brier score."""
     fig = Figure(figsize=(6.4, 6.8))
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1.3], sharex=True)
-    top.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfectly calibrated")
     edges = np.linspace(0, 1, bins + 1)
     for i, (name, (labels, prob)) in enumerate(curves.items()):
-        share, mean_prob = calibration_curve(labels, prob, n_bins=bins, strategy="uniform")
-        top.plot(mean_prob, share, marker="o", ms=4, color=_colour(i), lw=1.4,
-                 label=f"{name} (Brier {brier_score_loss(labels, prob):.3f})")
+        CalibrationDisplay.from_predictions(labels, prob, n_bins=bins, strategy="uniform", ax=top, ref_line=i == 0,
+                                            name=f"{name} (Brier {brier_score_loss(labels, prob):.3f})",
+                                            marker="o", ms=4, color=_colour(i), lw=1.4)
         bottom.hist(prob, bins=edges, histtype="step", color=_colour(i), lw=1.4)
-    top.set(ylabel="share of all (true)", title=f"calibration ({bins} bins of equal width)", ylim=(-0.02, 1.02))
+    top.set(xlabel="", ylabel="share of all (true)", title=f"calibration ({bins} bins of equal width)",
+            ylim=(-0.02, 1.02))
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.set(xlabel="predicted probability of all", ylabel="images", xlim=(0, 1))

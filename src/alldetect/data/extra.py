@@ -3,6 +3,7 @@ C-NMC's preliminary test set with its labels file for a final model (./train.sh 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -15,10 +16,16 @@ from alldetect.errors import UserError, short_list
 def extra_rows(folders: list[str], fold_table: pd.DataFrame) -> pd.DataFrame:
     """path (absolute), label, subject of every image under `folders`, checked: labelled, readable, and not one
     of the fold file's images (a C-NMC name seen twice would put validation images into training)."""
-    known = {Path(p).name for p in fold_table["path"] if not NUMBERED_RE.match(Path(p).name)}
+    known = frozenset(Path(p).name for p in fold_table["path"] if not NUMBERED_RE.match(Path(p).name))
+    return _checked_rows(tuple((f, str(Path(f).resolve())) for f in folders), known).copy()
+
+
+@functools.lru_cache(maxsize=4)  # `train ARCH all` and a study's trials check the folders once, not per fold
+def _checked_rows(folders: tuple[tuple[str, str], ...], known: frozenset[str]) -> pd.DataFrame:
+    """folders: (as given, resolved) pairs: the cache keys on where they are, the messages name them as given."""
     parts = []
-    for folder in folders:
-        root = Path(folder).resolve()
+    for folder, resolved in folders:
+        root = Path(resolved)
         if not root.is_dir():
             raise UserError(f"data.extra={folder}: no such folder; name folders of labelled images (class folders "
                             "all/ and hem/, or a C-NMC test folder with its labels file)")
