@@ -22,6 +22,11 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ALLDETECT_CONFIGS"] = str(REPO / "configs")
 os.environ.pop("ALLDETECT_DATA", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # ./test.sh runs two workers on two cores: one thread each, not two
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the processes the tests start
+    import torch
+
+    torch.set_num_threads(1)
 
 # Settings that make a training run take seconds on the CPU.
 FAST = ["input_size=32", "epochs=2", "batch_size=8", "data.num_workers=0", "wandb=off", "data.k=3"]
