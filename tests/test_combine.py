@@ -65,6 +65,7 @@ def test_neighbourhood_correction_helps_when_neighbours_share_a_person_and_is_of
     assert c.corrections[0][1] <= 0.25
 
 
+@pytest.mark.slow
 def test_greedy_selection_drops_a_useless_member_and_never_loses_to_the_best_single_one():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, 400)
@@ -148,6 +149,7 @@ def _member_with_images(root, data, arch, seed):
     return root / arch
 
 
+@pytest.mark.slow
 def test_features_and_neighbourhood_correction_from_the_command_line(workdir, capsys):
     data = workdir / "data"
     member = _member_with_images(workdir / "runs", data, "proposed", 0)

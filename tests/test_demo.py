@@ -38,6 +38,7 @@ def test_demo_is_deterministic_and_in_cnmc_format(tmp_path):
     assert (a / "README.md").read_text().startswith("# Synthetic demo data")
 
 
+@pytest.mark.slow
 def test_demo_layout_and_names(demo_full):
     m = build_manifest(demo_full)
     assert len(m) == 600 and m["subject"].nunique() == 24
@@ -46,6 +47,7 @@ def test_demo_layout_and_names(demo_full):
     assert (m.groupby("subject")["official_fold"].nunique() == 1).all()
 
 
+@pytest.mark.slow
 def test_simple_global_features_do_not_separate_the_classes(demo_full):
     """Mean colour and cell area, logistic regression, held-out subjects: at most 0.80 accuracy."""
     m = build_manifest(demo_full)

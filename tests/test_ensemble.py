@@ -79,6 +79,7 @@ def test_threshold_curve_matches_scikit_learn_and_best_threshold_is_its_maximum(
         assert score(labels, prob, best_threshold(labels, prob))["f1"] == pytest.approx(f1.max())
 
 
+@pytest.mark.slow
 def test_fitted_weights_never_score_worse_on_oof_than_equal_weights():
     rng = np.random.default_rng(0)
     moved = 0

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import onnxruntime
 import pandas as pd
+import pytest
 import torch
 
 from alldetect.cli import main
@@ -56,6 +57,7 @@ def _export_and_compare(workdir, images, crop, overrides=()):
     assert len(set(np.round(onnx_probs[:, 1], 4))) > 1  # the images get different answers: a real comparison
 
 
+@pytest.mark.slow
 def test_exported_models_match_predict_on_any_batch_size(workdir):
     images = workdir / "held_out"
     for i in range(1, 6):  # 64 x 64, cropped to 48 and shrunk to the run's 32 x 32
@@ -63,6 +65,7 @@ def test_exported_models_match_predict_on_any_batch_size(workdir):
     _export_and_compare(workdir, images, crop=48)
 
 
+@pytest.mark.slow
 def test_a_network_that_subtracts_each_images_mean_colour_exports_with_it(workdir):
     images = workdir / "held_out"
     for i in range(1, 6):
@@ -70,6 +73,7 @@ def test_a_network_that_subtracts_each_images_mean_colour_exports_with_it(workdi
     _export_and_compare(workdir, images, crop=0, overrides=("subtract_mean=true",))
 
 
+@pytest.mark.slow
 def test_exported_models_match_predict_on_real_cnmc_images(sample_root, workdir):
     images = workdir / "real"
     images.mkdir()

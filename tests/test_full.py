@@ -14,6 +14,7 @@ from alldetect.engine.runfiles import load_checkpoint
 from conftest import FAST, write_image
 
 
+@pytest.mark.slow
 def test_full_trains_on_every_image_and_keeps_the_final_average(tiny_data, workdir, capsys):
     [result] = train_command("proposed", "full", [*FAST, f"data.root={tiny_data}"])
     run = workdir / "runs/proposed/full"
@@ -64,6 +65,7 @@ def test_full_is_predicted_and_submitted_with_its_folds_out_of_fold_threshold(ti
     assert "its final model is runs/proposed/full (trained on every image), name it" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_extra_labelled_folders_join_the_training_images_and_are_checked(tiny_data, workdir, capsys):
     extra = workdir / "prelim"
     for cls in ("all", "hem"):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -65,6 +66,7 @@ def build_tree(root: Path, layout: str, tree) -> None:
             write_file(root / f"fold_{fold}" / cls / name, kind, size, seed)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout=st.sampled_from(["classes", "cnmc"]), classes=CLASS_TREE,
        cnmc=st.lists(CNMC_FILE, min_size=1, max_size=24), k=st.sampled_from([2, 2, 3, 3, 5]),

@@ -22,6 +22,7 @@ def test_proposed_ceil_pooling_and_other_sizes():
     assert model(torch.zeros(1, 3, 100, 100)).shape == (1, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*REPORT_ARCHS, "efficientnet_b0"])
 def test_every_architecture_trains_a_step(name):
     size = 80 if name in ("inception_v3", "alexnet") else 64

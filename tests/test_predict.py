@@ -42,6 +42,7 @@ def runs(workdir):
     return workdir / "runs/proposed"
 
 
+@pytest.mark.slow
 def test_predictions_rebuild_the_model_from_its_checkpoint_and_are_deterministic(runs, workdir, capsys):
     data = _prelim(workdir / "prelim")
     predict_command(["runs/proposed"], str(data), "prelim", FAST)

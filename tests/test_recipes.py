@@ -17,6 +17,7 @@ TINY = ["input_size=64", "data.crop=0", "epochs=1", "max_batches=1", "batch_size
         "wandb=off", "data.k=3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "arch"), [("prellberg", "seresnext50_32x4d"), ("pan", "resnet50")])
 def test_paper_recipes_train_from_a_local_weights_file(recipe, arch, tiny_demo, workdir):
     torch.manual_seed(0)

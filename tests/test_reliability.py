@@ -54,6 +54,7 @@ class SignalAt(torch.nn.CrossEntropyLoss):
         return super().forward(logits, target)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_to_the_same_weights(tiny_demo, workdir, monkeypatch):
     extra = ["epochs=3", "batch_size=4", "scheduler=cosine", "optimizer=adamw", "aug.rotate=0.3"]
     folds = resolve_folds(_cfg(tiny_demo, *extra))
@@ -272,6 +273,7 @@ def test_outputs_get_the_users_umask_not_the_temporary_files_0600(workdir, umask
     assert (workdir / "b.pt").stat().st_mode & 0o777 == mode
 
 
+@pytest.mark.slow
 def test_an_image_that_goes_bad_after_the_split_is_a_clean_error_with_loader_workers(tiny_demo, workdir, capsys):
     """Same size, garbage bytes (so the fold file's check passes): the worker's error arrives as its message."""
     import shutil
@@ -291,6 +293,7 @@ def test_an_image_that_goes_bad_after_the_split_is_a_clean_error_with_loader_wor
     assert "Traceback" not in err and "DataLoader worker" not in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(tiny_demo, workdir, monkeypatch):
     """A full disk or a file-size limit (ulimit -f) at epoch 2: a clear error, last.pt and history.csv of epoch 1,
     and resume=true finishes the run."""

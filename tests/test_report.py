@@ -101,6 +101,7 @@ def _markdown_row(readme: str, model: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+@pytest.mark.slow
 def test_table_numbers_equal_those_recomputed_from_the_oof_files(trained, tiny_demo):
     result = report_command(data=str(tiny_demo), device="cpu")
     numbers = result["numbers"].set_index("model")
@@ -145,6 +146,7 @@ class _Images(HTMLParser):
                 self.remote.append(attrs[key])
 
 
+@pytest.mark.slow
 def test_every_image_the_page_and_readme_reference_exists_and_is_a_valid_png(trained, tiny_demo):
     folder = report_command(data=str(tiny_demo), device=None)["folder"]
     parser = _Images()
@@ -190,6 +192,7 @@ window.addEventListener('load', function () {
     return found.group(1).split("\n") if found.group(1) else []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no {CHROMIUM}: install Debian's chromium (.ci/run does)")
 def test_page_renders_in_a_browser_with_every_image_loaded(trained, tiny_demo, tmp_path):
     folder = report_command(data=str(tiny_demo), device=None)["folder"]
@@ -211,6 +214,7 @@ def test_leaky_split_is_stated_above_the_table(workdir, tiny_demo, checkpoints):
     assert "subject-grouped" not in readme
 
 
+@pytest.mark.slow
 def test_runs_that_chose_epochs_on_their_validation_folds_are_called_optimistic(workdir, tiny_demo, checkpoints):
     runs = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.3, 1)
     readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
@@ -266,6 +270,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_is_left_out(workdir, tin
     assert result["numbers"].loc[0, "folds"] == 2
 
 
+@pytest.mark.slow
 def test_stale_ensemble_is_left_out_and_said_so(trained, tiny_demo):
     oof = Path("runs/proposed/fold0/oof.csv")
     frame = pd.read_csv(oof)
@@ -275,6 +280,7 @@ def test_stale_ensemble_is_left_out_and_said_so(trained, tiny_demo):
     assert any("oof_proposed+resnet10t" in m and "differ" in m for m in result["missing"])
 
 
+@pytest.mark.slow
 def test_report_replaces_an_older_one_whole(trained, tiny_demo):
     stale = Path("reports/proposed+resnet10t/figures/old.png")
     stale.parent.mkdir(parents=True)
@@ -284,6 +290,7 @@ def test_report_replaces_an_older_one_whole(trained, tiny_demo):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
+@pytest.mark.slow
 def test_images_that_moved_are_listed_with_what_to_do(trained):
     result = report_command(device=None)  # no --data, and the runs' recorded data root is not here
     assert any("the images of proposed are not here" in m and "pass --data DIR" in m for m in result["missing"])

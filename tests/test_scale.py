@@ -67,6 +67,7 @@ def test_cache_is_invalidated_when_an_image_is_rewritten_at_the_same_size(tiny_d
     assert not np.array_equal(first.array[row], second.array[row])
 
 
+@pytest.mark.slow
 def test_training_with_cache_matches_training_without(tiny_demo, workdir):
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "runs_dir=plain"])
     train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "runs_dir=cached", "data.cache=true"])

@@ -34,6 +34,7 @@ def _weights(run):
     return load_checkpoint(run / "best.pt").model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select", ["inner", "last", pytest.param("outer", marks=pytest.mark.xfail(
     strict=True, reason="select=outer picks its epoch on the validation fold: the poison changes the choice"))])
 def test_poisoned_validation_labels_change_no_choice(tiny_demo, workdir, select):
@@ -59,6 +60,7 @@ def test_poisoned_validation_labels_change_no_choice(tiny_demo, workdir, select)
         assert ha["inner_f1"].equals(hb["inner_f1"])
 
 
+@pytest.mark.slow
 def test_select_outer_picks_the_best_validation_epoch_and_says_it_is_optimistic(tiny_demo, workdir, capsys):
     [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "epochs=4", "lr=0.003",
                                                    "select=outer", "monitor=roc_auc"])
@@ -69,6 +71,7 @@ def test_select_outer_picks_the_best_validation_epoch_and_says_it_is_optimistic(
     assert "OPTIMISTIC" in out and "select=outer" in out
 
 
+@pytest.mark.slow
 def test_select_last_keeps_the_final_weights_and_scores_them(tiny_demo, workdir):
     [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "epochs=3", "select=last",
                                                    "ema=false"])
@@ -99,6 +102,7 @@ def test_inner_split_takes_whole_subjects_of_each_class_from_the_training_folds(
         carve_inner(one_hem, 0.3, seed=0, fold=1)
 
 
+@pytest.mark.slow
 def test_select_last_with_the_moving_average_on_keeps_the_final_raw_weights(tiny_demo, workdir):
     [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "epochs=2", "select=last",
                                                    "ema=true"])

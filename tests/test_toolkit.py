@@ -201,6 +201,7 @@ def test_mixup_and_cutmix_mix_pairs_of_images_and_labels_reproducibly(key):
 
 # ---------------------------------------------------------------- in a real run
 
+@pytest.mark.slow
 def test_frozen_backbone_trains_only_the_head_for_freeze_epochs(tiny_demo, workdir):
     extra = [*FAST, f"data.root={tiny_demo}", "freeze_epochs=1", "epochs=1"]
     folds = resolve_folds(load_config("proposed", extra))
@@ -217,6 +218,7 @@ def test_frozen_backbone_trains_only_the_head_for_freeze_epochs(tiny_demo, workd
     assert not torch.equal(after_two["features.0.weight"], start["features.0.weight"])
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_kept_in_best_pt_and_resumed_exactly(tiny_demo, workdir):
     from test_train import Interrupt, _stop_after
 
@@ -245,6 +247,7 @@ def test_select_ema_without_ema_and_patience_on_a_fixed_schedule_are_clear_error
         _cfg("lr=inf")
 
 
+@pytest.mark.slow
 def test_every_key_on_stopped_mid_accumulation_resumes_to_the_same_weights(tiny_demo, workdir, monkeypatch):
     """SIGTERM inside an accumulation: the step finishes, the stop waits for the update, and resume=true reaches
     the weights (raw and averaged), history and predictions of an uninterrupted run."""

@@ -66,6 +66,7 @@ def _stop_after(epoch_index):
     return on_epoch
 
 
+@pytest.mark.slow
 def test_loader_workers_stop_when_a_fold_ends_even_on_an_exception(tiny_demo, workdir):
     """Workers ignore SIGTERM (the main process decides when to stop), so workers outliving their run would
     hang Python's exit; `alldetect tune` did, after trials that ended in a pruning exception."""
@@ -80,6 +81,7 @@ def test_loader_workers_stop_when_a_fold_ends_even_on_an_exception(tiny_demo, wo
     assert kept.value is not None and multiprocessing.active_children() == []
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_demo, workdir, caplog):
     """The schedule is a function of the update and the run's length: epochs 3-4 of a 2-epoch run resumed with
     epochs=4 get the learning rates of a run planned with 4 epochs from the start (not a restart at the top)."""
@@ -98,6 +100,7 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_demo, workdir,
     assert resumed["lr"].iloc[3] < resumed["lr"].iloc[2] and 0.001 < resumed["lr"].iloc[2] < 0.01
 
 
+@pytest.mark.slow
 def test_resume_on_another_split_is_refused(tiny_demo, workdir):
     from alldetect.data.folds import make_fold_file
 
@@ -126,6 +129,7 @@ def test_runs_know_their_fold_files_fold_count(tiny_demo, workdir):
     assert RunDir(workdir / "runs/proposed/fold2").meta().k == 3
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_old_models_predictions(tiny_demo, workdir):
     cfg = _cfg(tiny_demo, "epochs=1")
     fit_fold(cfg, 0, resolve_folds(cfg))
@@ -134,6 +138,7 @@ def test_overwrite_removes_the_old_models_predictions(tiny_demo, workdir):
     assert not (workdir / "runs/proposed/fold0/pred_test.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balance", ["loss", "sampler"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdir, balance):
     extra = ["epochs=3", f"class_balance={balance}", "aug.rotate=0.5", "aug.stain=0.5", "subtract_mean=true",
@@ -164,6 +169,7 @@ def test_resume_with_other_settings_is_refused(tiny_demo, workdir):
         fit_fold(_cfg(tiny_demo, "epochs=2", "resume=true", "lr=0.1"), 0, folds)
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over(tiny_demo, workdir):
     folds = resolve_folds(_cfg(tiny_demo))
     fit_fold(_cfg(tiny_demo, "epochs=2"), 0, folds)
@@ -193,6 +199,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_demo, workdir, monke
     assert "last.pt" not in str(error.value) and not (workdir / "b/proposed/fold0/last.pt").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_a_run(tiny_demo, workdir):
     [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "wandb=offline", "epochs=1"])
     runs = glob.glob(str(workdir / "runs/proposed/fold0/wandb/offline-run-*/run-*.wandb"))
@@ -221,6 +228,7 @@ def test_unwritable_run_folder_fails_at_start(tiny_demo, workdir):
         train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", f"runs_dir={workdir / 'a_file'}"])
 
 
+@pytest.mark.slow
 def test_no_data_configured_uses_the_demo_data(workdir, capsys):
     [result] = train_command("proposed", "fold0", [*FAST, "epochs=1", "max_batches=2"])
     out = capsys.readouterr().out

@@ -79,6 +79,7 @@ def test_read_only_cached_rows_are_not_modified():
         Augment(AugConfig())(img, seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pipeline", "models"])
 def test_bench_commands_print_a_headline_ratio(kind, tiny_demo, workdir, capsys):
     args = ["--data", str(tiny_demo), "--images", "24", "--workers", "1"] if kind == "pipeline" else \

@@ -48,6 +48,7 @@ def _tune(root, trials, *extra, **options):
     return tune_command("proposed", [*FAST, f"data.root={root}", *extra], trials=trials, **options)
 
 
+@pytest.mark.slow
 def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_data, workdir, configs, capsys):
     study = _tune(tiny_data, 2, folds="fold0,fold1")
     assert (workdir / "studies/proposed.db").is_file()
@@ -94,6 +95,7 @@ def test_the_same_seed_proposes_the_same_first_trials(configs):
     assert len({repr(p) for p in first}) == 3
 
 
+@pytest.mark.slow
 def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_data, workdir, configs, monkeypatch, capsys):
     import alldetect.tune as tune
 
@@ -107,6 +109,7 @@ def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_data, workdir, conf
     assert not (configs / "tuned/proposed.yaml").exists()
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_fails_and_the_study_goes_on(tiny_data, workdir, configs, monkeypatch, capsys):
     import alldetect.tune as tune
     from alldetect.engine.fit import TrainingDiverged
@@ -199,6 +202,7 @@ def test_a_worker_that_loses_the_table_creation_race_uses_the_winners_tables(wor
     assert isinstance(open_storage(f"sqlite:///{workdir / 'race.db'}", heartbeat=60), real) and len(calls) == 2
 
 
+@pytest.mark.slow
 def test_a_study_refuses_another_search_space_or_recipe(tiny_data, workdir, configs, capsys):
     _tune(tiny_data, 1)
     base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_data}"]

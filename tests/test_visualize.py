@@ -81,6 +81,7 @@ def _pngs_referenced(index):
 
 
 # Grad-CAM at the last block whose map is at least 7 x 7: at 32 x 32, proposed's third (8 x 8), resnet10t's layer1.
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, size, blocks, cam_at", [("proposed", 32, 6, "features.22"),
                                                         ("resnet10t", 32, 5, "layer1")])
 def test_visualize_writes_feature_grids_of_every_block_and_grad_cam(workdir, tiny_demo, capsys, arch, size, blocks,
