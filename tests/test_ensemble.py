@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
 from alldetect.cli import main
-from alldetect.combine import Inputs, Method, cross_fitted, fit_weights
+from alldetect.combine import fit_weights
 from alldetect.commands.ensemble import ensemble_command
 from alldetect.commands.evaluate import evaluate_command
 from alldetect.engine.runs import find_fold_runs, group_members
@@ -151,8 +151,11 @@ def test_oof_weights_and_threshold_are_cross_fitted_and_recorded(two_members, wo
         recorded = metrics["per_fold"][str(fold)]
         assert list(recorded["weights"].values()) == pytest.approx(w, abs=1e-6)
         assert recorded["threshold"] == pytest.approx(best_threshold(labels[rest], probs[rest] @ w))
-    p, t, _ = cross_fitted(Inputs(probs), labels, folds.to_numpy(), Method("oof", threshold="oof"))
-    assert metrics["scores"]["ensemble"]["f1"] == pytest.approx(score(labels, p, t)["f1"])
+        here = ~rest  # the fold's written probabilities and decisions are those weights and that threshold
+        assert table.loc[here, "prob_all"].to_numpy() == pytest.approx(probs[here] @ w, abs=2e-6)
+        assert (table.loc[here, "pred"].to_numpy() == (probs[here] @ w >= recorded["threshold"])).all()
+    assert metrics["scores"]["ensemble"]["f1"] == pytest.approx(
+        f1_score(labels, table["pred"], average="weighted"))  # scikit-learn on the decisions as written
     final, _ = fit_weights(probs, labels, "oof")
     assert list(metrics["weights"].values()) == pytest.approx(final, abs=1e-6)
     assert metrics["threshold"] == pytest.approx(best_threshold(labels, probs @ final))

@@ -132,6 +132,8 @@ class Loader(DataLoader):
             yield batch
 
     def close(self) -> None:
+        """Stop the persistent workers now. DataLoader has no public call for it: `_shutdown_workers` is what its
+        iterator's __del__ runs, and waiting for garbage collection left workers that ignore SIGTERM alive."""
         iterator = getattr(self, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
