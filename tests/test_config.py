@@ -139,6 +139,8 @@ def test_options_are_told_from_paths_by_their_form_not_by_the_disk(tmp_path, mon
     (tmp_path / "tta=d8").mkdir()  # a folder that looks like an option stays an option
     tokens = ["runs/proposed", "tta=d8", "./tta=d8", "runs/a=b", "threshold=0.4", "tta=none"]
     assert split_options(tokens) == (["runs/proposed", "./tta=d8", "runs/a=b"], {"tta": "none", "threshold": "0.4"})
+    with pytest.raises(UserError, match=r"tta=d8 is read as the option tta=; to name the folder tta=d8, write ./tta=d8"):
+        split_options(["tta=d8"])  # nothing else to run on: the folder was meant
     (tmp_path / "odd=1").mkdir()
     with pytest.raises(UserError, match=r"unknown option odd= for `alldetect predict` \(to name the folder odd=1, "
                                         r"write ./odd=1\). Valid options: tta="):

@@ -25,6 +25,10 @@ def split_options(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
             continue
         key, value = m.groups()
         options[key] = value
+    looks_like = [f"{k}={v}" for k, v in options.items() if Path(f"{k}={v}").exists()]
+    if not paths and looks_like:  # the folder was meant: there is nothing else to run on
+        raise UserError(f"{looks_like[0]} is read as the option {looks_like[0].split('=')[0]}=; to name the folder "
+                        f"{looks_like[0]}, write ./{looks_like[0]}")
     return paths, options
 
 
