@@ -41,6 +41,10 @@ def test_a_version_1_checkpoint_is_read_as_the_current_schema(tmp_path):
     assert meta.version == 1 and meta.progress == Progress(epoch=4, best=0.8, best_epoch=3, stale=1, wandb_id="abc")
     assert (meta.fold_file, meta.fold_k, meta.updates_per_epoch, meta.saved_at) == ("folds/x.csv", 3, 7, 12.5)
     assert meta.config.arch == "proposed" and meta.input_size == 32
+    old = _flat_v1()
+    del old["saved_at"]
+    torch.save(old, tmp_path / "undated.pt")  # the same value at every reading: predictions are checked by it
+    assert load_checkpoint(tmp_path / "undated.pt").meta.saved_at == load_checkpoint(tmp_path / "undated.pt").meta.saved_at
 
 
 def test_a_version_0_checkpoint_counts_as_choosing_on_its_fold_and_cannot_be_resumed(tmp_path):

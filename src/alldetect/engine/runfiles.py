@@ -166,6 +166,7 @@ def _upgrade_flat(state: dict) -> dict:
     """Versions 0 and 1 kept the metadata beside the tensors in one dict, the loop's state at top level."""
     meta = {k: v for k, v in state.items() if k not in TENSORS and k not in Progress.model_fields}
     meta["progress"] = {k: state[k] for k in Progress.model_fields if state.get(k) is not None}
+    meta.setdefault("saved_at", 0.0)  # stable across reads: predictions name the checkpoint by it
     config = state.get("config")
     meta["version"] = 1 if isinstance(config, dict) and "select" in config else 0
     if meta["version"] == 0 and isinstance(config, dict):  # they kept the epoch that scored best on the fold
