@@ -1,5 +1,7 @@
 """Run files: the checkpoint's versioned metadata and the run folder's readers."""
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -24,10 +26,13 @@ def _flat_v1(**config) -> dict:
 def test_a_checkpoint_round_trips_its_typed_metadata(tmp_path):
     meta = RunMeta(config=load_config("resnet18", ["input_size=64", "data.crop=300"]), run="fold2",
                    progress=Progress(epoch=5, best=0.91, best_epoch=4, stale=1, wandb_id="w1"),
-                   metrics={"f1": 0.9, "confusion": [[1, 2], [3, 4]]}, fold_file="folds/a.csv", fold_k=5)
+                   metrics={"f1": 0.9, "roc_auc": float("nan"), "loss": float("inf"), "confusion": [[1, 2], [3, 4]]},
+                   fold_file="folds/a.csv", fold_k=5)
     save_checkpoint(tmp_path / "best.pt", Checkpoint(meta, WEIGHTS))
     got = load_checkpoint(tmp_path / "best.pt")
-    assert got.meta == meta and got.meta.version == SCHEMA_VERSION
+    assert got.meta.model_dump(exclude={"metrics"}) == meta.model_dump(exclude={"metrics"})
+    assert got.meta.version == SCHEMA_VERSION and got.meta.metrics["f1"] == 0.9 and got.meta.metrics["loss"] == float("inf")
+    assert math.isnan(got.meta.metrics["roc_auc"])  # a one-class fold's ROC-AUC stays a number, not None
     assert (got.meta.input_size, got.meta.crop, got.meta.k) == (64, 300, 5)
     assert torch.equal(got.model["w"], WEIGHTS["w"]) and got.optimizer is None
     # what is on the disk: plain values under "meta", nothing a reader must re-derive

@@ -179,12 +179,12 @@ def draw_figures(findings: Findings, fig_dir: Path, data: str | None) -> dict[st
                                               "each bin (on the diagonal = calibrated), with how many images fall "
                                               "in each bin."))
     for a in findings.archs:
-        if a.histories and a.states:
-            monitor = a.config.monitor
+        if a.histories:  # also of runs still training or left out: their curves say why
+            cfg = a.config if a.states else None
+            monitor, select = (cfg.monitor, cfg.select) if cfg else ("f1", "outer")
             best = {fold_of(r): s.progress.epoch for r, s in zip(a.runs, a.states)}
             path = plots.training_figure(a.name, a.histories, monitor, best,
                                          fig_dir / f"training_{safe_name(a.name)}.png")
-            select = a.config.select
             inner = " Dotted: the inner split of the training folds that chose the epoch." if select == "inner" else ""
             figures["training"].append((rel(path), f"{a.name}: loss and validation-fold score per epoch, per fold; "
                                                    f"the dot marks the weights kept: "

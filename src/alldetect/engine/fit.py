@@ -314,7 +314,7 @@ def _restore(state: Checkpoint, cfg: Config, model: Model, optimizer, updater: U
 def _check_same_updates(meta: RunMeta, world: int, updates_per_epoch: int, run_dir: RunDir) -> None:
     """The learning rate and the moving average follow the update count: a resume must count updates as the run
     did (same number of processes, same updates per epoch)."""
-    then = (meta.world, meta.updates_per_epoch or updates_per_epoch)
+    then = (meta.world or world, meta.updates_per_epoch or updates_per_epoch)  # unrecorded (older runs): as now
     if then != (world, updates_per_epoch):
         raise UserError(f"cannot resume {run_dir}: it ran {then[1]} updates per epoch on {then[0]} process(es), this "
                         f"run would make {updates_per_epoch} on {world} (--gpus or max_batches changed), which would "

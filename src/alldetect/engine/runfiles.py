@@ -73,7 +73,7 @@ class RunMeta(BaseModel):
     fold_k: int | None = None
     fold_assignment: str = ""  # digest of which image is in which fold
     leaky_split: bool | None = None  # None: not recorded (older checkpoints)
-    world: int = 1  # processes that trained it
+    world: int | None = None  # processes that trained it (None: not recorded, older checkpoints)
     updates_per_epoch: int | None = None
     train_images: int = 0
     partial: dict[str, Any] | None = None  # last.pt of a stopped run: the half-done epoch's step count and sums
@@ -120,7 +120,8 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
-    state = {"meta": ckpt.meta.model_dump(mode="json"), **{k: getattr(ckpt, k) for k in TENSORS}}
+    # python mode, not json: JSON mode would turn a NaN score (ROC-AUC of a one-class fold) into None
+    state = {"meta": ckpt.meta.model_dump(), **{k: getattr(ckpt, k) for k in TENSORS}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
