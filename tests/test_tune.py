@@ -312,3 +312,24 @@ def test_tune_on_the_demo_data_and_again(workdir, configs, capsys):
     assert "demo-tune.yaml after the demo profile (epochs=1)" in out  # the command line still wins
     assert len(_load("proposed-demo", "sqlite:///studies/proposed-demo.db").trials) == 2
     assert "of the SYNTHETIC demo data" in (configs / "tuned/proposed.yaml").read_text()
+
+
+def test_a_worker_joining_while_the_first_records_the_study_sees_all_of_it_or_none():
+    """Two workers started together: the second may read the study while the first is still writing what the
+    study is (one attribute at a time); it must not see half of it and refuse a study of its own settings."""
+    from alldetect.tune import check_study_matches
+
+    study = optuna.create_study(study_name="s", storage=optuna.storages.InMemoryStorage())
+    identity = {"arch": "proposed", "folds": [0], "split": "abc", "search_space": {"lr": {"low": 1e-5}},
+                "settings": {"epochs": 1}}
+    write, joined = study.set_user_attr, []
+
+    def write_then_someone_joins(key, value):
+        write(key, value)
+        if not joined:  # after the first worker's first write, the second worker checks the study
+            joined.append(key)
+            check_study_matches(study, "sqlite:///x.db", identity)
+
+    study.set_user_attr = write_then_someone_joins
+    check_study_matches(study, "sqlite:///x.db", identity)
+    assert joined and {k: study.user_attrs[k] for k in identity} == identity and study.user_attrs["alldetect"]

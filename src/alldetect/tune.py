@@ -209,9 +209,9 @@ def check_study_matches(study: optuna.Study, url: str, identity: dict[str, Any])
         if study.trials:
             raise UserError(f"study '{study.study_name}' in {safe_url(url)} already has trials that alldetect tune "
                             "did not make. Choose another --study NAME")
-        study.set_user_attr("alldetect", True)
         for key, value in identity.items():
             study.set_user_attr(key, value)
+        study.set_user_attr("alldetect", True)  # last: a worker joining meanwhile sees the whole identity or none
         return
     where = f"study '{study.study_name}' in {safe_url(url)}"
     fix = "Use the study's own settings, or start a new study with --study NAME"
