@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alldetect.combine import (
-    KNN_K,
-)
+from alldetect.combine import KNN_K
 from alldetect.engine.runfiles import RunDir, RunMeta
 from alldetect.engine.runs import Member
 from alldetect.engine.select import selection_label

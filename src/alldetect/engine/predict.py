@@ -28,7 +28,6 @@ import torch
 from alldetect import __version__
 from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
-from alldetect.data.folds import fold_file_root
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
 from alldetect.engine.features import FeatureTap
@@ -179,7 +178,7 @@ def own_validation_images(run: Path, meta: RunMeta, data: str | None) -> HeldOut
     """The images a fold run was validated on (its oof.csv), where they are now: `data`, else the run's data
     root (its config, else its fold file's sidecar)."""
     oof = RunDir(run).read_oof()
-    root = Path(data or meta.config.data.root or fold_file_root(meta.fold_file))
+    root = Path(data or meta.data_root())
     missing = [p for p in oof["path"] if not (root / p).is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {run}'s validation images are not under {root} ({short_list(missing, 3)}): "

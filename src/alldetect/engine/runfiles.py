@@ -5,7 +5,8 @@ runs/<arch>/fold<k>/      a fold run (runs/<arch>/full: one final model trained 
   best.pt                 the kept weights and the run's metadata (RunMeta): what every later command reads
   last.pt                 the latest epoch: weights, optimiser, moving average, loss scaler and RunMeta (with a
                           half-done epoch after a stop): what resume=true continues
-  history.csv             one row per epoch (HISTORY_COLUMNS; inner_* with select=inner)
+  history.csv             one row per epoch: losses, the validation fold's scores (inner_* with select=inner),
+                          selected, lr, seconds, images/s, data wait
   oof.csv                 the kept model's predictions of its validation fold (OOF_COLUMNS)
   inner.csv               select=inner: predictions of the inner split the epoch was chosen on (OOF_COLUMNS)
   pred_<NAME>.csv         `predict`: each image's probability of `all` (PRED_COLUMNS; label and subject where known)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -43,7 +45,6 @@ from alldetect.models import default_input_size, model_from_config
 SCHEMA_VERSION = 2  # 0: before select= (cannot be resumed); 1: one flat dict; 2: {"meta": RunMeta, tensors...}
 OOF_COLUMNS = ("path", "subject", "label", "prob_all", "pred", "fold")
 PRED_COLUMNS = ("path", "prob_all")  # + label, subject where the images' layout says them
-HISTORY_COLUMNS = ("epoch", "train_loss", "selected", "lr", "seconds", "images_per_s", "data_wait")
 TENSORS = ("model", "optimizer", "ema", "scaler")
 
 
@@ -215,18 +216,20 @@ class RunDir:
     def trained(self) -> bool:
         return self.best.is_file()
 
+    def _result_files(self) -> tuple[Path, ...]:
+        return self.best, self.last, self.history, self.oof, self.inner
+
     def results(self) -> list[str]:
-        """The files that make the folder a run (what a plain rerun must never replace)."""
+        """The files that make the folder a run (what a plain rerun must never replace), with pred_*."""
         if not self.path.is_dir():
             return []
-        named = {self.best.name, self.last.name, self.history.name, self.oof.name, self.inner.name}
+        named = {p.name for p in self._result_files()}
         return [p.name for p in sorted(self.path.iterdir()) if p.name in named or p.name.startswith("pred_")]
 
     def remove_results(self) -> None:
-        """overwrite=true: the run's files, its predictions (of the model being replaced) and W&B files."""
-        import shutil
-
-        for p in (self.best, self.last, self.history, self.oof, self.inner, self.config):
+        """overwrite=true: the run's files and config.yaml, its predictions (of the model being replaced) and
+        W&B files."""
+        for p in (*self._result_files(), self.config):
             p.unlink(missing_ok=True)
         for old in self.path.glob("pred_*"):
             old.unlink()
