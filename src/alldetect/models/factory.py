@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from alldetect.errors import UserError
+from alldetect.models import packaged
 from alldetect.models.proposed import ProposedCNN, conv_group_matcher
 
 if TYPE_CHECKING:
@@ -33,8 +34,9 @@ def default_input_size(name: str) -> int:
 def create_model(name: str, num_classes: int = 2, dropout: float = 0.5, pretrained: bool = False,
                  pretrained_path: str | None = None, input_size: int | None = None,
                  subtract_mean: bool = False) -> nn.Module:
-    """Build `name` with a `num_classes` head. pretrained loads ImageNet weights (from a hub, or from
-    `pretrained_path` when given); without a network that fails with a message saying what to do.
+    """Build `name` with a `num_classes` head. pretrained loads ImageNet weights: from an installed package for
+    the EfficientNet-Lites (models/packaged.py), from `pretrained_path` when given, else from a hub; without a
+    network the hub fails with a message saying what to do.
     subtract_mean: the network subtracts each image's mean colour from its input first (Pan et al.'s C-NMC
     preprocessing), as a forward pre-hook, so that training, prediction, TTA and export all do it."""
     size = input_size or default_input_size(name)
@@ -94,6 +96,14 @@ def _timm(name, num_classes, dropout, pretrained, pretrained_path):
     import timm
 
     _check_timm_name(name)
+    if packaged.has_packaged_weights(name) and (pretrained or pretrained_path):
+        path = Path(pretrained_path) if pretrained_path else packaged.packaged_weights_file(name)
+        state = _load_weights_file(str(path))
+        if packaged.is_efficientnet_pytorch_state(state):  # the packages' layout; timm's own files load below
+            model = timm.create_model(name, num_classes=1000, drop_rate=dropout)
+            packaged.load_efficientnet_pytorch(model, state, str(path))
+            model.reset_classifier(num_classes)
+            return model
     kwargs = dict(num_classes=num_classes, drop_rate=dropout)
     if pretrained_path:
         if not Path(pretrained_path).is_file():
@@ -122,8 +132,10 @@ def _check_timm_name(name: str) -> None:
 def _offline_error(name: str, err: Exception) -> UserError:
     return UserError(
         f"cannot download ImageNet weights for {name} ({type(err).__name__}: {str(err)[:200]}). This machine may be "
-        f"offline. Train from scratch with pretrained=false, or download the weights elsewhere and pass "
-        f"pretrained_path=/path/to/weights (.pth or .safetensors)"
+        f"offline. Use a network whose ImageNet weights install from the package index "
+        f"({', '.join(sorted(packaged.PACKAGED))}: pretrained=true works offline), train from scratch with "
+        f"pretrained=false, or download the weights elsewhere and pass pretrained_path=/path/to/weights "
+        f"(.pth or .safetensors)"
     )
 
 
@@ -137,9 +149,12 @@ def _load_weights_file(path: str) -> dict:
         return load_file(str(p))
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load weights from {path}: {e}") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as e:  # truncated, foreign and pickled-code files all land here
+        raise UserError(f"cannot load weights from {path} (damaged or not a weights file: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no weights (a {type(state).__name__}, not a state dict)")
+    return state.get("state_dict", state)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
