@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from alldetect.config import load_config, parse_overrides, valid_keys
@@ -145,3 +147,23 @@ def test_options_are_told_from_paths_by_their_form_not_by_the_disk(tmp_path, mon
     with pytest.raises(UserError, match=r"unknown option odd= for `alldetect predict` \(to name the folder odd=1, "
                                         r"write ./odd=1\). Valid options: tta="):
         parse_options({"odd": "1"}, {"tta": ("none", str)}, "predict")
+
+
+@pytest.mark.parametrize("name", ["../base", "../recipes/report", "/etc/passwd", "report.yaml", ".hidden"])
+def test_a_recipe_is_the_name_of_a_file_in_configs_recipes(name):
+    with pytest.raises(UserError, match=rf"recipe={re.escape(name)}: no such recipe; choose one of .*report.*name of a file in .*recipes"):
+        load_config("proposed", [f"recipe={name}"])
+
+
+def test_freeze_epochs_must_leave_epochs_that_train_the_whole_network():
+    with pytest.raises(UserError, match=r"freeze_epochs=5.*epochs=1.*only the head.*freeze_epochs=0"):
+        load_config("proposed", ["freeze_epochs=5", "epochs=1"])
+    with pytest.raises(UserError, match=r"freeze_epochs=3"):
+        load_config("proposed", ["freeze_epochs=3", "epochs=3"])
+    assert load_config("proposed", ["freeze_epochs=2", "epochs=3"]).freeze_epochs == 2
+
+
+def test_mixup_needs_two_images_a_batch():
+    with pytest.raises(UserError, match=r"cutmix=1.0 mixes pairs of images.*batch_size=1.*batch_size=2"):
+        load_config("proposed", ["batch_size=1", "cutmix=1.0"])
+    assert load_config("proposed", ["batch_size=3", "mixup=0.4"]).mixup == 0.4

@@ -203,9 +203,12 @@ def test_mixup_and_cutmix_mix_pairs_of_images_and_labels_reproducibly(key):
 
 @pytest.mark.slow
 def test_frozen_backbone_trains_only_the_head_for_freeze_epochs(tiny_demo, workdir):
-    extra = [*FAST, f"data.root={tiny_demo}", "freeze_epochs=1", "epochs=1"]
+    from test_train import Interrupt, _stop_after
+
+    extra = [*FAST, f"data.root={tiny_demo}", "freeze_epochs=1", "epochs=2"]
     folds = resolve_folds(load_config("proposed", extra))
-    fit_fold(load_config("proposed", extra), 0, folds)
+    with pytest.raises(Interrupt):  # after the first epoch, the frozen one
+        fit_fold(load_config("proposed", extra), 0, folds, on_epoch=_stop_after(0))
     torch.manual_seed(42)
     start = create_model("proposed", input_size=32).state_dict()
     after_one = load_checkpoint(workdir / "runs/proposed/fold0/last.pt").model
@@ -213,7 +216,7 @@ def test_frozen_backbone_trains_only_the_head_for_freeze_epochs(tiny_demo, workd
     for name in params:
         frozen = not name.startswith("classifier")
         assert torch.equal(after_one[name], start[name]) == frozen, name
-    fit_fold(load_config("proposed", [*extra, "epochs=2", "resume=true"]), 0, folds)
+    fit_fold(load_config("proposed", [*extra, "resume=true"]), 0, folds)
     after_two = load_checkpoint(workdir / "runs/proposed/fold0/last.pt").model
     assert not torch.equal(after_two["features.0.weight"], start["features.0.weight"])
 

@@ -179,6 +179,14 @@ class Config(_Section):
             raise ValueError(f"warmup_epochs={self.warmup_epochs:g} must be shorter than the run (epochs={self.epochs})")
         if self.lr_stages and self.layer_decay:
             raise ValueError("lr_stages and layer_decay both set each layer group's learning rate: choose one")
+        if self.freeze_epochs and self.freeze_epochs >= self.epochs:
+            raise ValueError(f"freeze_epochs={self.freeze_epochs} with epochs={self.epochs}: only the head would ever "
+                             f"train. Use freeze_epochs below epochs (e.g. freeze_epochs={max(self.epochs - 1, 0)}), "
+                             "or freeze_epochs=0 to train the whole network from the start")
+        if (self.mixup or self.cutmix) and self.batch_size < 2:
+            key = f"mixup={self.mixup}" if self.mixup else f"cutmix={self.cutmix}"
+            raise ValueError(f"{key} mixes pairs of images of a batch, and batch_size=1 has no pairs: use "
+                             "batch_size=2 or more, or mixup=0 cutmix=0")
         if self.select == "ema" and not self.ema:
             raise ValueError("select=ema keeps the averaged weights: add ema=true")
         if self.patience and self.select in ("last", "ema"):
@@ -362,12 +370,11 @@ def load_config(
 def recipe_path(name: str) -> Path:
     """configs/recipes/<name>.yaml: a named set of training settings (the report's, a paper's)."""
     folder = configs_dir() / "recipes"
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise UserError(f"recipe={name}: no such recipe; choose one of {', '.join(known) or '(none)'} "
-                        f"(files in {folder})")
-    return path
+    known = sorted(p.stem for p in folder.glob("*.yaml") if not p.name.startswith("."))
+    if name not in known:  # also every path-like name (../base, /x): a recipe is never another config file
+        raise UserError(f"recipe={name}: no such recipe; choose one of {', '.join(known) or '(none)'} (a recipe is "
+                        f"the name of a file in {folder}, without '.yaml', not a path)")
+    return folder / f"{name}.yaml"
 
 
 def tuned_config_path(arch: str, must_exist: bool = False) -> Path:
