@@ -199,6 +199,27 @@ def test_mixup_and_cutmix_mix_pairs_of_images_and_labels_reproducibly(key):
         assert 0 < (~from_self).float().mean() < 1
 
 
+@pytest.mark.parametrize("key", ["mixup=0.4", "cutmix=1.0"])
+@pytest.mark.parametrize("size", [3, 5])
+def test_an_odd_batch_is_mixed_too_all_but_its_last_image(key, size):
+    """batch_size=3 used to leave every batch unmixed (timm mixes even batches only): the key did nothing."""
+    cfg = _cfg(key, "label_smoothing=0", f"batch_size={size}")
+    model = Tiny()
+    optimizer = create_optimizer(cfg, model)
+    updater = _updater(cfg, Model(model, model), optimizer, Schedule(cfg, optimizer, 1), None, torch.device("cpu"),
+                       updater_dev())
+    torch.manual_seed(0)
+    x, y = torch.rand(size, 3, 32, 32), torch.tensor([0, 1] * (size // 2) + [1])
+    mixed, target = updater.targets(x.clone(), y, seed=3)
+    again, target_again = updater.targets(x.clone(), y, seed=3)
+    assert torch.equal(mixed, again) and torch.equal(target, target_again)
+    assert target.shape == (size, 2) and torch.allclose(target.sum(1), torch.ones(size))
+    for i in range(size - 1):  # each pair (i, n-2-i) of different labels: both images and labels mixed
+        assert not torch.equal(mixed[i], x[i]), i
+        assert 0 < target[i, y[i]] < 1, i
+    assert torch.equal(mixed[-1], x[-1]) and target[-1, 1] == 1  # the odd one out stays itself
+
+
 # ---------------------------------------------------------------- in a real run
 
 @pytest.mark.slow

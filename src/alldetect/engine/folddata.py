@@ -68,6 +68,9 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
         raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
     if cfg.batch_size % d.world:
         raise UserError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {d.world} processes")
+    if (cfg.mixup or cfg.cutmix) and cfg.batch_size // d.world < 2:
+        raise UserError(f"batch_size={cfg.batch_size} on {d.world} processes is one image a process, and mixup/cutmix "
+                        f"mix pairs of a process's images: use batch_size={2 * d.world} or more, or mixup=0 cutmix=0")
     counts = np.bincount(labels, minlength=2).astype(float)
     class_weights = sample_weights = None
     if cfg.class_balance == "loss":

@@ -96,13 +96,19 @@ class Updater:
 
     def targets(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup / cutmix on the device. timm's Mixup draws from numpy's global generator: seed it per step (and
-        restore it after), so a resumed run mixes the same pairs. An odd batch is left unmixed."""
+        restore it after), so a resumed run mixes the same pairs. timm pairs image i with image n-1-i and needs an
+        even batch: of an odd batch, all images but the last are mixed (the config refuses batch_size=1, fold_data
+        a batch of 1 per process, and a training loader drops its last, smaller batch)."""
         if self.mixup is None:
             return x, y
         if len(x) % 2:
             from timm.data.mixup import mixup_target
 
-            return x, mixup_target(y, 2, 1.0, self.mixup.label_smoothing)
+            alone = mixup_target(y[-1:], 2, 1.0, self.mixup.label_smoothing)
+            if len(x) == 1:
+                return x, alone
+            mixed, target = self.targets(x[:-1], y[:-1], seed)
+            return torch.cat([mixed, x[-1:]]), torch.cat([target, alone])
         state = np.random.get_state()
         np.random.seed(seed % 2**32)
         try:
