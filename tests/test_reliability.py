@@ -349,3 +349,12 @@ def test_impossible_output_places_are_clear_errors_before_any_work(tiny_demo, wo
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"cannot write to {what}" in err and "afile" in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_one_image_a_batch_on_a_1x1_feature_map_says_what_to_change(tiny_demo, workdir):
+    """BatchNorm in training on a 1 x 1 map of one image was a raw ValueError traceback."""
+    cfg = _cfg(tiny_demo, "batch_size=1", "epochs=1", "max_batches=1")
+    with pytest.raises(UserError, match=r"proposed at input_size=32 .*1 x 1 feature map.*batch_size=2 or more.*"
+                                        r"input_size=64"):
+        fit_fold(cfg, 0, resolve_folds(cfg))

@@ -243,6 +243,10 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                                "or class_balance=none") from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(_out_of_memory(cfg, size)) from None
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise UserError(_one_value_per_channel(cfg, size, data.batch)) from None
     finally:
         tracker.finish(exit_code)
         data.close()
@@ -334,6 +338,14 @@ def _out_of_memory(cfg: Config, size: int) -> str:
     return (f"the GPU ran out of memory training {cfg.arch} at batch_size={cfg.batch_size}, input {size} x {size}. "
             f"Try batch_size={smaller}" + ("" if cfg.amp else ", amp=true") + " (or accum_steps=2 to keep the "
             "effective batch), or a smaller input_size; resume=true continues from the last completed epoch")
+
+
+def _one_value_per_channel(cfg: Config, size: int, batch: int) -> str:
+    """torch's BatchNorm in training needs two values per channel: a batch of one image on a 1 x 1 feature map."""
+    return (f"{cfg.arch} at input_size={size} shrinks its input to a 1 x 1 feature map, where batch norm of a batch of "
+            f"{batch} image(s) has a single value per channel to normalise (batch_size={cfg.batch_size}"
+            + (f" on {cfg.batch_size // batch} processes" if cfg.batch_size != batch else "")
+            + f"). Use batch_size={2 * cfg.batch_size // batch} or more, or a larger input_size (e.g. input_size={2 * size})")
 
 
 def _history_row(epoch: int, stats: dict, metrics: dict | None, inner: dict | None, lr: float, chosen: bool,
