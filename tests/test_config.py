@@ -151,7 +151,8 @@ def test_options_are_told_from_paths_by_their_form_not_by_the_disk(tmp_path, mon
 
 @pytest.mark.parametrize("name", ["../base", "../recipes/report", "/etc/passwd", "report.yaml", ".hidden"])
 def test_a_recipe_is_the_name_of_a_file_in_configs_recipes(name):
-    with pytest.raises(UserError, match=rf"recipe={re.escape(name)}: no such recipe; choose one of .*report.*name of a file in .*recipes"):
+    with pytest.raises(UserError, match=rf"recipe={re.escape(name)}: no such recipe; choose one of .*report.*"
+                                        r"name of a file in .*recipes"):
         load_config("proposed", [f"recipe={name}"])
 
 

@@ -213,3 +213,38 @@ def test_a_hand_edited_fold_number_is_refused(tiny_demo, tmp_path):
     table.to_csv(out, index=False)
     with pytest.raises(UserError, match=r"is not a whole number"):
         load_fold_file(out)
+
+
+def test_a_hand_edited_subject_is_checked_against_the_names(tiny_demo, tmp_path):
+    """Moving one image of a person to another fold and renaming its subject hid the person in two folds."""
+    out = tmp_path / "f.csv"
+    make_fold_file(tiny_demo, out, k=3, seed=42)
+    table = pd.read_csv(out, dtype={"subject": str})
+    moved = table.index[table["subject"] == table.loc[0, "subject"]][-1]
+    person = table.loc[moved, "subject"]
+    table.loc[moved, "fold"] = (table.loc[moved, "fold"] + 1) % 3
+    table.loc[moved, "subject"] = f"{person}x"
+    table.to_csv(out, index=False)
+    with pytest.raises(UserError, match=rf"1 image\(s\) have another subject than the data say: "
+                                        rf"{table.loc[moved, 'path']} \(subject {person}x in the fold file, "
+                                        rf"{person} in the data\)"):
+        load_fold_file(out)
+
+
+def test_a_hand_edited_size_or_fingerprint_is_a_clear_error(tiny_demo, tmp_path):
+    out = tmp_path / "f.csv"
+    make_fold_file(tiny_demo, out, k=3, seed=42)
+    good = out.read_text()
+    table = pd.read_csv(out)
+    table["bytes"] = table["bytes"].astype(object)
+    table.loc[2, "bytes"] = "abc"
+    table.to_csv(out, index=False)
+    with pytest.raises(UserError, match=rf"fold file {out}: the bytes of {table.loc[2, 'path']} .*not a whole number"):
+        load_fold_file(out)
+    out.write_text(good)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    right, sidecar["fingerprint"] = sidecar["fingerprint"], "0123456789abcdef"
+    out.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(UserError, match=rf"f.json records data fingerprint 0123456789abcdef, but the images .* "
+                                        rf"have {right}.*alldetect split"):
+        load_fold_file(out)

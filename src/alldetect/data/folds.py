@@ -279,11 +279,26 @@ def _check_against_disk(table: pd.DataFrame, root: Path, path: Path, meta: dict)
     relabelled = [p for p in common if int(listed.at[p, "label"]) != int(disk.at[p, "label"])]
     if relabelled:
         problems.append(f"{len(relabelled)} image(s) changed class: {short_list(relabelled)}")
+    # A subject renamed by hand (45 -> 45x) would hide a person in two folds from the crossing check.
+    resubjected = [f"{p} (subject {listed.at[p, 'subject']} in the fold file, {disk.at[p, 'subject']} in the data)"
+                   for p in common if str(listed.at[p, "subject"]) != str(disk.at[p, "subject"])]
+    if resubjected:
+        problems.append(f"{len(resubjected)} image(s) have another subject than the data say: {short_list(resubjected)}")
+    digest, sizes = fingerprint(root, list(common)) if len(common) else ("", [])
     if "bytes" in listed.columns and len(common):
-        _, sizes = fingerprint(root, list(common))
-        changed = [p for p, s in zip(common, sizes) if int(listed.at[p, "bytes"]) != s]
+        recorded = pd.to_numeric(listed["bytes"], errors="coerce")
+        bad = recorded.index[recorded.isna() | (recorded % 1 != 0)].tolist()
+        if bad:
+            raise UserError(f"fold file {path}: the bytes of {short_list(bad)} are not a whole number (the image's "
+                            "size when the split was made). Was it edited by hand? Make it again with `alldetect split`")
+        changed = [p for p, s in zip(common, sizes) if int(recorded[p]) != s]
         if changed:
             problems.append(f"{len(changed)} image(s) changed on disk since the split: {short_list(changed)}")
     if problems:
         raise UserError(f"fold file {path} does not match the data in {root}: " + "; ".join(problems)
                         + ". Re-make it with `alldetect split` (or point data.root at the data it was made from)")
+    recorded_digest = meta.get("fingerprint")
+    if recorded_digest and recorded_digest != digest:  # every checkpoint records it: it must be these images'
+        raise UserError(f"fold file {path}: its sidecar {sidecar_path(path).name} records data fingerprint "
+                        f"{recorded_digest}, but the images the fold file lists (names and sizes) have {digest}. Was "
+                        "the sidecar edited or copied from another fold file? Make both again with `alldetect split`")
