@@ -10,6 +10,7 @@ import torch
 from alldetect.cli import main
 from alldetect.commands.train import train_command
 from alldetect.engine.runfiles import load_checkpoint
+from alldetect.errors import UserError
 
 from conftest import FAST, write_image
 
@@ -90,3 +91,42 @@ def test_extra_labelled_folders_join_the_training_images_and_are_checked(tiny_da
     shutil.copy(next(tiny_data.rglob("*hem.bmp")), again / "hem")  # an image of the fold file, under its own name
     assert main(["train", "proposed", "full", *common, f"data.extra=[{again}]", "runs_dir=r3"]) == 2
     assert "they would be trained on and validated on" in capsys.readouterr().err
+
+
+def _extra_folder(root, copy_of=None):
+    for cls in ("all", "hem"):
+        for i in range(2):
+            write_image(root / cls / f"{cls}{i}.bmp", size=48)
+    if copy_of is not None:
+        shutil.copy(copy_of, root / "hem" / "renamed.bmp")
+    return root
+
+
+def test_extra_copies_of_fold_images_under_other_names_are_refused(tiny_data, workdir):
+    """data.extra trained on renamed byte-identical copies of validation images without a word."""
+    from alldetect.data.extra import extra_rows
+    from alldetect.data.layouts import build_manifest
+
+    table = build_manifest(tiny_data)
+    original = table["path"][table["path"].str.endswith("hem.bmp")].iloc[0]
+    extra = _extra_folder(workdir / "copies", copy_of=tiny_data / original)
+    with pytest.raises(UserError, match=rf"data.extra={extra}: 1 image\(s\) are byte-identical to images of the fold "
+                                        rf"file under other names \(hem/renamed.bmp = .*{original}\).*Leave them out"):
+        extra_rows([str(extra)], table, tiny_data)
+    (extra / "hem/renamed.bmp").unlink()
+    assert len(extra_rows([str(extra)], table, tiny_data)) == 4
+
+
+def test_the_same_extra_folder_listed_twice_is_refused(tiny_data, workdir, monkeypatch):
+    from alldetect.data.extra import extra_rows
+    from alldetect.data.layouts import build_manifest
+
+    table = build_manifest(tiny_data)
+    _extra_folder(workdir / "prelim")
+    monkeypatch.chdir(workdir / "prelim")
+    with pytest.raises(UserError, match=r"data.extra=./: 4 of its image\(s\) were added already by "
+                                        rf"data.extra={workdir / 'prelim'} .*list each folder once"):
+        extra_rows([str(workdir / "prelim"), "./"], table, tiny_data)
+    (workdir / "link").symlink_to(workdir / "prelim")
+    with pytest.raises(UserError, match=r"data.extra=../link: 4 of its image\(s\) were added already by data.extra=./"):
+        extra_rows(["./", "../link"], table, tiny_data)

@@ -1,6 +1,8 @@
 """Byte-identical images under different classes or people: a label contradiction, or the same cell on both sides
-of a split. Found by hashing a 64 KiB slice from the middle of each file (where the cell is, not the black border
-every C-NMC image shares), then the whole of the files whose slices agree."""
+of a split; and images byte-identical to a known set under other names (data.extra's copies of the fold file's
+images, predict's copies of a run's training images). Found by hashing a 64 KiB slice from the middle of each file
+(where the cell is, not the black border every C-NMC image shares), then the whole of the files whose slices
+agree."""
 
 from __future__ import annotations
 
@@ -25,6 +27,54 @@ def _slice_digest(path: Path) -> str:
 def _full_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class ContentIndex:
+    """Finds files byte-identical to `known` files under any name: sizes first, then the slice, then the whole file.
+    Digests of the known files are made only for sizes asked about, and kept for later questions."""
+
+    def __init__(self, known: list[Path], workers: int = 8):
+        self.by_size: dict[int, list[Path]] = {}
+        for path in known:
+            try:
+                self.by_size.setdefault(Path(path).stat().st_size, []).append(Path(path))
+            except OSError:
+                continue  # a known file that is gone cannot be a copy's original
+        self.workers = workers
+        self._slices: dict[Path, str] = {}
+        self._full: dict[Path, str] = {}
+
+    def _digests(self, cache: dict[Path, str], paths: list[Path], digest) -> list[str]:
+        todo = [p for p in dict.fromkeys(paths) if p not in cache]
+        with ThreadPoolExecutor(self.workers) as pool:
+            cache.update(zip(todo, pool.map(digest, todo)))
+        return [cache[p] for p in paths]
+
+    def copies(self, paths: list[Path]) -> list[tuple[Path, Path]]:
+        """(path, a known file it is byte-identical to) for each of `paths` that is a copy of one."""
+        sizes: dict[Path, int] = {}
+        for path in map(Path, paths):
+            try:
+                sizes[path] = path.stat().st_size
+            except OSError:
+                continue
+        sized = [p for p, size in sizes.items() if size in self.by_size]
+        if not sized:
+            return []
+        known = [k for size in {sizes[p] for p in sized} for k in self.by_size[size]]
+        known_slices: dict[str, list[Path]] = {}
+        for k, d in zip(known, self._digests(self._slices, known, _slice_digest)):
+            known_slices.setdefault(d, []).append(k)
+        queried = dict(zip(sized, self._digests({}, sized, _slice_digest)))
+        suspects = [p for p in sized if queried[p] in known_slices]
+        originals = [k for p in suspects for k in known_slices[queried[p]]]
+        self._digests(self._full, originals, _full_digest)
+        out = []
+        for p, d in zip(suspects, self._digests({}, suspects, _full_digest)):
+            same = next((k for k in known_slices[queried[p]] if self._full[k] == d), None)
+            if same is not None:
+                out.append((p, same))
+        return out
 
 
 def identical_groups(root: Path, manifest: pd.DataFrame, workers: int = 8) -> list[pd.DataFrame]:

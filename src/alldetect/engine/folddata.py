@@ -58,7 +58,7 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     if cfg.select == "inner":
         assert fold is not None, "fit_fold refuses select=inner for full"
         train_rows, inner_rows = carve_inner(train_rows, cfg.select_share, cfg.seed, fold)
-    extra = extra_rows(cfg.data.extra, folds.table) if cfg.data.extra else None
+    extra = extra_rows(cfg.data.extra, folds.table, folds.data_root) if cfg.data.extra else None
     if extra is not None:
         log.info("training on %d image(s) of the fold file and %d extra labelled image(s) (data.extra)",
                  len(train_rows), len(extra))
