@@ -232,3 +232,29 @@ def test_predictions_of_a_replaced_checkpoint_are_refused_or_removed(runs, workd
     edit_checkpoint(runs / "fold1/best.pt", saved_at=saved + 60)  # a better epoch since
     with pytest.raises(UserError, match=r"predictions 'prelim' of .*fold1.* older best.pt .*alldetect predict"):
         ensemble_command(["runs/proposed"], oof=False, name="prelim")
+
+
+@pytest.mark.slow
+def test_renamed_copies_of_training_images_are_named_as_not_held_out(runs, workdir, tiny_data, caplog):
+    """Only names were compared: a renamed copy of a training image was predicted as if held out."""
+    import shutil
+
+    from alldetect.data.folds import make_fold_file
+
+    folds = make_fold_file(tiny_data, workdir / "folds/data_k3_s42.csv", k=3, seed=42)  # the runs' fold file
+    data = workdir / "test"
+    trained = folds.table["path"][:2].tolist()
+    data.mkdir()
+    for i, path in enumerate(trained, start=1):
+        shutil.copy(tiny_data / path, data / f"{i}.bmp")
+    write_image(data / "3.bmp")
+    with caplog.at_level("WARNING", logger="alldetect"):
+        predict_command(["runs/proposed/fold0"], str(data), "t", FAST)
+    assert (f"2 image(s) of {data} are byte-identical to images runs/proposed/fold0 was trained or validated on "
+            f"(1.bmp = {trained[0]}, 2.bmp = {trained[1]}): their scores are not held-out scores") in caplog.text
+    caplog.clear()
+    for copy in ("1.bmp", "2.bmp"):
+        (data / copy).unlink()
+    with caplog.at_level("WARNING", logger="alldetect"):
+        predict_command(["runs/proposed/fold0"], str(data), "t2", FAST)
+    assert "held-out" not in caplog.text

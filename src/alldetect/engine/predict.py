@@ -12,6 +12,7 @@ config inside it) and writes, beside the checkpoint:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import torch
 from alldetect import __version__
 from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
+from alldetect.data.duplicates import ContentIndex
 from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest
 from alldetect.engine.features import FeatureTap
@@ -166,12 +168,27 @@ def _warn_if_trained_on(run: Path, meta: RunMeta, data: HeldOutData) -> None:
                     "held-out scores", run, data.fingerprint)
         return
     fold_file = Path(meta.fold_file)
-    if meta.fold_file and fold_file.is_file():
-        seen = set(pd.read_csv(fold_file, usecols=["path"])["path"].map(lambda p: Path(p).name))
-        overlap = [p for p in data.manifest["path"] if Path(p).name in seen and not NUMBERED_RE.match(Path(p).name)]
-        if overlap:
-            log.warning("%d image(s) of %s have the names of images in %s's fold file (%s): they are probably "
-                        "not held-out", len(overlap), data.root, run, short_list(overlap, 3))
+    if not (meta.fold_file and fold_file.is_file()):
+        return
+    seen = set(pd.read_csv(fold_file, usecols=["path"])["path"].map(lambda p: Path(p).name))
+    overlap = [p for p in data.manifest["path"] if Path(p).name in seen and not NUMBERED_RE.match(Path(p).name)]
+    if overlap:
+        log.warning("%d image(s) of %s have the names of images in %s's fold file (%s): they are probably "
+                    "not held-out", len(overlap), data.root, run, short_list(overlap, 3))
+    root = Path(meta.data_root() or "").resolve()
+    if meta.data_root() and root.is_dir():  # renamed copies: the same bytes under another name
+        named = set(overlap)
+        index = _fold_images(str(fold_file.resolve()), fold_file.stat().st_mtime_ns, str(root))
+        copies = index.copies([data.root / p for p in data.manifest["path"] if p not in named])
+        if copies:
+            log.warning("%d image(s) of %s are byte-identical to images %s was trained or validated on (%s): their "
+                        "scores are not held-out scores", len(copies), data.root, run,
+                        short_list((f"{a.relative_to(data.root)} = {b.relative_to(root)}" for a, b in copies), 3))
+
+
+@functools.lru_cache(maxsize=2)  # the folds of one architecture share their fold file: its images are hashed once
+def _fold_images(fold_file: str, modified: int, root: str) -> ContentIndex:
+    return ContentIndex([Path(root, p) for p in pd.read_csv(fold_file, usecols=["path"])["path"]])
 
 
 def own_validation_images(run: Path, meta: RunMeta, data: str | None) -> HeldOutData:
