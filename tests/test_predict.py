@@ -251,10 +251,20 @@ def test_renamed_copies_of_training_images_are_named_as_not_held_out(runs, workd
     with caplog.at_level("WARNING", logger="alldetect"):
         predict_command(["runs/proposed/fold0"], str(data), "t", FAST)
     assert (f"2 image(s) of {data} are byte-identical to images runs/proposed/fold0 was trained or validated on "
-            f"(1.bmp = {trained[0]}, 2.bmp = {trained[1]}): their scores are not held-out scores") in caplog.text
+            f"(1.bmp = {tiny_data / trained[0]}, 2.bmp = {tiny_data / trained[1]}): their scores are not held-out "
+            "scores") in caplog.text
     caplog.clear()
     for copy in ("1.bmp", "2.bmp"):
         (data / copy).unlink()
     with caplog.at_level("WARNING", logger="alldetect"):
         predict_command(["runs/proposed/fold0"], str(data), "t2", FAST)
     assert "held-out" not in caplog.text
+    extra = workdir / "extra"  # images a run trained on beside its fold file's (data.extra)
+    write_image(extra / "all/a.bmp"), write_image(extra / "hem/h.bmp")
+    shutil.copy(extra / "hem/h.bmp", data / "4.bmp")
+    old = load_checkpoint(runs / "fold0/best.pt").meta.config.data
+    edit_checkpoint(runs / "fold0/best.pt", config={"data": old.model_copy(update={"extra": [str(extra)]})})
+    with caplog.at_level("WARNING", logger="alldetect"):
+        predict_command(["runs/proposed/fold0"], str(data), "t3", FAST)
+    assert (f"1 image(s) of {data} are byte-identical to images runs/proposed/fold0 was trained or validated on "
+            f"(4.bmp = {extra / 'hem/h.bmp'})") in caplog.text

@@ -31,7 +31,7 @@ from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.duplicates import ContentIndex
 from alldetect.data.images import drop_bad_images, fingerprint
-from alldetect.data.layouts import NUMBERED_RE, build_manifest
+from alldetect.data.layouts import NUMBERED_RE, build_manifest, find_images
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs
@@ -178,17 +178,21 @@ def _warn_if_trained_on(run: Path, meta: RunMeta, data: HeldOutData) -> None:
     root = Path(meta.data_root() or "").resolve()
     if meta.data_root() and root.is_dir():  # renamed copies: the same bytes under another name
         named = set(overlap)
-        index = _fold_images(str(fold_file.resolve()), fold_file.stat().st_mtime_ns, str(root))
+        index = _trained_images(str(fold_file.resolve()), fold_file.stat().st_mtime_ns, str(root),
+                                tuple(str(Path(f).resolve()) for f in meta.config.data.extra))
         copies = index.copies([data.root / p for p in data.manifest["path"] if p not in named])
         if copies:
             log.warning("%d image(s) of %s are byte-identical to images %s was trained or validated on (%s): their "
                         "scores are not held-out scores", len(copies), data.root, run,
-                        short_list((f"{a.relative_to(data.root)} = {b.relative_to(root)}" for a, b in copies), 3))
+                        short_list((f"{a.relative_to(data.root)} = {b}" for a, b in copies), 3))
 
 
 @functools.lru_cache(maxsize=2)  # the folds of one architecture share their fold file: its images are hashed once
-def _fold_images(fold_file: str, modified: int, root: str) -> ContentIndex:
-    return ContentIndex([Path(root, p) for p in pd.read_csv(fold_file, usecols=["path"])["path"]])
+def _trained_images(fold_file: str, modified: int, root: str, extra: tuple[str, ...]) -> ContentIndex:
+    """The images of a run's fold file and of its data.extra folders (those still there)."""
+    paths = [Path(root, p) for p in pd.read_csv(fold_file, usecols=["path"])["path"]]
+    paths += [Path(folder, p) for folder in extra if Path(folder).is_dir() for p in find_images(Path(folder))]
+    return ContentIndex(paths)
 
 
 def own_validation_images(run: Path, meta: RunMeta, data: str | None) -> HeldOutData:
