@@ -295,3 +295,23 @@ def test_the_demo_data_named_by_a_fold_file_get_the_demo_profile(tiny_demo, work
     assert demo and cfg.input_size == 64 and cfg.epochs == 20  # configs/demo.yaml, not 300 x 300 for 30 epochs
     cfg, demo = resolve_config("proposed", [f"data.root={tiny_demo}"], [])
     assert demo and cfg.input_size == 64
+
+
+def test_a_validation_fold_of_one_class_is_warned_about(tiny_data, tmp_path, caplog):
+    """A fold file whose fold 0 holds one class was trained on without a word (ROC-AUC NaN, F1 of one class)."""
+    from alldetect.data.folds import make_fold_file
+    from alldetect.engine.distributed import Dist
+    from alldetect.engine.folddata import fold_data
+
+    out = tmp_path / "f.csv"
+    table = make_fold_file(tiny_data, out, k=3, seed=42).table
+    table.loc[(table["fold"] == 0) & (table["label"] == 0), "fold"] = 1  # whole people move: none crosses folds
+    table.to_csv(out, index=False)
+    cfg = load_config("proposed", [*FAST, f"data.root={tiny_data}", f"data.fold_file={out}"])
+    with caplog.at_level("WARNING", logger="alldetect"):
+        fold_data(cfg, load_fold_file(out), 0, 32, torch.device("cpu"), Dist()).close()
+    assert f"fold0 of {out} holds 'all' images only: its ROC-AUC is undefined (NaN)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alldetect"):
+        fold_data(cfg, load_fold_file(out), 1, 32, torch.device("cpu"), Dist()).close()
+    assert "images only" not in caplog.text

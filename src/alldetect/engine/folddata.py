@@ -66,6 +66,12 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     labels = train_rows["label"].to_numpy()
     if len(np.unique(labels)) < 2 or (val_rows.empty and fold is not None):
         raise UserError(f"fold file {folds.path}: training needs both classes and a non-empty validation fold")
+    if fold is not None and val_rows["label"].nunique() == 1 and d.main:
+        only = "all" if val_rows["label"].iloc[0] == 1 else "hem"
+        log.warning("fold%d of %s holds '%s' images only: its ROC-AUC is undefined (NaN), and its F1, accuracy, "
+                    "precision and recall score one class, so they do not compare with other folds' scores. Make "
+                    "folds that hold both classes (`alldetect split`, with a smaller --k if a class has few people)",
+                    fold, folds.path, only)
     if cfg.batch_size % d.world:
         raise UserError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {d.world} processes")
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size // d.world < 2:
