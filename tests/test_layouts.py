@@ -257,3 +257,16 @@ def test_identical_images_under_two_classes_or_people_are_named(tmp_path, capsys
     assert "UID_H3_9_1_hem" not in text
     assert main(["split", str(tmp_path), "--k", "2", "--out", str(tmp_path / "f.csv")]) == 0
     assert "under both classes" in capsys.readouterr().out
+
+
+def test_two_disagreeing_labels_files_are_refused_naming_both(tmp_path):
+    """A labels file in the folder and another beside it: one was picked silently."""
+    root, images = _prelim(tmp_path)
+    beside = root / "C-NMC_test_prelim_phase_data_labels.csv"
+    inside = images / "phase2.csv"
+    inside.write_text(beside.read_text())
+    assert build_manifest(images)["label"].tolist()[:2] == [1, 0]  # the same labels twice: fine
+    inside.write_text(beside.read_text().replace("UID_H2_1_2_hem.bmp,2.bmp,0", "UID_H2_1_2_hem.bmp,2.bmp,1"))
+    with pytest.raises(UserError, match=rf"two labels files for one folder disagree: {inside} and {beside} \(on "
+                                        r"2.bmp\).*remove or rename the other"):
+        build_manifest(images)

@@ -122,9 +122,11 @@ def _numbered_or_plain(root: Path, paths: list[str]) -> pd.DataFrame | None:
     if len(folders) != 1:
         return None
     folder = root / next(iter(folders))
-    labels_file = next((d / n for d in (folder, folder.parent) for n in LABEL_FILES if (d / n).is_file()), None)
+    candidates = [d / n for d in (folder, folder.parent) for n in LABEL_FILES if (d / n).is_file()]
+    labels_file = candidates[0] if candidates else None
     numbered = all(NUMBERED_RE.match(Path(p).name) for p in paths)
     if numbered and labels_file is not None:
+        _check_labels_agree(candidates)
         return _with_labels(root, paths, labels_file)
     if labels_file is not None:
         others = [p for p in paths if not NUMBERED_RE.match(Path(p).name)]
@@ -165,6 +167,19 @@ def read_labels_file(labels_file: str | Path) -> pd.DataFrame:
     subjects = [subject_of(str(p)) or str(p) for p in table["Patient_ID"]]
     return pd.DataFrame({"new_names": table["new_names"].tolist(), "label": table["labels"].astype(int).tolist(),
                          "subject": subjects})
+
+
+def _check_labels_agree(files: list[Path]) -> None:
+    """Two labels files for one folder (in it and beside it, or both names) must say the same, else which is right?"""
+    first = read_labels_file(files[0]).sort_values("new_names").reset_index(drop=True)
+    for other in files[1:]:
+        theirs = read_labels_file(other).sort_values("new_names").reset_index(drop=True)
+        if not first.equals(theirs):
+            merged = first.merge(theirs, on="new_names", how="outer", suffixes=("", "_other"), indicator=True)
+            differ = merged[(merged["_merge"] != "both") | (merged["label"] != merged["label_other"])
+                            | (merged["subject"] != merged["subject_other"])]["new_names"].tolist()
+            raise UserError(f"two labels files for one folder disagree: {files[0]} and {other} (on "
+                            f"{short_list(differ, 3)}). Keep the right one and remove or rename the other")
 
 
 def _with_labels(root: Path, paths: list[str], labels_file: Path) -> pd.DataFrame:
