@@ -248,3 +248,18 @@ def test_a_hand_edited_size_or_fingerprint_is_a_clear_error(tiny_demo, tmp_path)
     with pytest.raises(UserError, match=rf"f.json records data fingerprint 0123456789abcdef, but the images .* "
                                         rf"have {right}.*alldetect split"):
         load_fold_file(out)
+
+
+def test_index_lists_dangling_and_looping_links_as_unusable(tiny_demo, tmp_path, capsys):
+    """index stopped on them with a bare OS error, where split lists them as unusable."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo, data)
+    folder = data / "C-NMC_training_data/fold_0/all"
+    (folder / "UID_9_9_9_all.bmp").symlink_to(folder / "nowhere.bmp")
+    (folder / "UID_8_8_8_all.bmp").symlink_to(folder / "UID_8_8_8_all.bmp")
+    assert main(["index", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "2 unusable image(s) (leave them out with --skip-bad):" in out
+    assert "UID_9_9_9_all.bmp: not a readable image" in out and "UID_8_8_8_all.bmp: not a readable image" in out

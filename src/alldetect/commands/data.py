@@ -34,7 +34,7 @@ def index_command(root: str) -> str:
     if len(bad):
         lines += [f"{len(bad)} unusable image(s) (leave them out with --skip-bad):"]
         lines += [f"  {r.path}: {r.problem}" for r in bad.itertuples()]
-    duplicates = duplicates_note(identical_groups(Path(root), manifest))
+    duplicates = duplicates_note(identical_groups(Path(root), manifest[manifest["path"].isin(good["path"])]))
     if duplicates:
         lines += [duplicates]
     converted = converted_note(frame)
