@@ -149,12 +149,28 @@ def test_search_space_numbers_written_like_1e_2_are_numbers(tmp_path):
     ("lr: [0.001, 0.1]", "needs a mapping with type"),
     ("data.root: {type: categorical, choices: [a, b]}", "cannot be searched"),
     ("aug: {rotate: {type: float, low: 0, high: 1}}", r"nested keys with dots, e.g. aug.rotate"),
+    ("epochs: {type: int, low: 2, high: 4, step: 5}", r"space.yaml, key 'epochs': step 5 is wider than the range "
+                                                      r"2..4, so the search would try 2 alone"),
+    ("dropout: {type: float, low: 0.1, high: 0.3, step: 0.5}", r"key 'dropout': step 0.5 is wider than the range"),
 ])
 def test_bad_search_space_is_a_clear_error(tmp_path, entry, message):
     path = tmp_path / "space.yaml"
     path.write_text(entry + "\n")
     with pytest.raises(UserError, match=message):
         load_search_space(path, load_config("proposed"))
+
+
+def test_a_step_as_wide_as_the_range_tries_both_ends(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("dropout: {type: float, low: 0.1, high: 0.3, step: 0.2}\n")  # 0.3 - 0.1 < 0.2 in floats
+    assert load_search_space(path, load_config("proposed")).params["dropout"]["step"] == 0.2
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".", "", "/tmp/x", ".hidden", "x" * 101])
+def test_a_study_name_cannot_leave_the_studies_folder(name, workdir, capsys):
+    assert main(["tune", "proposed", "--trials", "1", "--study", name]) == 2
+    assert f"--study {name!r}: use up to 100 letters" in capsys.readouterr().err
+    assert not any(workdir.parent.glob("*.db")) and not (workdir / "studies").exists()
 
 
 def test_any_config_key_can_be_searched(tmp_path):

@@ -119,6 +119,9 @@ def _normalise(where: str, spec: Any) -> dict[str, Any]:
         raise UserError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'}")
     if step is not None and log:
         raise UserError(f"{where}: use either log: true or step, not both")
+    if step is not None and step > high - low and not math.isclose(step, high - low):
+        raise UserError(f"{where}: step {step} is wider than the range {low}..{high}, so the search would try "
+                        f"{low} alone; use a step of at most {high - low:g}, or fix the value in the config instead")
     if kind == "int":
         step = step or 1
     return {"type": kind, "low": low if kind == "int" else float(low), "high": high if kind == "int" else float(high),

@@ -3,6 +3,7 @@ itself: alldetect.tune)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -31,6 +32,8 @@ from alldetect.tune import (
     write_tuned_config,
 )
 
+STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 
 def tune_command(arch: str, overrides: list[str], files: list[str] | None = None, *, trials: int = 20,
                  folds: str = "fold0", study: str | None = None, storage: str | None = None,
@@ -38,6 +41,10 @@ def tune_command(arch: str, overrides: list[str], files: list[str] | None = None
                  heartbeat: int = 60, out: str | None = None) -> optuna.Study:
     if trials < 0:
         raise UserError(f"--trials {trials}: give the number of trials to add (0 only reports the study)")
+    if study is not None and not (STUDY_RE.match(study) and len(study) <= 100):
+        raise UserError(f"--study {study!r}: use up to 100 letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit (it names studies/<study>.db and runs/tune/<study>/, so it cannot be a path), "
+                        "e.g. --study resnet50-lr")
     if heartbeat < 1:
         raise UserError(f"--heartbeat {heartbeat}: give the seconds between heartbeats (1 or more)")
     if out:  # every output place is checked before any work
