@@ -23,7 +23,7 @@ def _split(a):
 def _demo_data(a):
     from alldetect.data.demo import make_demo_data
 
-    out = make_demo_data(a.out, a.subjects, a.per_subject, a.seed)
+    out = make_demo_data(a.out, a.subjects, a.per_subject, a.seed, full_frame=a.full_frame)
     print(f"wrote {a.subjects * a.per_subject} synthetic images to {out} (see {out}/README.md)")
 
 
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, default=24)
     s.add_argument("--per-subject", type=int, default=25)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--full-frame", action="store_true",
+                   help="each cell on a smear of red cells instead of on black (images unlike C-NMC's)")
     s.set_defaults(func=_demo_data)
 
     s = sub.add_parser("train", help="train ARCH on FOLD (fold0..fold<k-1>, all, or full: every image) into "

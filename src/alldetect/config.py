@@ -69,6 +69,9 @@ class AugConfig(_Section):
     vflip: float = Field(0.5, ge=0, le=1)
     rotate: float = Field(0.0, ge=0, le=1)  # rotation by any angle (safe for a round cell)
     rotate_limit: float = Field(180.0, gt=0, le=180)  # ... of up to this many degrees either way
+    # what rotations fill the uncovered corners with: black, a reflection of the image, or auto (black when the
+    # training images' corners are black, as C-NMC's; reflect for full-frame images: data/background.py)
+    border: Literal["auto", "black", "reflect"] = "auto"
     color_jitter: float = Field(0.0, ge=0, le=1)
     jitter_strength: float = Field(0.1, gt=0, le=0.5)  # brightness, contrast, saturation by up to this share
     stain: float = Field(0.0, ge=0, le=1)  # stain augmentation: albumentations' HEStain (Macenko vectors, intensities)

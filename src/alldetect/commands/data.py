@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from alldetect.data.background import inspect_background
 from alldetect.data.duplicates import duplicates_note, identical_groups
 from alldetect.data.folds import default_fold_path, few_subjects_note, fold_summary, make_fold_file
 from alldetect.data.images import converted_note, inspect_images
@@ -30,6 +31,11 @@ def index_command(root: str) -> str:
     good = frame[frame["problem"] == ""]
     sizes = (good["width"].astype(str) + "x" + good["height"].astype(str)).value_counts()
     lines += ["image sizes:", sizes.rename("images").to_string(), ""]
+    if len(good):
+        background = inspect_background(root, good["path"].tolist())
+        fill = "black" if background.border == "black" else "a reflection of the image"
+        lines += [f"background: {background.describe()}; with aug.border=auto, training rotations fill the "
+                  f"corners with {fill}", ""]
     bad = frame[frame["problem"] != ""]
     if len(bad):
         lines += [f"{len(bad)} unusable image(s) (leave them out with --skip-bad):"]

@@ -24,7 +24,7 @@ from alldetect.errors import UserError
 SIZE = 450
 README = """# Synthetic demo data (not real cells)
 
-Made by `alldetect demo-data` with --subjects {subjects} --per-subject {per_subject} --seed {seed}.
+Made by `alldetect demo-data` with {flags}.
 It mimics the C-NMC 2019 training layout and file names (`fold_k/all/UID_<subject>_<image>_<cell>_all.bmp`,
 `fold_k/hem/UID_H<subject>_..._hem.bmp`, 450 x 450 24-bit BMP) so that every step of alldetect can run on a
 fresh machine. Blasts (`all`) are larger on average, with fine chromatin, nucleoli and notched nuclei; normal
@@ -58,8 +58,27 @@ def _nucleus_mask(rng, cx, cy, radius, irregular: bool) -> np.ndarray:
     return mask.astype(bool)
 
 
-def render_cell(rng: np.random.Generator, blast: bool, stain: np.ndarray, size_factor: float) -> np.ndarray:
-    """One 450 x 450 x 3 uint8 RGB image."""
+def smear_background(rng: np.random.Generator) -> np.ndarray:
+    """A full-frame smear around the cell: pale pink plasma with red blood cells (discs with paler centres), as
+    single-cell crops from labs that do not segment their cells look."""
+    plasma = np.array([228, 205, 214], np.float32) + rng.normal(0, 6, 3)
+    img = np.empty((SIZE, SIZE, 3), np.float32)
+    img[:] = plasma
+    img += (_blob_noise(rng, 60) * 6)[..., None]
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    red = np.array([205, 120, 135], np.float32) + rng.normal(0, 8, 3)
+    for _ in range(rng.integers(10, 18)):
+        cx, cy, r = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(30, 42)
+        d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / r
+        disc = d <= 1
+        pale = np.clip(1 - d, 0, 1) ** 2 * 0.35  # the centre of a red cell is paler
+        img[disc] = red * (1 - pale[disc, None]) + plasma * pale[disc, None]
+    return img
+
+
+def render_cell(rng: np.random.Generator, blast: bool, stain: np.ndarray, size_factor: float,
+                full_frame: bool = False) -> np.ndarray:
+    """One 450 x 450 x 3 uint8 RGB image: the cell on black, or (full_frame) on a smear."""
     cell_r = 95 * size_factor * (1.14 if blast else 1.0) * np.exp(rng.normal(0, 0.10))
     cell_r = float(np.clip(cell_r, 50, 200))
     cx, cy = SIZE / 2 + rng.normal(0, 10), SIZE / 2 + rng.normal(0, 10)
@@ -84,10 +103,10 @@ def render_cell(rng: np.random.Generator, blast: bool, stain: np.ndarray, size_f
         texture -= 0.03  # keep the mean close to a normal cell's
     brightness = np.clip(1 + texture + rng.normal(0, 0.03), 0.4, 1.8)
 
-    img: np.ndarray = np.zeros((SIZE, SIZE, 3), np.float32)
+    img: np.ndarray = smear_background(rng) if full_frame else np.zeros((SIZE, SIZE, 3), np.float32)
     img[cell] = stain[1]
     img[nucleus] = stain[0][None, :] * brightness[nucleus][:, None]
-    img += rng.normal(0, 3, img.shape).astype(np.float32) * cell[..., None]
+    img += rng.normal(0, 3, img.shape).astype(np.float32) * (1 if full_frame else cell[..., None])
     img = cv2.GaussianBlur(img, (0, 0), 1.2)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -100,8 +119,9 @@ def subject_stain(rng: np.random.Generator) -> np.ndarray:
 
 
 def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, seed: int = 0,
-                   workers: int | None = None) -> Path:
-    """Write the demo set under out/C-NMC_training_data/fold_{0,1,2}/{all,hem}/ and a README; return `out`."""
+                   workers: int | None = None, full_frame: bool = False) -> Path:
+    """Write the demo set under out/C-NMC_training_data/fold_{0,1,2}/{all,hem}/ and a README; return `out`.
+    full_frame: each cell on a smear of red cells instead of on black (images unlike C-NMC's, for tests)."""
     if subjects < 6:
         raise UserError(f"--subjects {subjects}: the demo data need at least 6 subjects (3 folds x 2 classes)")
     if per_subject < 1:
@@ -126,13 +146,14 @@ def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, s
         folder = root / f"fold_{fold}" / cls
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_subject):
-            img = render_cell(rng, blast, stain, size_factor)
+            img = render_cell(rng, blast, stain, size_factor, full_frame)
             name = f"UID_{subject}_{i // 3 + 1}_{i % 3 + 1}_{cls}.bmp"
             cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:  # each subject has its own generator
         list(pool.map(write_subject, jobs))
-    write_text(out / "README.md", README.format(subjects=subjects, per_subject=per_subject, seed=seed))
+    flags = f"--subjects {subjects} --per-subject {per_subject} --seed {seed}" + (" --full-frame" if full_frame else "")
+    write_text(out / "README.md", README.format(flags=flags))
     return out
 
 

@@ -27,8 +27,10 @@ class Augment:
     def __init__(self, aug: AugConfig):
         self.probs = np.array([aug.rot90, aug.rot270, aug.hflip, aug.vflip])
         steps: list[A.BasicTransform] = []
-        if aug.rotate:  # the cell is round and sits on black, so any angle is safe
-            steps.append(A.Rotate(limit=aug.rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.rotate))
+        if aug.rotate:  # the cell is round, so any angle is safe; the corners fill as the background is
+            # a run resolves border=auto from its images (engine.folddata); unresolved, auto is black, as before
+            border = cv2.BORDER_REFLECT_101 if aug.border == "reflect" else cv2.BORDER_CONSTANT
+            steps.append(A.Rotate(limit=aug.rotate_limit, border_mode=border, fill=0, p=aug.rotate))
         if aug.color_jitter:
             s = aug.jitter_strength
             steps.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=0.3 * s, p=aug.color_jitter))

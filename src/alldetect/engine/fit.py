@@ -135,7 +135,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                        device, dev)
     # The validation loss is the plain (class-weighted) cross-entropy, comparable across training settings.
     val_loss_fn = nn.CrossEntropyLoss(weight=data.class_weights.to(device) if data.class_weights is not None else None)
-    augment = BatchAugment(cfg.aug) if cfg.augment_on == "gpu" else None
+    augment = BatchAugment(data.aug) if cfg.augment_on == "gpu" else None
     selector = Selector(cfg)
 
     progress, history = Progress(), pd.DataFrame()

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alldetect.config import Config
+from alldetect.config import AugConfig, Config
+from alldetect.data.background import inspect_background
 from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset, EpochSampler, Loader, make_loader
 from alldetect.data.extra import extra_rows
@@ -41,6 +42,7 @@ class FoldData:
     class_weights: torch.Tensor | None
     batch: int  # per process
     train_images: int
+    aug: AugConfig  # cfg.aug with border=auto resolved from the training images
 
     def close(self) -> None:
         for loader in (self.train_loader, self.outer.loader if self.outer else None,
@@ -58,6 +60,7 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     if cfg.select == "inner":
         assert fold is not None, "fit_fold refuses select=inner for full"
         train_rows, inner_rows = carve_inner(train_rows, cfg.select_share, cfg.seed, fold)
+    aug = resolve_border(cfg, folds, train_rows)
     extra = extra_rows(cfg.data.extra, folds.table, folds.data_root) if cfg.data.extra else None
     if extra is not None:
         log.info("training on %d image(s) of the fold file and %d extra labelled image(s) (data.extra)",
@@ -103,10 +106,22 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
         return EvalSet(make_loader(dataset(rows), batch, sampler, cfg.data.num_workers, pin), rows, sampler.order())
 
     # augment_on=gpu: the device does the rest on whole batches; stain augmentation has no batched form and stays
-    train_ds = dataset(train_rows, create_transform(cfg.aug if cfg.augment_on == "cpu" else worker_only(cfg.aug)))
+    train_ds = dataset(train_rows, create_transform(aug if cfg.augment_on == "cpu" else worker_only(aug)))
     train_sampler = EpochSampler(len(train_ds), cfg.seed, True, sample_weights, d.rank, d.world)
     return FoldData(
         make_loader(train_ds, batch, train_sampler, cfg.data.num_workers, pin,
                     drop_last=len(train_ds) > cfg.batch_size), train_sampler,
         eval_set(val_rows) if fold is not None else None, eval_set(inner_rows) if inner_rows is not None else None,
-        class_weights, batch, len(train_rows))
+        class_weights, batch, len(train_rows), aug)
+
+
+def resolve_border(cfg: Config, folds: FoldFile, train_rows: pd.DataFrame) -> AugConfig:
+    """aug.border=auto becomes black or reflect by the training images' corners (data/background.py), said in
+    the run's log; the same images give the same answer, so a resumed run augments as it began."""
+    if not cfg.aug.rotate or cfg.aug.border != "auto":
+        return cfg.aug
+    background = inspect_background(folds.data_root, train_rows["path"].tolist(), cfg.data.crop)
+    fill = "black" if background.border == "black" else "a reflection of the image"
+    log.info("rotations fill the corners they uncover with %s (aug.border=auto; set aug.border=black or reflect to "
+             "choose): %s", fill, background.describe())
+    return cfg.aug.model_copy(update={"border": background.border})

@@ -31,7 +31,7 @@ class BatchAugment:
         x = _where(chosen(a.vflip), x.flip(2), x)
         if a.rotate:
             angles = (torch.rand(n, generator=g, device=x.device) * 2 - 1) * math.radians(a.rotate_limit)
-            x = _where(chosen(a.rotate), rotate(x, angles), x)
+            x = _where(chosen(a.rotate), rotate(x, angles, reflect=a.border == "reflect"), x)
         if a.color_jitter:
             x = _where(chosen(a.color_jitter), _jitter(x, g, a.jitter_strength), x)
         return x
@@ -41,16 +41,19 @@ def _where(mask: torch.Tensor, yes: torch.Tensor, no: torch.Tensor) -> torch.Ten
     return torch.where(mask.view(-1, 1, 1, 1), yes, no)
 
 
-def rotate(x: torch.Tensor, angles: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, angles: torch.Tensor, fill: torch.Tensor | None = None,
+           reflect: bool = False) -> torch.Tensor:
     """Rotation by any angle (radians, one per image) about the centre, bilinear; the corners fill with zeros, or
-    with `fill` (1 x C x 1 x 1: the value of black in normalised images), like the cell's black background."""
-    if fill is not None:
+    with `fill` (1 x C x 1 x 1: the value of black in normalised images), like the cell's black background, or
+    (reflect) with the image mirrored at its edges, for full-frame images."""
+    if fill is not None and not reflect:
         return rotate(x - fill, angles) + fill
     cos, sin = torch.cos(angles), torch.sin(angles)
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection" if reflect else "zeros",
+                         align_corners=False)
 
 
 def _jitter(x: torch.Tensor, g: torch.Generator, strength: float) -> torch.Tensor:
