@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "stack (oof: log-loss-optimal weights; greedy: Caruana's selection with replacement; "
                               "stack: logistic regression), average=prob|rank, calibrate=none|temperature|platt|"
                               "isotonic, correct=none|knn (neighbourhood correction: needs predict ... features=true), "
+                              "prior=none|em|bbse|SHARE (label shift: the images' share of `all`, estimated from their "
+                              "probabilities by EM (Saerens et al.) or black-box shift estimation (Lipton et al.), or "
+                              "known, e.g. prior=0.5; probabilities re-weighted to it by Bayes' rule), "
                               "threshold=0.5|oof|NUMBER (oof: maximise weighted F1)")
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")

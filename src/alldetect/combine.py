@@ -10,6 +10,9 @@ The steps, in order (a `Method` names one choice of each):
   weights=       equal | oof (log-loss-optimal weights) | greedy (Caruana et al. 2004: forward selection with
                  replacement) | stack (logistic regression on the members' log-odds)
   calibrate=     none | temperature | platt | isotonic, of the combined probability
+  prior=         none | em | bbse | a known share of `all`: label shift (alldetect.prior). The combined
+                 probability is re-weighted by Bayes' rule from the OOF labels' class mix to the mix of the images
+                 being combined, estimated from their own probabilities (em, bbse: it uses the images jointly)
   threshold=     a number, or oof (maximum weighted F1)
 """
 
@@ -27,6 +30,7 @@ from sklearn.metrics import log_loss
 
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score
+from alldetect.prior import Estimate, adjust, bbse_prior, em_prior, joint_confusion
 
 WEIGHTS = ("equal", "oof", "greedy", "stack")
 AVERAGES = ("prob", "rank")
@@ -44,18 +48,21 @@ class Method:
     calibrate: str = "none"
     correct: str = "none"
     threshold: float | str = 0.5
+    prior: str | float = "none"
 
     @property
     def fitted(self) -> bool:
-        """Whether anything is fitted on OOF predictions (so --oof must cross-fit)."""
+        """Whether anything is fitted on OOF predictions (so --oof must cross-fit); a prior needs the OOF labels'
+        class mix even when it is known."""
         return (self.weights != "equal" or self.average != "prob" or self.calibrate != "none"
-                or self.correct != "none" or self.threshold == "oof")
+                or self.correct != "none" or self.threshold == "oof" or self.prior != "none")
 
     @property
     def label(self) -> str:
         parts = [f"weights={self.weights}"]
         parts += [f"{k}={v}" for k, v, off in (("average", self.average, "prob"), ("calibrate", self.calibrate, "none"),
-                                                ("correct", self.correct, "none")) if v != off]
+                                                ("correct", self.correct, "none"), ("prior", self.prior, "none"))
+                  if v != off]
         return " ".join(parts)
 
 
@@ -85,6 +92,9 @@ class Combiner:
     scale: np.ndarray | None = None  # sorted OOF plain averages: quantiles back to probabilities
     stacker: LogisticRegression | None = None
     calibrator: Callable[[np.ndarray], np.ndarray] | None = None  # probability -> probability
+    train_prior: float | None = None  # prior=: the OOF labels' share of `all`
+    confusion: np.ndarray | None = None  # prior=bbse: joint confusion of the OOF decisions at 0.5
+    estimate: Estimate | None = None  # prior=: the share of `all` of the images it last combined
 
     @classmethod
     def equal(cls, method: Method, members: int) -> Combiner:
@@ -111,9 +121,31 @@ class Combiner:
         return np.quantile(self.scale, np.clip(combined, 0, 1)) if self.scale is not None else combined
 
     def probs(self, inputs: Inputs | np.ndarray) -> np.ndarray:
+        """The combined probability of `all` of each image; with prior=, for the class mix of these images taken
+        together (recorded in `estimate`)."""
         inputs = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
         p = self.uncalibrated(inputs)
-        return self.calibrator(p) if self.calibrator is not None else p
+        p = self.calibrator(p) if self.calibrator is not None else p
+        p, estimate = self.shifted(p)
+        if estimate is not None:
+            self.estimate = estimate
+        return p
+
+    def shifted(self, p: np.ndarray) -> tuple[np.ndarray, Estimate | None]:
+        """(calibrated) probabilities re-weighted to the class mix of these images (prior=): (probabilities, the
+        mix). Unchanged, with None, for prior=none."""
+        prior = self.method.prior
+        if prior == "none":
+            return p, None
+        assert self.train_prior is not None, "a prior step is fitted before it is applied"
+        if prior == "em":
+            estimate = em_prior(p, self.train_prior)
+        elif prior == "bbse":
+            assert self.confusion is not None, "bbse's confusion matrix is fitted with the prior step"
+            estimate = bbse_prior(p, self.confusion)
+        else:
+            estimate = Estimate(float(prior), "known")
+        return adjust(p, self.train_prior, estimate.prior), estimate
 
 
 def _log_odds(p: np.ndarray) -> np.ndarray:
@@ -235,6 +267,13 @@ def fit(method: Method, inputs: Inputs, labels: np.ndarray) -> Combiner:
     combined = c.uncalibrated(inputs)
     c.calibrator = fit_calibration(method.calibrate, combined, labels)
     final = c.calibrator(combined) if c.calibrator is not None else combined
+    if method.prior != "none":
+        c.train_prior = float(np.mean(labels))
+        if not 0 < c.train_prior < 1:
+            raise UserError(f"prior={method.prior} needs out-of-fold predictions of both classes (the training mix "
+                            "is their share of `all`), and these are all of one class: train on images of both")
+        c.confusion = joint_confusion(labels, final)
+        final, _ = c.shifted(final)  # the OOF images' own mix (about the training one): what the threshold sees
     c.threshold = best_threshold(labels, final) if method.threshold == "oof" else float(method.threshold)
     return c
 
@@ -260,12 +299,14 @@ def cross_fitted(inputs: Inputs, labels: np.ndarray, folds: np.ndarray,
 
 def alternatives(method: Method, members: int, have_features: bool) -> list[Method]:
     """What `ensemble --oof` compares the chosen method with: equal averaging, each way of weighting, rank
-    averaging, calibration and (with features) neighbourhood correction, at the chosen threshold."""
+    averaging, calibration, label-shift correction (prior=em, bbse) and (with features) neighbourhood correction,
+    at the chosen threshold."""
     base = Method(threshold=method.threshold)
     out = [base]
     if members > 1:
         out += [replace(base, weights=w) for w in WEIGHTS[1:]] + [replace(base, average="rank")]
     out += [replace(base, calibrate="temperature"), replace(base, calibrate="isotonic")]
+    out += [replace(base, prior="em"), replace(base, prior="bbse")]
     if have_features:
         out.append(replace(base, correct="knn"))
     return [m for m in dict.fromkeys(out) if m != method]

@@ -9,7 +9,7 @@ import pandas as pd
 from alldetect.engine.runs import fold_of
 from alldetect.engine.select import selection_label
 from alldetect.findings import ArchResult, Findings
-from alldetect.metrics import METRIC_NAMES, score
+from alldetect.metrics import METRIC_NAMES, per_person, score
 
 COLUMNS = {"accuracy": "accuracy", "f1": "weighted F1", "precision": "precision", "recall": "recall",
            "roc_auc": "ROC-AUC"}  # the table's order: the study's accuracy first
@@ -118,3 +118,21 @@ def _mean_over_folds(a: ArchResult, which: str) -> str:
         elif len(kept):
             values.append(kept.iloc[0])
     return f"{np.mean(values):.4f}" if values else "-"
+
+
+def persons_table(findings: Findings) -> pd.DataFrame | None:
+    """Per person (subject) of the out-of-fold images: class, images, and for each model the mean probability of
+    `all` and the share called `all`, **WRONG** where most of the person's images are called the other class. In
+    the order of the last model (an ensemble where there is one): worst first. None without subjects."""
+    models = {n: o for n, o in findings.models().items() if "subject" in o}
+    if not models:
+        return None
+    views = {n: per_person(o["label"], o["prob_all"], o["pred"], o["subject"]) for n, o in models.items()}
+    last = views[list(views)[-1]]
+    out = pd.DataFrame({"person": last.index, "class": last["class"].to_numpy(), "images": last["images"].to_numpy()})
+    for name, view in views.items():
+        v = view.reindex(last.index)
+        out[f"{name}: mean p(all) / called all"] = [
+            "-" if np.isnan(m) else f"{m:.2f} / {c:.0%}" + (" **WRONG**" if w else "")
+            for m, c, w in zip(v["mean_prob_all"], v["called_all"], v["wrong"].fillna(False))]
+    return out

@@ -4,7 +4,7 @@
   alldetect ensemble RUN... --name NAME    `predict`'s pred_<NAME>.csv of every run -> submissions/<NAME>.csv
 
 A member is one architecture folder (runs/<arch>): its folds' predictions are averaged first, then the members.
-How members are combined (weights=, average=, calibrate=, correct=, threshold=: see alldetect.combine) is fitted on
+How members are combined (weights=, average=, calibrate=, correct=, prior=, threshold=: see alldetect.combine) is fitted on
 OOF predictions and never scored on the data it was fitted on: with --oof, each fold is scored with what was
 fitted on the other folds, and the other ways of combining are printed beside the chosen one.
 
@@ -36,9 +36,10 @@ from alldetect.combine import (
 from alldetect.engine.runs import Member, find_fold_runs
 from alldetect.errors import UserError, short_list
 from alldetect.isbi import isbi_lines, write_isbi
-from alldetect.metrics import score
+from alldetect.metrics import per_person, score
 from alldetect.options import choice
 from alldetect.predictions import all_have_features, held_out_neighbours, load_oof, load_predictions, oof_neighbours
+from alldetect.prior import parse_prior
 from alldetect.render import metrics_table, render, write_json
 
 log = logging.getLogger("alldetect")
@@ -59,13 +60,14 @@ def parse_threshold(raw: str) -> float | str:
 
 OPTIONS = {"weights": ("equal", choice(*WEIGHTS)), "threshold": (0.5, parse_threshold),
            "average": ("prob", choice(*AVERAGES)), "calibrate": ("none", choice(*CALIBRATIONS)),
-           "correct": ("none", choice(*CORRECTIONS))}
+           "correct": ("none", choice(*CORRECTIONS)), "prior": ("none", parse_prior)}
 TRANSDUCTIVE = ("correct=knn: each image's probability was mixed with those of its nearest neighbours among the "
                 "images predicted with it (it uses the images jointly)")
 
 
 def method_of(opts: dict) -> Method:
-    return Method(opts["weights"], opts["average"], opts["calibrate"], opts["correct"], opts["threshold"])
+    return Method(opts["weights"], opts["average"], opts["calibrate"], opts["correct"], opts["threshold"],
+                  opts["prior"])
 
 
 # ---------------------------------------------------------------- reading what earlier steps wrote
@@ -101,6 +103,7 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
         scores["equal weights"] = _scored(labels, p, t, per_fold, oof.subjects)
     p, t, per_fold = cross_fitted(inputs, labels, folds, method)
     scores["ensemble"] = _scored(labels, p, t, per_fold, oof.subjects)
+    persons = None if oof.subjects is None else per_person(labels, p, (p >= t).astype(int), oof.subjects)
     optimistic = [m for m, text in selection.items() if "OPTIMISTIC" in text]
     for s in [s for n, s in scores.items() if n not in selection]:  # the averages inherit their members' choice
         s["selection"] = "outer (OPTIMISTIC)" if optimistic else "/".join(sorted(set(selection.values())))
@@ -113,6 +116,11 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
               "per_fold": {f: _fitted_record(c, oof.members) for f, c in per_fold.items()},
               "scores": scores, "alternatives": compared, **oof.info, "images": len(labels),
               "made_by": f"alldetect {__version__}"}
+    if persons is not None:
+        result["persons"] = persons.reset_index().to_dict(orient="records")
+    if method.prior != "none":
+        result["prior"] = {"mode": str(method.prior), "per_fold": {
+            f: {**_prior_record(c), "true": float(labels[folds == f].mean())} for f, c in per_fold.items()}}
     if method.correct == "knn":
         result["transductive"] = TRANSDUCTIVE
     table = oof.frame.assign(**columns, prob_all=p.round(6), pred=(p >= t).astype(int))
@@ -120,7 +128,12 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     write_json(out_dir / "metrics.json", result)
     title = (f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={method.threshold}, "
              f"{method.label}")
-    print(render(title, scores, oof.frame))
+    print(render(title, scores, oof.frame, persons))
+    if method.prior != "none":
+        shown = ", ".join(f"fold {f} {c.estimate.prior:.3f} (true {labels[folds == f].mean():.3f})"
+                          for f, c in per_fold.items() if c.estimate is not None)
+        print(f"prior={method.prior}: each fold's share of `all` taken from its own images' probabilities, the "
+              f"training mix and the rest fitted on the other folds: {shown}")
     if compared:
         print(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
               f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
@@ -138,7 +151,28 @@ def _fitted_record(c: Combiner, members: list[str]) -> dict:
         out["knn"] = {m: {"k": k, "mix": mix} for m, (k, mix) in zip(members, c.corrections)}
     if c.calibrator is not None and hasattr(c.calibrator, "t"):
         out["temperature"] = c.calibrator.t
+    if c.method.prior != "none":
+        out["prior"] = _prior_record(c)
     return out
+
+
+def _prior_record(c: Combiner) -> dict:
+    """prior=: the training mix, and the mix of the images it combined last (estimated, or as given)."""
+    e = c.estimate
+    return {"mode": str(c.method.prior), "training": c.train_prior, "method": e.method if e else None,
+            "estimate": e.prior if e else None, "converged": e.converged if e else None,
+            **({"iterations": e.iterations} if e and e.method == "em" else {})}
+
+
+def _prior_text(c: Combiner, where: str) -> str:
+    e = c.estimate
+    assert e is not None and c.train_prior is not None, "probabilities were combined"
+    how = {"em": "estimated by EM (Saerens et al. 2002)", "bbse": "estimated by black-box shift estimation (Lipton "
+           "et al. 2018)", "known": "as given"}[e.method]
+    warn = "" if e.converged else (" (did not converge)" if e.method == "em" else
+                                   " (the decisions carry no information: kept the training mix)")
+    return (f"prior={c.method.prior}: share of `all` among {where} {e.prior:.3f}, {how}{warn}; training mix "
+            f"(out-of-fold labels) {c.train_prior:.3f}; probabilities re-weighted by Bayes' rule")
 
 
 def _scored(labels, probs, thresholds, per_fold: dict, subjects) -> dict:
@@ -221,6 +255,8 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
         member_thresholds = [combiner.threshold] * m
     prob = combiner.probs(inputs)
     pred = (prob >= combiner.threshold).astype(int)
+    if method.prior != "none":
+        print(_prior_text(combiner, f"the {len(prob)} held-out images"))
     table = pd.DataFrame({"image": held.frame["path"], "prob_all": prob.round(6), "label": pred,
                           **{f"prob_{member}": held.probs[:, i].round(6) for i, member in enumerate(held.members)}})
     folder = out_dir / name
@@ -245,9 +281,13 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
         scores["ensemble"] = {**score(held.labels, prob, combiner.threshold, subjects=held.subjects),
                               "threshold": combiner.threshold}
         record["scores"] = scores
+        persons = None if held.subjects is None else per_person(held.labels, prob, pred, held.subjects)
+        if persons is not None:
+            record["persons"] = persons.reset_index().to_dict(orient="records")
         write_json(folder / "metrics.json", record)
         written.append(folder / "metrics.json")
-        print(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame))
+        print(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame,
+                     persons))
     _print_combiner(combiner, held.members, False)
     print("wrote " + ", ".join(map(str, written)))
     return record

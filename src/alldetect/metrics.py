@@ -73,3 +73,19 @@ def best_threshold(labels, prob_all) -> float:
     thresholds, f1 = weighted_f1_by_threshold(labels, prob_all)
     best = np.flatnonzero(f1 >= f1.max() - 1e-12)
     return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+
+
+def per_person(labels, prob_all, pred, subjects) -> pd.DataFrame:
+    """One row per person (subject): its class (the majority of its labels; a C-NMC person is one class), number
+    of images, mean probability of `all`, share of its images called `all` and share called right, and `wrong`
+    when most of its images are called the other class (the model gets the person wrong as a whole). Worst first:
+    by share called right, then by how far the mean probability lies on the wrong side."""
+    frame = pd.DataFrame({"subject": np.asarray(subjects, dtype=str), "label": np.asarray(labels, dtype=int),
+                          "prob_all": np.asarray(prob_all, dtype=float), "pred": np.asarray(pred, dtype=int)})
+    g = frame.groupby("subject")
+    out = pd.DataFrame({"class": g["label"].mean().map(lambda m: "all" if m >= 0.5 else "hem"), "images": g.size(),
+                        "mean_prob_all": g["prob_all"].mean(), "called_all": g["pred"].mean(),
+                        "right": (frame["pred"] == frame["label"]).groupby(frame["subject"]).mean()})
+    out["wrong"] = out["right"] < 0.5
+    off = np.where(out["class"] == "all", 1 - out["mean_prob_all"], out["mean_prob_all"])
+    return out.assign(off=off).sort_values(["right", "off"], ascending=[True, False]).drop(columns="off")

@@ -28,14 +28,25 @@ def metrics_table(scores: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def per_subject_table(scores: dict[str, dict], frame: pd.DataFrame) -> pd.DataFrame | None:
+def per_subject_table(scores: dict[str, dict], frame: pd.DataFrame,
+                      persons: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """Each subject's share of images classified correctly by each model; with `persons` (metrics.per_person of
+    one model, the ensemble), also that model's mean probability of `all`, share called `all` and WRONG where most
+    of the person's images are called the other class, in its order (worst first)."""
     if "subject" not in frame or "label" not in frame:
         return None
     g = frame.groupby("subject")
     table = pd.DataFrame({"class": g["label"].agg(lambda s: "all" if s.mean() >= 0.5 else "hem"), "images": g.size()})
     for name, s in scores.items():
         table[name] = pd.Series(s["per_subject_accuracy"]).round(3)
-    return table.sort_index(key=lambda idx: idx.map(_subject_key))
+    if persons is None:
+        return table.sort_index(key=lambda idx: idx.map(_subject_key))
+    table.index = table.index.astype(str)
+    table = table.loc[persons.index]
+    table["mean_p_all"] = persons["mean_prob_all"].round(3)
+    table["called_all"] = persons["called_all"].round(3)
+    table["as_a_whole"] = np.where(persons["wrong"], "WRONG", "right")
+    return table
 
 
 def _subject_key(subject: str):
@@ -44,14 +55,23 @@ def _subject_key(subject: str):
     return (m.group(1), int(m.group(2)), "") if m else ("~", 0, str(subject))
 
 
-def render(title: str, scores: dict[str, dict], frame: pd.DataFrame) -> str:
+def render(title: str, scores: dict[str, dict], frame: pd.DataFrame, persons: pd.DataFrame | None = None,
+           whose: str = "ensemble") -> str:
+    """The metrics table and the per-subject table; with `persons` (metrics.per_person of the model `whose`), the
+    latter is the per-person view, worst first."""
     lines = [title, metrics_table(scores).to_string(index=False),
              "f1 = weighted F1 (the challenge metric); precision and recall of `all`; "
              "confusion = [[hem->hem, hem->all], [all->hem, all->all]] (rows true, columns predicted)"]
-    subjects = per_subject_table(scores, frame)
+    subjects = per_subject_table(scores, frame, persons)
     if subjects is not None:
-        lines += ["", "per-subject accuracy (share of each subject's images classified correctly):",
-                  subjects.reset_index().to_string(index=False)]
+        lines += ["", "per-subject accuracy (share of each subject's images classified correctly):"]
+        if persons is not None:
+            wrong = int(persons["wrong"].sum())
+            lines[-1] = (f"per person, worst first: share of each subject's images classified correctly by each model; "
+                         f"mean_p_all, called_all: the {whose}'s mean probability of `all` and share of the images "
+                         f"called `all`; as_a_whole WRONG: most of the person's images called the other class "
+                         f"({wrong} of {len(persons)} people):")
+        lines.append(subjects.reset_index().to_string(index=False))
     return "\n".join(lines)
 
 

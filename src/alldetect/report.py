@@ -25,7 +25,7 @@ import torch
 
 from alldetect import plots
 from alldetect.atomic import safe_name
-from alldetect.comparison import display_table, per_fold_table, runs_table, threshold_text
+from alldetect.comparison import display_table, per_fold_table, persons_table, runs_table, threshold_text
 from alldetect.data.demo import is_demo_data
 from alldetect.data.folds import fold_file_root
 from alldetect.data.images import center_crop, fingerprint, read_rgb
@@ -137,6 +137,15 @@ def build_page(title: str, findings: Findings, numbers: pd.DataFrame, figures: d
     page.add(Table(display_table(numbers), caption))
     page.add(Heading("Scores per fold", 3), Table(per_fold_table(findings),
                                                   "The numbers behind each mean and standard deviation above."))
+    persons = persons_table(findings)
+    if persons is not None:
+        wrong = {c.split(":")[0]: int(persons[c].str.contains("WRONG").sum()) for c in persons.columns[3:]}
+        counted = ", ".join(f"{n} {k}" for n, k in wrong.items())
+        page.add(Heading("People", 3), Table(persons, (
+            "Each person's out-of-fold images (every image scored by the fold model that did not train on it): the "
+            "mean probability of `all` and the share called `all`, per model; **WRONG**: most of the person's "
+            f"images called the other class (people wrong as a whole: {counted}). Worst first, as the last "
+            "model (the rightmost column) sees them.")))
     if findings.held_out:
         page.add(Heading("Held-out sets"))
         for name, meta in findings.held_out.items():

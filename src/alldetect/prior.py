@@ -1,0 +1,98 @@
+"""Label shift: the class mix of an unlabelled test set, estimated from a classifier's probabilities, and the
+probabilities adjusted to it (the `prior=` step of `alldetect.combine`).
+
+A model trained (and calibrated) where a share `pi` of the images are `all` outputs p(all | x) for that mix. Under
+label shift (p(x | class) unchanged, the class mix now `q`), Bayes' rule gives the probability for the new mix:
+
+    p'(all | x) = (q / pi) p / ((q / pi) p + ((1 - q) / (1 - pi)) (1 - p))              (`adjust`)
+
+`q` is known (prior=VALUE) or estimated from the test set's own probabilities:
+
+  em    Saerens, Latinne and Decaestecker (2002), "Adjusting the outputs of a classifier to new a priori
+        probabilities: a simple procedure", Neural Computation 14(1): re-weight the posteriors by q / pi, take their
+        mean as the new q, repeat to convergence (maximum likelihood of q; needs calibrated probabilities).
+  bbse  Lipton, Wang and Smola (2018), "Detecting and correcting for label shift with black box predictors", ICML:
+        with C[i, j] = P(predicted i, true j) on held-out labelled data (here: out-of-fold predictions) and mu the
+        test set's share of each predicted class, solve C w = mu for w = q / pi (non-negative least squares, so w
+        is a valid weight) and q = w pi, normalised. Needs only the hard decisions to be informative, not
+        calibration.
+
+Every function is pure (numpy in, numbers out); class 1 is `all`, priors are the share of `all`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import nnls
+
+PRIOR_METHODS = ("em", "bbse")
+LOWEST = 1e-3  # an estimated prior is kept within [LOWEST, 1 - LOWEST]: a valid, invertible prior
+
+
+def parse_prior(raw: str) -> str | float:
+    """`prior=` of `alldetect ensemble`: none, em, bbse, or the known share of `all` in (0, 1)."""
+    if raw in ("none", *PRIOR_METHODS):
+        return raw
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("use em or bbse (estimate the test images' share of `all` from their probabilities), "
+                         "a known share of `all` strictly between 0 and 1 (e.g. 0.5), or none") from None
+    if not 0 < value < 1:
+        raise ValueError("a known prior is the test images' share of `all`: a number strictly between 0 and 1")
+    return value
+
+
+def adjust(p: np.ndarray, train_prior: float, new_prior: float) -> np.ndarray:
+    """Probabilities of `all` for a class mix `new_prior` from those of a model of mix `train_prior` (Bayes'
+    rule, Saerens et al. 2002, eq. 2.4). The ranking of the images does not change."""
+    p = np.asarray(p, dtype=float)
+    up, down = new_prior / train_prior, (1 - new_prior) / (1 - train_prior)
+    return up * p / (up * p + down * (1 - p))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A test set's share of `all`, how it was found, and (em) whether and when the iteration converged."""
+
+    prior: float
+    method: str
+    iterations: int = 0
+    converged: bool = True
+
+
+def em_prior(p: np.ndarray, train_prior: float, tol: float = 1e-6, max_iter: int = 1000) -> Estimate:
+    """Saerens, Latinne and Decaestecker (2002): the maximum-likelihood share of `all` of the images whose
+    probabilities (from a model of mix `train_prior`) are `p`, by expectation-maximisation from the training mix."""
+    p = np.clip(np.asarray(p, dtype=float), 1e-12, 1 - 1e-12)
+    q = float(train_prior)
+    for i in range(1, max_iter + 1):
+        new = float(np.clip(adjust(p, train_prior, q).mean(), LOWEST, 1 - LOWEST))
+        if abs(new - q) < tol:
+            return Estimate(new, "em", i)
+        q = new
+    return Estimate(q, "em", max_iter, converged=False)
+
+
+def joint_confusion(labels: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """C[i, j] = share of the images predicted i (at `threshold`) whose true class is j (Lipton et al. 2018's
+    confusion matrix of the black-box predictor, on held-out labelled data)."""
+    labels = np.asarray(labels, dtype=int)
+    pred = (np.asarray(p, dtype=float) >= threshold).astype(int)
+    c = np.zeros((2, 2))
+    np.add.at(c, (pred, labels), 1.0)
+    return c / max(len(labels), 1)
+
+
+def bbse_prior(p: np.ndarray, confusion: np.ndarray, threshold: float = 0.5) -> Estimate:
+    """Lipton, Wang and Smola (2018), black-box shift estimation: the test images' share of `all` from their hard
+    decisions (`p >= threshold`) and the joint `confusion` of the same decisions on labelled held-out data."""
+    pred = (np.asarray(p, dtype=float) >= threshold).astype(int)
+    mu = np.bincount(pred, minlength=2) / max(len(pred), 1)
+    w, _ = nnls(confusion, mu)  # w_j = q_j / pi_j >= 0
+    q = w * confusion.sum(axis=0)  # pi_j: the held-out data's true class mix
+    if q.sum() <= 0:  # the decisions say nothing (one class predicted throughout): keep the training mix
+        return Estimate(float(confusion.sum(axis=0)[1]), "bbse", converged=False)
+    return Estimate(float(np.clip(q[1] / q.sum(), LOWEST, 1 - LOWEST)), "bbse")
