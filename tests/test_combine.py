@@ -205,7 +205,8 @@ def test_every_combination_is_compared_with_equal_averaging_in_the_oof_report(wo
     out = capsys.readouterr().out
     assert "the ensemble made other ways" in out
     assert set(result["alternatives"]) == {"weights=equal", "weights=oof", "weights=stack", "weights=equal average=rank",
-                                           "weights=equal calibrate=temperature", "weights=equal calibrate=isotonic"}
+                                           "weights=equal calibrate=temperature", "weights=equal calibrate=isotonic",
+                                           "weights=equal prior=em", "weights=equal prior=bbse"}
     equal = result["alternatives"]["weights=equal"]
     table = pd.read_csv(workdir / "submissions/oof_proposed+resnet50/oof.csv")
     plain = score(table["label"], (table["prob_proposed"] + table["prob_resnet50"]) / 2)

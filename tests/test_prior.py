@@ -174,8 +174,8 @@ def test_oof_report_shows_each_person_and_flags_one_wrong_as_a_whole(workdir, ca
     member = _shifted_member(workdir / "runs", "proposed", 1)
     ensemble_command([str(member)], oof=True, name=None)
     out = capsys.readouterr().out
-    assert "per person, worst first" in out and "(1 of 6 people)" in out
-    rows = out.split("per person, worst first")[1].splitlines()[2:]
+    assert "per-subject accuracy, worst first" in out and "1 of 6 people):" in out
+    rows = out.split("per-subject accuracy, worst first")[1].splitlines()[2:]
     assert rows[0].split()[0] == "3" and rows[0].split()[-1] == "WRONG"  # the worst person on the first row
     assert all(r.split()[-1] == "right" for r in rows[1:6])
     metrics = json.loads((workdir / "submissions/oof_proposed/metrics.json").read_text())

@@ -303,3 +303,26 @@ def test_unusable_runs_only_is_an_error_that_says_why(workdir, tiny_demo, checkp
         oof.unlink()
     with pytest.raises(UserError, match="none of the runs under runs can be used.*no oof.csv"):
         report_command(device=None)
+
+
+@pytest.mark.slow
+def test_people_table_shows_each_persons_mean_probability_and_a_person_wrong_as_a_whole(workdir, tiny_demo,
+                                                                                       checkpoints):
+    folder = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.5, 1)
+    oof_file = folder / "fold1" / "oof.csv"
+    oof = pd.read_csv(oof_file, dtype={"subject": str})
+    person = oof.loc[oof["label"] == 1, "subject"].iloc[0]  # one `all` person, every image called `hem`
+    oof.loc[oof["subject"] == person, "prob_all"] = 0.2
+    oof["pred"] = (oof["prob_all"] >= 0.5).astype(int)
+    oof.to_csv(oof_file, index=False)
+    result = report_command(data=str(tiny_demo), device=None)
+    readme = (result["folder"] / "README.md").read_text()
+    html = (result["folder"] / "index.html").read_text()
+    people = readme[readme.index("### People"):].split("\n\n")[1].splitlines()[2:]
+    everyone = pd.concat([pd.read_csv(f, dtype={"subject": str}) for f in sorted(folder.glob("fold*/oof.csv"))])
+    assert len(people) == everyone["subject"].nunique()
+    assert people[0].startswith(f"| {person} | all |") and people[0].endswith("| 0.20 / 0% **WRONG** |")
+    assert sum("WRONG" in row for row in people) == 1 and "<strong>WRONG</strong>" in html
+    for subject, g in everyone.groupby("subject"):  # each person's numbers, recomputed from the oof files
+        row = next(r for r in people if r.startswith(f"| {subject} |"))
+        assert f"| {len(g)} | {g['prob_all'].mean():.2f} / {g['pred'].mean():.0%}" in row

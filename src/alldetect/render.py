@@ -67,10 +67,10 @@ def render(title: str, scores: dict[str, dict], frame: pd.DataFrame, persons: pd
         lines += ["", "per-subject accuracy (share of each subject's images classified correctly):"]
         if persons is not None:
             wrong = int(persons["wrong"].sum())
-            lines[-1] = (f"per person, worst first: share of each subject's images classified correctly by each model; "
-                         f"mean_p_all, called_all: the {whose}'s mean probability of `all` and share of the images "
-                         f"called `all`; as_a_whole WRONG: most of the person's images called the other class "
-                         f"({wrong} of {len(persons)} people):")
+            lines[-1] = (f"per-subject accuracy, worst first (share of each subject's images classified correctly by "
+                         f"each model; mean_p_all, called_all: the {whose}'s mean probability of `all` and share of "
+                         f"the images called `all`; as_a_whole WRONG: most of the person's images called the other "
+                         f"class, {wrong} of {len(persons)} people):")
         lines.append(subjects.reset_index().to_string(index=False))
     return "\n".join(lines)
 
