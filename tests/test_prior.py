@@ -43,6 +43,18 @@ def test_em_and_bbse_estimate_a_known_shifted_mix(share):
         assert em_prior(same, labels.mean()).prior == pytest.approx(TRAIN_MIX, abs=0.05)
 
 
+def test_weights_count_an_image_as_that_many_copies():
+    """bench/shift.py re-weights a fold to another mix instead of resampling it: the same as repeating images."""
+    rng = np.random.default_rng(2)
+    labels, p = _draw(rng, 300, TRAIN_MIX)
+    _, test = _draw(rng, 200, 0.5)
+    copies = np.where(test > 0.5, 3, 1)
+    repeated = np.repeat(test, copies)
+    confusion = joint_confusion(labels, p)
+    assert em_prior(test, 0.7, weights=copies).prior == pytest.approx(em_prior(repeated, 0.7).prior)
+    assert bbse_prior(test, confusion, weights=copies).prior == pytest.approx(bbse_prior(repeated, confusion).prior)
+
+
 def test_corrected_probabilities_decide_better_at_the_shifted_mix():
     rng = np.random.default_rng(7)
     labels, p = _draw(rng, 2000, TRAIN_MIX)

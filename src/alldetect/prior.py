@@ -63,13 +63,15 @@ class Estimate:
     converged: bool = True
 
 
-def em_prior(p: np.ndarray, train_prior: float, tol: float = 1e-6, max_iter: int = 1000) -> Estimate:
+def em_prior(p: np.ndarray, train_prior: float, tol: float = 1e-6, max_iter: int = 1000,
+             weights: np.ndarray | None = None) -> Estimate:
     """Saerens, Latinne and Decaestecker (2002): the maximum-likelihood share of `all` of the images whose
-    probabilities (from a model of mix `train_prior`) are `p`, by expectation-maximisation from the training mix."""
+    probabilities (from a model of mix `train_prior`) are `p`, by expectation-maximisation from the training mix.
+    `weights` count each image as that many (a set re-weighted to another mix)."""
     p = np.clip(np.asarray(p, dtype=float), 1e-12, 1 - 1e-12)
     q = float(train_prior)
     for i in range(1, max_iter + 1):
-        new = float(np.clip(adjust(p, train_prior, q).mean(), LOWEST, 1 - LOWEST))
+        new = float(np.clip(np.average(adjust(p, train_prior, q), weights=weights), LOWEST, 1 - LOWEST))
         if abs(new - q) < tol:
             return Estimate(new, "em", i)
         q = new
@@ -86,11 +88,14 @@ def joint_confusion(labels: np.ndarray, p: np.ndarray, threshold: float = 0.5) -
     return c / max(len(labels), 1)
 
 
-def bbse_prior(p: np.ndarray, confusion: np.ndarray, threshold: float = 0.5) -> Estimate:
+def bbse_prior(p: np.ndarray, confusion: np.ndarray, threshold: float = 0.5,
+               weights: np.ndarray | None = None) -> Estimate:
     """Lipton, Wang and Smola (2018), black-box shift estimation: the test images' share of `all` from their hard
-    decisions (`p >= threshold`) and the joint `confusion` of the same decisions on labelled held-out data."""
+    decisions (`p >= threshold`) and the joint `confusion` of the same decisions on labelled held-out data.
+    `weights` count each image as that many."""
     pred = (np.asarray(p, dtype=float) >= threshold).astype(int)
-    mu = np.bincount(pred, minlength=2) / max(len(pred), 1)
+    counts = np.bincount(pred, weights=weights, minlength=2)
+    mu = counts / max(counts.sum(), 1e-12)
     w, _ = nnls(confusion, mu)  # w_j = q_j / pi_j >= 0
     q = w * confusion.sum(axis=0)  # pi_j: the held-out data's true class mix
     if q.sum() <= 0:  # the decisions say nothing (one class predicted throughout): keep the training mix
