@@ -149,7 +149,8 @@ def test_prior_through_the_command_line_oof_and_submission(workdir, capsys):
     record = json.loads((workdir / "submissions/prelim/ensemble.json").read_text())
     assert record["prior"]["mode"] == "em" and record["prior"]["method"] == "em"
     assert record["prior"]["estimate"] == pytest.approx(expected.prior)
-    assert record["prior"]["training"] == pytest.approx(train)
+    assert record["prior"]["training"] == pytest.approx(train) and "estimated from all of them" in \
+        record["prior_transductive"]
     assert f"share of `all` among the 40 held-out images {expected.prior:.3f}, estimated by EM" in out
     sub = pd.read_csv(workdir / "submissions/prelim.csv")
     np.testing.assert_allclose(sub["prob_all"], adjust(probs.round(6), train, expected.prior), atol=2e-6)

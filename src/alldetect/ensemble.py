@@ -268,6 +268,9 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
               "weights_note": combiner.note, "images": len(table), **held.info, "made_by": f"alldetect {__version__}"}
     if knn:
         record["transductive"] = TRANSDUCTIVE
+    if method.prior in ("em", "bbse"):
+        record["prior_transductive"] = (f"prior={method.prior}: the images' share of `all` was estimated from all of "
+                                        "them together, so each image's probability depends on the others")
     write_json(folder / "ensemble.json", record)
     written = [out_dir / f"{name}.csv", folder / "ensemble.json"]
     lines, why = isbi_lines(table["image"], pred)
