@@ -2,12 +2,14 @@
 generating process (a test set drawn with a known class mix) or Bayes' rule written out by hand."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit, logit
 
+from alldetect.cli import main
 from alldetect.combine import Inputs, Method, cross_fitted, fit
 from alldetect.commands.ensemble import ensemble_command
 from alldetect.errors import UserError
@@ -165,11 +167,20 @@ def test_prior_through_the_command_line_oof_and_submission(workdir, capsys):
 
 @pytest.mark.parametrize("value, message", [("1.5", "strictly between 0 and 1"), ("0", "strictly between 0 and 1"),
                                             ("foo", "use em or bbse")])
-def test_bad_prior_values_are_clear_errors(workdir, value, message):
-    member = _shifted_member(workdir / "runs", "proposed", 1)
-    with pytest.raises(UserError, match=f"prior={value}: .*{message}"):
-        ensemble_command([str(member)], oof=True, name=None, overrides=[f"prior={value}"])
+def test_bad_prior_values_are_clear_errors(workdir, capsys, value, message):
+    _shifted_member(workdir / "runs", "proposed", 1)
+    assert main(["ensemble", "runs/proposed", "--oof", f"prior={value}"]) == 2
+    assert re.search(f"prior={value}: .*{message}", capsys.readouterr().err)
     assert not (workdir / "submissions").exists()  # refused before anything was written
+
+
+def test_prior_from_the_command_line_and_one_class_oof_refused(workdir, capsys):
+    _shifted_member(workdir / "runs", "proposed", 1)
+    assert main(["ensemble", "runs/proposed", "--oof", "prior=bbse"]) == 0  # the command line's own parsing
+    out = capsys.readouterr().out
+    assert "weights=equal prior=bbse" in out and "prior=bbse: each fold's share of `all`" in out
+    with pytest.raises(UserError, match="prior=0.5 needs out-of-fold predictions of both classes"):
+        fit(Method(prior=0.5), Inputs(np.full((4, 1), 0.9)), np.ones(4, dtype=int))
 
 
 def test_per_person_puts_a_person_wrong_as_a_whole_first():
