@@ -206,3 +206,28 @@ def test_oof_report_shows_each_person_and_flags_one_wrong_as_a_whole(workdir, ca
     first = metrics["persons"][0]
     assert first["subject"] == "3" and first["wrong"] and first["class"] == "all" and first["images"] == 20
     assert first["called_all"] == 0.0 and 0.1 <= first["mean_prob_all"] <= 0.3
+
+
+def test_bench_shift_reweights_each_fold_to_the_target_mix(workdir, capsys, monkeypatch):
+    """bench/shift.py on fake runs: each fold's weights give the target share of `all`, the correction's training
+    mix is the other folds', and the tables come out (a smoke test: the bench reads runs as the package does)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "shift.py"
+    spec = importlib.util.spec_from_file_location("bench_shift", path)
+    assert spec is not None and spec.loader is not None
+    shift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shift)
+    _shifted_member(workdir / "runs", "proposed", 1)
+    monkeypatch.setattr("sys.argv", ["shift.py", "runs/proposed", "--out", "shift.csv"])
+    shift.main()
+    out = capsys.readouterr().out
+    table = pd.read_csv("shift.csv")
+    assert len(table) == 3 * len(shift.MIXES) * len(shift.CORRECTIONS) and "pooled over folds" in out
+    assert table.groupby("fold")["train"].first().tolist() == pytest.approx([0.35, 0.5, 0.65])
+    known = table[table["correction"] == "known"]
+    assert (known["estimate"] == known["target"]).all()
+    assert set(table.loc[table["mix"] == "balanced", "target"]) == {0.5}
+    w = shift.mix_weights(np.array([1, 1, 1, 0]), 0.5)
+    assert w.sum() == pytest.approx(4) and w[:3].sum() == pytest.approx(2)
