@@ -22,7 +22,7 @@ from alldetect.data.layouts import build_manifest
 from alldetect.engine.runfiles import load_checkpoint
 from alldetect.errors import UserError
 
-from fake_runs import edit_checkpoint, make_run
+from fake_runs import edit_checkpoint, make_run, write_predictions
 
 ARCHS = ("proposed", "resnet10t")  # resnet10t: a small timm model, quick to build at 32 x 32
 CHROMIUM = Path("/usr/bin/chromium")
@@ -326,3 +326,15 @@ def test_people_table_shows_each_persons_mean_probability_and_a_person_wrong_as_
     for subject, g in everyone.groupby("subject"):  # each person's numbers, recomputed from the oof files
         row = next(r for r in people if r.startswith(f"| {subject} |"))
         assert f"| {len(g)} | {g['prob_all'].mean():.2f} / {g['pred'].mean():.0%}" in row
+
+    # a labelled held-out set scored by `ensemble --name`: its people, on the page too
+    for k in range(3):
+        write_predictions(folder / f"fold{k}", "other", ["1.bmp", "2.bmp", "3.bmp", "4.bmp"], [0.9, 0.8, 0.3, 0.6],
+                          labels=[0, 0, 1, 1])
+        pred = folder / f"fold{k}" / "pred_other.csv"
+        pd.read_csv(pred).assign(subject=["H7", "H7", "8", "8"]).to_csv(pred, index=False)
+    ensemble_command(["runs/proposed"], oof=False, name="other")
+    readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
+    above = readme[:readme.index("`submissions/other.csv` per person, worst first")].strip()  # the table above it
+    rows = above.rsplit("\n\n", 1)[1].splitlines()[2:]
+    assert rows == ["| H7 | hem | 2 | 0.85 | 100% | **WRONG** |", "| 8 | all | 2 | 0.45 | 50% | right |"]

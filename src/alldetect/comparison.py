@@ -136,3 +136,13 @@ def persons_table(findings: Findings) -> pd.DataFrame | None:
             "-" if np.isnan(m) else f"{m:.2f} / {c:.0%}" + (" **WRONG**" if w else "")
             for m, c, w in zip(v["mean_prob_all"], v["called_all"], v["wrong"].fillna(False))]
     return out
+
+
+def held_out_persons_table(records: list[dict]) -> pd.DataFrame:
+    """The per-person view `ensemble --name` wrote into a labelled held-out set's metrics.json (`persons`, worst
+    first), for the page."""
+    frame = pd.DataFrame(records)
+    return pd.DataFrame({"person": frame["subject"], "class": frame["class"], "images": frame["images"],
+                         "mean p(all)": frame["mean_prob_all"].map(lambda v: f"{v:.2f}"),
+                         "called all": frame["called_all"].map(lambda v: f"{v:.0%}"),
+                         "as a whole": np.where(frame["wrong"], "**WRONG**", "right")})

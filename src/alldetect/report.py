@@ -25,7 +25,14 @@ import torch
 
 from alldetect import plots
 from alldetect.atomic import safe_name
-from alldetect.comparison import display_table, per_fold_table, persons_table, runs_table, threshold_text
+from alldetect.comparison import (
+    display_table,
+    held_out_persons_table,
+    per_fold_table,
+    persons_table,
+    runs_table,
+    threshold_text,
+)
 from alldetect.data.demo import is_demo_data
 from alldetect.data.folds import fold_file_root
 from alldetect.data.images import center_crop, fingerprint, read_rgb
@@ -154,6 +161,11 @@ def build_page(title: str, findings: Findings, numbers: pd.DataFrame, figures: d
             page.add(Table(metrics_table(scores),
                            f"`submissions/{name}.csv` on {meta.get('data_root', '?')} ({meta.get('images', '?')} "
                            "images), scored by `alldetect ensemble --name`"))
+            if meta.get("persons"):
+                page.add(Table(held_out_persons_table(meta["persons"]),
+                               f"`submissions/{name}.csv` per person, worst first: the ensemble's mean probability "
+                               "of `all` and share called `all`; **WRONG**: most of the person's images called the "
+                               "other class."))
     sections = {"confusion": "Confusion matrices", "curves": "ROC and precision-recall curves",
                 "calibration": "Calibration", "training": "Training curves", "mistakes": "The most confident mistakes"}
     for key, heading in sections.items():
