@@ -45,6 +45,22 @@ def test_em_and_bbse_estimate_a_known_shifted_mix(share):
         assert em_prior(same, labels.mean()).prior == pytest.approx(TRAIN_MIX, abs=0.05)
 
 
+def test_overconfident_probabilities_mislead_em_unless_calibrated_first():
+    """Networks are overconfident; with every log-odds doubled, EM stays far from a mix of 0.2 (it trusts the
+    probabilities), calibrate=temperature before it (fitted on the OOF images) brings it back within 0.05, and
+    BBSE, which uses only the decisions, is unaffected."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        labels, p = _draw(rng, 2000, TRAIN_MIX)
+        _, test = _draw(rng, 1000, 0.2)
+        p, test = expit(2 * logit(p)), expit(2 * logit(test))
+        assert em_prior(test, labels.mean()).prior > 0.2 + 0.07
+        combiner = fit(Method(calibrate="temperature", prior="em"), Inputs(p[:, None]), labels)
+        combiner.probs(test[:, None])
+        assert combiner.estimate is not None and combiner.estimate.prior == pytest.approx(0.2, abs=0.05)
+        assert bbse_prior(test, joint_confusion(labels, p)).prior == pytest.approx(0.2, abs=0.10)
+
+
 def test_weights_count_an_image_as_that_many_copies():
     """bench/shift.py re-weights a fold to another mix instead of resampling it: the same as repeating images."""
     rng = np.random.default_rng(2)
