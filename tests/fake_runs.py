@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +9,7 @@ import torch
 
 from alldetect.atomic import write_csv
 from alldetect.config import load_config
-from alldetect.engine.runfiles import Checkpoint, Progress, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.engine.runfiles import Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
 from alldetect.models import model_from_config
 
 
@@ -57,11 +56,11 @@ def oof_frame(paths, labels, probs, fold: int, subjects=None) -> pd.DataFrame:
 
 
 def write_predictions(run: Path, name: str, paths, probs, labels=None, fingerprint: str = "data1",
-                      tta: str = "none") -> None:
+                      tta: str = "none", data_root: str = "/data/test") -> None:
+    """pred_<name>.csv and .json as `predict` writes them; `fingerprint` stands for the images' content digest."""
     frame = pd.DataFrame({"path": list(paths), "prob_all": list(probs)})
     if labels is not None:
         frame["label"] = list(labels)
-    write_csv(run / f"pred_{name}.csv", frame)
-    meta = {"name": name, "run": str(run), "data_root": "/data/test", "data_fingerprint": fingerprint,
-            "layout": "unlabelled", "tta": tta}
-    (run / f"pred_{name}.json").write_text(json.dumps(meta))
+    meta = {"name": name, "run": str(run), "data_root": data_root, "data_fingerprint": fingerprint,
+            "data_content": fingerprint, "layout": "unlabelled", "tta": tta}
+    RunDir(run).write_predictions(name, frame, meta)

@@ -84,6 +84,7 @@ def test_demo_data_built_by_several_runs_at_once_is_whole_and_built_once(tmp_pat
     # a killed earlier build: images but no README
     (root / "C-NMC_training_data/fold_0/all").mkdir(parents=True)
     (root / "C-NMC_training_data/fold_0/all/UID_1_9_9_all.bmp").write_bytes(b"half")
+    (root / ".alldetect-demo-building").touch()
     seen = []
     threads = [threading.Thread(target=lambda: seen.append(_digest(prepare.ensure_demo_data(root)))) for _ in range(3)]
     for t in threads:
@@ -96,6 +97,21 @@ def test_demo_data_built_by_several_runs_at_once_is_whole_and_built_once(tmp_pat
     n = len(builds)
     prepare.ensure_demo_data(root)
     assert 1 <= n <= 3 and len(builds) == n  # once per run that started before it existed; never again
+
+
+def test_a_users_folder_where_the_demo_data_go_is_never_removed(tmp_path, monkeypatch):
+    import alldetect.data.prepare as prepare
+    from alldetect.errors import UserError
+
+    monkeypatch.setattr(prepare, "make_demo_data", lambda out: make_demo_data(out, subjects=6, per_subject=1))
+    root = tmp_path / "data/demo"
+    (root / "C-NMC_training_data/fold_0/all").mkdir(parents=True)
+    mine = root / "C-NMC_training_data/fold_0/all/UID_1_1_1_all.bmp"
+    mine.write_bytes(b"my own cell")  # no README of the demo, no building marker: not alldetect's
+    with pytest.raises(UserError, match=r"data/demo exists and holds no demo data of alldetect's .* left as it is"):
+        prepare.ensure_demo_data(root)
+    assert mine.read_bytes() == b"my own cell"
+    assert sorted(p.name for p in root.parent.iterdir()) == ["demo"]  # no temporary folder left
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def test_prediction_files_that_do_not_match_are_refused(two_members, workdir):
                                         r"proposed/fold0/pred_t.csv: it lacks 1 \(5.bmp\)"):
         ensemble_command([str(a), str(b)], oof=False, name="t")
     write_predictions(b / "fold2", "t", names, [0.4] * 5, fingerprint="other")
-    with pytest.raises(UserError, match="predictions 't' were made on different data"):
+    with pytest.raises(UserError, match="predictions 't' were made of different images"):
         ensemble_command([str(a), str(b)], oof=False, name="t")
     (b / "fold1/pred_t.csv").unlink()
     with pytest.raises(UserError, match=r"no predictions named 't' in .*resnet50/fold1: run `alldetect predict"):
@@ -358,3 +358,107 @@ def test_single_folds_never_replace_the_full_result_of_the_same_members(two_memb
     assert (workdir / "submissions/oof_proposed+resnet50/metrics.json").read_text() == full
     assert json.loads((workdir / "submissions/oof_proposed-fold0.2+resnet50-fold0.2/metrics.json").read_text())[
         "images"] == 16
+
+
+def test_a_prediction_whose_record_is_not_its_own_is_refused(two_members, workdir):
+    """pred_<NAME>.csv and .json are a pair: a CSV beside another predict's JSON (a predict killed between the two
+    writes, a file copied back) never reaches a submission; nor does a JSON that is not predict's record."""
+    a, b = two_members
+    names = [f"{i}.bmp" for i in range(1, 5)]
+    for member in two_members:
+        for k in range(3):
+            write_predictions(member / f"fold{k}", "t", names, [0.4] * 4)
+    ensemble_command([str(a), str(b)], oof=False, name="t")
+    run = b / "fold1"
+    old_json = (run / "pred_t.json").read_bytes()
+    write_predictions(run, "t", names, [0.9] * 4, fingerprint="other data")  # a later predict of other images...
+    (run / "pred_t.json").write_bytes(old_json)  # ...whose record did not get written: the old one is back
+    with pytest.raises(UserError, match=r"fold1/pred_t.csv is not the file pred_t.json describes .*rerun "
+                                        r"`alldetect predict .*fold1 --data DIR --name t`"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+    (run / "pred_t.json").unlink()
+    with pytest.raises(UserError, match=r"fold1/pred_t.json is missing .*stopped half-way"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+    (run / "pred_t.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"fold1/pred_t.json holds a JSON list, not the record"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+    (run / "pred_t.json").write_text(json.dumps({"name": "t", "data_fingerprint": "data1"}))  # an older alldetect's
+    with pytest.raises(UserError, match=r"fold1/pred_t.json does not record the digest of pred_t.csv"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+
+
+def test_predict_killed_between_its_files_leaves_nothing_an_ensemble_would_combine(two_members, workdir, monkeypatch):
+    import alldetect.engine.runfiles as runfiles
+
+    a, b = two_members
+    names = [f"{i}.bmp" for i in range(1, 5)]
+    for member in two_members:
+        for k in range(3):
+            write_predictions(member / f"fold{k}", "t", names, [0.4] * 4)
+    real = runfiles.write_text
+
+    def killed(path, text):
+        if str(path).endswith("pred_t.json"):
+            raise KeyboardInterrupt  # the CSV is written, its record is not
+        real(path, text)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(runfiles, "write_text", killed)
+        write_predictions(b / "fold0", "t", names, [0.9] * 4, fingerprint="other data")
+    assert (b / "fold0/pred_t.csv").is_file() and not (b / "fold0/pred_t.json").exists()
+    with pytest.raises(UserError, match=r"fold0/pred_t.json is missing"):
+        ensemble_command([str(a), str(b)], oof=False, name="t")
+
+
+def test_a_rerun_submission_leaves_nothing_of_the_earlier_one(two_members, workdir, capsys):
+    """A labelled C-NMC test folder, then unlabelled images of other names under the same --name: no stale
+    isbi_valid.predict, zip, metrics.json or evaluation.json of the first beside the second; a user's file stays."""
+    for member in two_members:
+        for k in range(3):
+            write_predictions(member / f"fold{k}", "s", [f"{i}.bmp" for i in range(1, 4)], [0.2, 0.6, 0.9],
+                              labels=[0, 1, 1])
+    ensemble_command([str(m) for m in two_members], oof=False, name="s")
+    folder = workdir / "submissions/s"
+    (folder / "evaluation.json").write_text("{}")  # as `alldetect evaluate` leaves it
+    (folder / "notes.txt").write_text("mine")
+    assert {p.name for p in folder.iterdir()} == {"ensemble.json", "isbi_valid.predict", "isbi_valid.zip",
+                                                  "metrics.json", "evaluation.json", "notes.txt"}
+    for member in two_members:
+        for k in range(3):
+            write_predictions(member / f"fold{k}", "s", ["a.bmp", "b.bmp"], [0.7, 0.1], fingerprint="data2")
+    ensemble_command([str(m) for m in two_members], oof=False, name="s")
+    assert "no isbi_valid.predict" in capsys.readouterr().out
+    assert {p.name for p in folder.iterdir()} == {"ensemble.json", "notes.txt"}
+    assert list(pd.read_csv(workdir / "submissions/s.csv")["image"]) == ["a.bmp", "b.bmp"]
+
+
+def test_features_that_are_not_numbers_or_not_of_this_prediction_are_refused(two_members, workdir):
+    from alldetect.engine.runfiles import RunDir
+
+    a, _ = two_members
+    paths = [f"{i}.bmp" for i in range(1, 5)]
+    for k in range(3):
+        run = RunDir(a / f"fold{k}")
+        features = np.ones((4, 3))
+        if k == 1:
+            features[2, 0] = np.nan
+        run.write_predictions("t", pd.DataFrame({"path": paths, "prob_all": 0.5}),
+                              {"data_content": "d", "checkpoint_saved_at": run.meta().saved_at},
+                              (np.array(paths), features))
+    with pytest.raises(UserError, match=r"fold1/feat_t.npz: the features of 1 image\(s\) are NaN or infinite "
+                                        r"\(3.bmp\)"):
+        ensemble_command([str(a)], oof=False, name="t", overrides=["correct=knn"])
+    np.savez(a / "fold1/feat_t.npz", paths=np.array(paths), features=np.ones((4, 3)))  # not what predict wrote
+    with pytest.raises(UserError, match=r"fold1/feat_t.npz is not the file pred_t.json describes"):
+        ensemble_command([str(a)], oof=False, name="t", overrides=["correct=knn"])
+
+
+def test_one_fold_out_of_fold_scores_with_default_options_leave_out_what_needs_two(two_members, workdir, capsys):
+    a, _ = two_members
+    assert main(["ensemble", f"{a.relative_to(workdir)}/fold0", "--oof"]) == 0
+    captured = capsys.readouterr()
+    assert "error" not in captured.err  # it named calibrate=temperature, an option never given, and stopped
+    assert ("not compared: weights=equal calibrate=temperature, weights=equal calibrate=isotonic (they fit something "
+            "on the out-of-fold predictions, so they need out-of-fold predictions of two or more folds)") in captured.out
+    assert main(["ensemble", f"{a.relative_to(workdir)}/fold0", "--oof", "calibrate=platt"]) == 2
+    assert "weights=equal calibrate=platt threshold=0.5 with --oof needs" in capsys.readouterr().err

@@ -89,3 +89,90 @@ def test_bad_export_requests_are_clear_errors(workdir, capsys):
     assert main(["export", "runs/proposed", "--format", "tflite"]) == 2
     assert "--format 'tflite': choose from onnx, torchscript" in capsys.readouterr().err
     assert not (workdir / "exports").exists()
+
+
+def _export_files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_an_export_folder_is_written_whole_and_another_runs_is_replaced_only_with_overwrite(workdir, capsys,
+                                                                                             monkeypatch):
+    import alldetect.export as export
+
+    make_run(workdir / "runs/proposed/fold0", weights=True, input_size=32)
+    make_run(workdir / "other/proposed/fold0", weights=True, input_size=48, seed=1)
+    folder = workdir / "exports/proposed_fold0"
+    assert main(["export", "runs/proposed/fold0", "--format", "onnx,torchscript"]) == 0
+    first = _export_files(folder)
+    assert main(["export", "runs/proposed/fold0", "--format", "torchscript"]) == 0  # its own export: replaced
+    assert sorted(_export_files(folder)) == ["model.torchscript.pt", "preprocessing.json"]  # no stale model.onnx
+    assert main(["export", "runs/proposed/fold0", "--format", "onnx,torchscript"]) == 0
+    first = _export_files(folder)
+    capsys.readouterr()
+
+    assert main(["export", "other/proposed/fold0", "--format", "torchscript"]) == 2  # another run's export
+    err = capsys.readouterr().err
+    assert f"{folder.relative_to(workdir)} holds the export of {workdir}/runs/proposed/fold0, not of " \
+           "other/proposed/fold0: pass --overwrite" in err
+    assert _export_files(folder) == first
+
+    def killed(*args):  # stopped after the new model.onnx was written, before preprocessing.json
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "_run_torchscript", killed)
+        assert main(["export", "other/proposed/fold0", "--format", "onnx,torchscript", "--overwrite"]) == 130
+    assert _export_files(folder) == first  # the old export whole: no input-48 model beside input-32 preprocessing
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["proposed_fold0"]  # no temporary folder left
+
+    assert main(["export", "other/proposed/fold0", "--format", "torchscript", "--overwrite"]) == 0
+    assert sorted(_export_files(folder)) == ["model.torchscript.pt", "preprocessing.json"]
+    assert json.loads((folder / "preprocessing.json").read_text())["input_size"] == 48
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+    (folder / "README.txt").write_text("how we use it")  # a user's file: never removed, --overwrite or not
+    assert main(["export", "runs/proposed/fold0", "--format", "torchscript", "--overwrite"]) == 2
+    assert "holds files `alldetect export` does not write (README.txt)" in capsys.readouterr().err
+    assert (folder / "README.txt").read_text() == "how we use it"
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_export_out_that_is_no_folder_names_out(workdir, capsys):
+    make_run(workdir / "runs/proposed/fold0", weights=True)
+    (workdir / "afile").write_text("")
+    for out in ("afile", "/proc/x", "afile/sub"):
+        assert main(["export", "runs/proposed", "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert "--out" in err and out in err and "Traceback" not in err, (out, err)
+
+
+def test_damaged_checkpoints_are_refused_by_export_with_the_checkpoint_blamed(workdir, capsys):
+    from alldetect.engine.runfiles import Checkpoint, load_checkpoint, save_checkpoint
+
+    run = make_run(workdir / "runs/proposed/fold0", weights=True)
+    state = load_checkpoint(run / "best.pt")
+    weights = {k: (v.clone().fill_(float("inf")) if k.endswith("weight") and v.is_floating_point() else v)
+               for k, v in state.model.items()}
+    save_checkpoint(run / "best.pt", Checkpoint(state.meta, weights))
+    assert main(["export", "runs/proposed"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/proposed/fold0/best.pt holds non-finite weights" in err and "please report" not in err
+    make_run(run, weights=True)
+    from test_runfiles import _zero_a_block_of_weights
+
+    _zero_a_block_of_weights(run / "best.pt")
+    assert main(["export", "runs/proposed"]) == 2
+    assert "fold0/best.pt is damaged: the checksum of its record" in capsys.readouterr().err
+    torch.save({"meta": "a string", "model": {}}, run / "best.pt")
+    assert main(["export", "runs/proposed"]) == 2
+    err = capsys.readouterr().err
+    assert "is not an alldetect checkpoint (its metadata are a str" in err and "Traceback" not in err
+    assert not (workdir / "exports").exists()

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -192,7 +193,12 @@ def test_bad_images_empty_folders_and_runs_without_checkpoint(runs, workdir):
 
 
 def test_a_damaged_checkpoint_in_a_later_fold_stops_predict_before_it_writes(runs, workdir):
+    from test_runfiles import _zero_a_block_of_weights
+
     data = _prelim(workdir / "prelim", n=4)
+    _zero_a_block_of_weights(runs / "fold1/best.pt")  # a bad block: torch.load would read it as weights
+    with pytest.raises(UserError, match=r"fold1/best.pt is damaged: the checksum of its record"):
+        predict_command(["runs/proposed"], str(data), "x", FAST)
     (runs / "fold1/best.pt").write_bytes(b"truncated")
     with pytest.raises(UserError, match=r"fold1/best.pt: damaged or not a checkpoint"):
         predict_command(["runs/proposed"], str(data), "x", FAST)
@@ -268,3 +274,55 @@ def test_renamed_copies_of_training_images_are_named_as_not_held_out(runs, workd
         predict_command(["runs/proposed/fold0"], str(data), "t3", FAST)
     assert (f"1 image(s) of {data} are byte-identical to images runs/proposed/fold0 was trained or validated on "
             f"(4.bmp = {extra / 'hem/h.bmp'})") in caplog.text
+def test_an_ensemble_of_predictions_of_other_images_of_the_same_names_and_sizes_is_refused(runs, workdir, capsys):
+    """Two folders of 1.bmp..4.bmp of one size (as every C-NMC test folder is): the content tells them apart; a copy
+    of the same images elsewhere is the same data."""
+    from alldetect.commands.ensemble import ensemble_command
+
+    first = _prelim(workdir / "prelim", n=4)
+    other = _prelim(workdir / "prelimB", n=4)
+    rng = np.random.default_rng(7)
+    for i in range(1, 5):
+        write_image(other / f"{i}.bmp", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert all((first / f"{i}.bmp").stat().st_size == (other / f"{i}.bmp").stat().st_size for i in range(1, 5))
+    predict_command(["runs/proposed/fold0"], str(first), "mix", FAST)
+    predict_command(["runs/proposed/fold1"], str(other), "mix", FAST)
+    a, b = (json.loads((runs / f"fold{k}/pred_mix.json").read_text()) for k in range(2))
+    assert a["data_fingerprint"] == b["data_fingerprint"] and a["data_content"] != b["data_content"]
+    with pytest.raises(UserError, match=r"predictions 'mix' were made of different images: .*fold0: .*prelim/"
+                                        r"C-NMC_test_prelim_phase_data \(content .*fold1: .*prelimB/"):
+        ensemble_command(["runs/proposed"], oof=False, name="mix")
+    copy = workdir / "copy/C-NMC_test_prelim_phase_data"
+    copy.parent.mkdir()
+    shutil.copytree(first, copy)
+    shutil.copy(first.parent / "C-NMC_test_prelim_phase_data_labels.csv", copy.parent)
+    predict_command(["runs/proposed/fold1"], str(copy), "mix", FAST)
+    record = ensemble_command(["runs/proposed"], oof=False, name="mix")
+    assert record["data_content"] == a["data_content"] and len(record["data_roots"]) == 2
+
+
+def test_a_name_too_long_for_a_file_fails_before_the_model_runs(runs, workdir, monkeypatch):
+    import alldetect.commands.predict as command
+
+    data = _prelim(workdir / "prelim", n=2)
+    monkeypatch.setattr(command, "predict_run", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(UserError, match=r"--name xxxxxxxxxxxxxxxxxxxx... is 300 characters long: use at most 200"):
+        predict_command(["runs/proposed"], str(data), "x" * 300, FAST)
+
+
+def test_non_finite_weights_are_refused_before_anything_is_written(runs, workdir, capsys):
+    data = _prelim(workdir / "prelim", n=2)
+    state = load_checkpoint(runs / "fold1/best.pt")
+    weights = dict(state.model)
+    key = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 10)
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = float("nan")
+    from alldetect.engine.runfiles import Checkpoint, save_checkpoint
+
+    save_checkpoint(runs / "fold1/best.pt", Checkpoint(state.meta, weights))
+    assert main(["predict", "runs/proposed", "--data", str(data), "--name", "n", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "fold1/best.pt holds non-finite weights: 1 of the" in err and key in err and "Traceback" not in err
+    assert not list(runs.glob("fold*/pred_n.*"))
+    assert main(["visualize", "runs/proposed/fold1", str(data / "1.bmp")]) == 2
+    assert "holds non-finite weights" in capsys.readouterr().err

@@ -343,6 +343,7 @@ def test_impossible_output_places_are_clear_errors_before_any_work(tiny_demo, wo
         (["visualize", "runs/proposed/fold0", image, "--out", bad], "the output folder (--out)"),
         (["demo-data", bad], "the demo data folder"),
         (["report", "--out", bad, "--no-speed"], "the reports folder"),
+        (["export", "runs/proposed", "--out", bad], "the export folder (--out)"),
         (["tune", "proposed", "--trials", "0", "--out", f"{bad}/t.yaml", f"data.root={tiny_demo}"], "the folder of --out"),
     ]
     for argv, what in cases:

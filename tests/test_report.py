@@ -281,13 +281,107 @@ def test_stale_ensemble_is_left_out_and_said_so(trained, tiny_demo):
 
 
 @pytest.mark.slow
-def test_report_replaces_an_older_one_whole(trained, tiny_demo):
+@pytest.mark.parametrize("exchange", [True, False])  # renameat2's exchange, and moving the old one aside first
+def test_report_replaces_an_older_one_whole(trained, tiny_demo, monkeypatch, exchange):
+    import alldetect.atomic as atomic
+
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    report_command(data=str(tiny_demo), device=None, name="proposed+resnet10t")
     stale = Path("reports/proposed+resnet10t/figures/old.png")
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"x")
+    stale.write_bytes(b"x")  # a figure an older version drew
     folder = report_command(data=str(tiny_demo), device=None, name="proposed+resnet10t")["folder"]
     assert not stale.exists() and (folder / "index.html").is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_a_report_never_removes_what_it_did_not_write(workdir, tiny_demo, checkpoints, capsys, monkeypatch):
+    """Names that are no folder of their own ('./' made `report --out runs` remove every run), and folders that
+    hold a user's files or runs: refused before any work, and everything stays."""
+    runs = workdir / "runs"
+    fake_arch(runs, "proposed", tiny_demo, checkpoints, 0.3, 1)
+    before = sorted(str(p) for p in runs.rglob("*"))
+    for name in ("./", ".", "..", "", "../x", ".hidden", "x" * 300):
+        assert main(["report", "--runs", "runs", "--out", "runs", "--name", name, "--no-speed"]) == 2, name
+        err = capsys.readouterr().err
+        assert "a report name must start with a letter or digit" in err and "Traceback" not in err, (name, err)
+    (workdir / "sub").mkdir()
+    monkeypatch.chdir(workdir / "sub")
+    assert main(["report", "--runs", "../runs", "--out", ".", "--name", ".", "--no-speed"]) == 2  # was a traceback
+    assert "a report name must start" in capsys.readouterr().err
+    monkeypatch.chdir(workdir)
+    assert main(["report", "--out", "runs", "--name", "proposed", "--no-speed"]) == 2  # a valid name: a run folder
+    err = capsys.readouterr().err
+    assert "runs/proposed holds files `alldetect report` did not write (fold0, fold1, fold2)" in err
+    assert "report replaces only its own earlier output" in err
+    mine = workdir / "reports" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    assert main(["report", "--name", "mine", "--no-speed"]) == 2
+    assert "reports/mine holds files `alldetect report` did not write (notes.txt)" in capsys.readouterr().err
+    (mine / "notes.txt").rename(mine / "index.html")  # a page, but not a report's
+    assert main(["report", "--name", "mine", "--no-speed"]) == 2
+    assert "reports/mine is not a report of `alldetect report`" in capsys.readouterr().err
+    assert (mine / "index.html").read_text() == "my notes"
+    assert sorted(str(p) for p in runs.rglob("*")) == before
+    assert sorted(p.name for p in (workdir / "reports").iterdir()) == ["mine"]  # no temporary folder left
+
+
+@pytest.mark.slow
+def test_a_report_with_a_users_file_added_is_not_replaced(trained, tiny_demo):
+    folder = report_command(device=None)["folder"]
+    (folder / "figures" / "my-sketch.svg").write_text("<svg/>")
+    with pytest.raises(UserError, match=r"holds files `alldetect report` did not write \(figures/my-sketch.svg\)"):
+        report_command(device=None)
+    assert (folder / "figures" / "my-sketch.svg").is_file() and (folder / "index.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)])
+def test_the_report_folder_gets_the_users_umask(trained, umask, mode):
+    old = os.umask(umask)
+    try:
+        folder = report_command(device=None)["folder"]
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == mode and (folder / "figures").stat().st_mode & 0o777 == mode
+    assert (folder / "index.html").stat().st_mode & 0o777 == mode & 0o666
+
+
+@pytest.mark.slow
+def test_a_report_that_cannot_be_written_says_which_file_and_keeps_the_earlier_one(trained):
+    import resource
+
+    folder = report_command(device=None)["folder"]
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # ulimit -f 20: every figure is larger
+    try:
+        with pytest.raises(UserError, match=r"could not write \w+\.png of report reports/proposed\+resnet10t "
+                                            r"\(File too large\): the earlier report .* is kept as it was"):
+            report_command(device=None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_a_mean_over_fewer_folds_than_the_row_says_is_marked(workdir, tiny_demo, checkpoints):
+    """A fold of one class has no ROC-AUC, and a fold without history.csv no kept F1: the row says over how many
+    folds its mean is, not just the row's fold count."""
+    runs = fake_arch(workdir / "runs", "proposed", tiny_demo, checkpoints, 0.3, 1)
+    oof = pd.read_csv(runs / "fold2/oof.csv")
+    oof[oof["label"] == 1].to_csv(runs / "fold2/oof.csv", index=False)  # its normal people moved away
+    (runs / "fold1/history.csv").unlink()
+    result = report_command(device=None)
+    readme = (result["folder"] / "README.md").read_text()
+    row = _markdown_row(readme, "proposed")
+    assert row[1] == "3" and row[6].endswith("(2 of 3 folds)") and not row[5].endswith("folds)"), row
+    runs_row = next(line for line in readme.splitlines() if line.startswith("| proposed | `runs/proposed`"))
+    assert "(2 of 3 folds)" in runs_row
+    per_fold = next(line for line in readme.splitlines() if line.startswith("| proposed | 2 |"))
+    assert per_fold.rstrip(" |").endswith("| -"), per_fold
 
 
 @pytest.mark.slow

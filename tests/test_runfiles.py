@@ -83,3 +83,72 @@ def test_a_run_folder_names_its_files_and_reads_them_checked(tmp_path):
     with pytest.raises(UserError, match=r"oof.csv: prob_all must be a probability in \[0, 1\]; rows a.bmp"):
         run.read_oof()
     assert run.results() == ["oof.csv"] and not run.trained
+
+
+def _zero_a_block_of_weights(path, size=4096):
+    """A 4 KiB hole of zeros in the middle of the largest weight record (a bad block, a partly overwritten file)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "rb") as f:  # the record's data start after its local header (30 bytes, name, extra field)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(size))
+    return info.filename
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_checkpoint_with_a_zeroed_block_is_refused(tmp_path, mmap):
+    weights = {"w": torch.randn(64, 1024), "b": torch.randn(8)}
+    meta = RunMeta(config=load_config("proposed", ["input_size=32"]))
+    save_checkpoint(tmp_path / "best.pt", Checkpoint(meta, weights))
+    record = _zero_a_block_of_weights(tmp_path / "best.pt")
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)  # torch itself reads it without a word
+    assert not torch.equal(raw["model"]["w"], weights["w"])
+    with pytest.raises(UserError, match=rf"best.pt is damaged: the checksum of its record {record} does not match"):
+        load_checkpoint(tmp_path / "best.pt", mmap=mmap)
+    with pytest.raises(UserError, match="is damaged"):
+        RunDir(tmp_path).meta()
+
+
+def test_non_finite_weights_or_metadata_that_are_no_dictionary_are_refused(tmp_path):
+    meta = RunMeta(config=load_config("proposed", ["input_size=32"]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.randn(100)
+        w[17] = bad
+        save_checkpoint(tmp_path / "best.pt", Checkpoint(meta, {"layer.weight": w, "n": torch.tensor(3)}))
+        with pytest.raises(UserError, match=r"best.pt holds non-finite weights: 1 of the 100 values of layer.weight "
+                                            r"are NaN or infinite"):
+            load_checkpoint(tmp_path / "best.pt", mmap=True)
+    large = torch.full((4,), 3e38)  # finite, though their sum is not
+    half = torch.full((100_000,), 60_000.0, dtype=torch.float16)  # finite, though their float16 sum is not
+    save_checkpoint(tmp_path / "best.pt", Checkpoint(meta, {"w": large, "h": half}, ema={"w": large}))
+    assert torch.equal(load_checkpoint(tmp_path / "best.pt").model["w"], large)
+    ema = torch.zeros(3)
+    ema[0] = float("nan")
+    save_checkpoint(tmp_path / "last.pt", Checkpoint(meta, {"w": torch.zeros(3)}, ema={"w": ema}))
+    with pytest.raises(UserError, match="1 of the 3 values of w of the moving average are NaN"):
+        load_checkpoint(tmp_path / "last.pt")
+    for odd in ("a string", ["a", "list"], 3):
+        torch.save({"meta": odd, "model": WEIGHTS}, tmp_path / "odd.pt")
+        with pytest.raises(UserError, match=rf"odd.pt is not an alldetect checkpoint \(its metadata are a "
+                                            rf"{type(odd).__name__}"):
+            load_checkpoint(tmp_path / "odd.pt")
+
+
+def test_overwrite_and_resume_remove_only_the_runs_own_files(tmp_path):
+    run = RunDir(tmp_path / "fold0")
+    run.path.mkdir()
+    own = ["best.pt", "last.pt", "history.csv", "oof.csv", "config.yaml", "pred_a.csv", "pred_a.json",
+           "feat_a.npz", ".best.pt.k2x_9q0z.tmp", ".pred_a.csv.abcdefgh.tmp"]
+    users = ["notes.txt", "pred_notes.txt", ".mine.tmp", ".backup.of.best.pt.tmp", "features.npz"]
+    for name in own + users:
+        (run.path / name).write_text("x")
+    assert sorted(p.name for p in run.stale_temporary_files()) == [".best.pt.k2x_9q0z.tmp", ".pred_a.csv.abcdefgh.tmp"]
+    run.remove_results()
+    left = sorted(p.name for p in run.path.iterdir())
+    assert left == sorted(users + [".best.pt.k2x_9q0z.tmp", ".pred_a.csv.abcdefgh.tmp"])

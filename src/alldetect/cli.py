@@ -92,7 +92,7 @@ def _visualize(a):
 def _export(a):
     from alldetect.commands.export import export_command
 
-    export_command(a.runs, a.out, a.format)
+    export_command(a.runs, a.out, a.format, a.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (every fold) or runs/<arch>/fold<k>")
     s.add_argument("--format", default="onnx", help="onnx (default), torchscript, or both: onnx,torchscript")
     s.add_argument("--out", default="exports", help="output folder (default exports)")
+    s.add_argument("--overwrite", action="store_true", help="replace the export of another run in the same folder "
+                   "(an export of the same run is always replaced)")
     s.set_defaults(func=_export)
     return p
 

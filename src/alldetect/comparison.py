@@ -32,8 +32,10 @@ def comparison_table(findings: Findings) -> pd.DataFrame:
         per_fold = fold_scores(oof)
         row = {"model": name, "folds": len(per_fold), "images": int(per_fold["images"].sum())}
         for k in COLUMNS:
-            row[f"{k}_mean"] = float(per_fold[k].mean())
-            row[f"{k}_std"] = float(per_fold[k].std(ddof=1)) if len(per_fold) > 1 else float("nan")
+            values = per_fold[k].dropna()  # ROC-AUC of a fold of one class is undefined (NaN)
+            row[f"{k}_mean"] = float(values.mean()) if len(values) else float("nan")
+            row[f"{k}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            row[f"{k}_folds"] = len(values)  # the folds behind the mean, when fewer than the row's
         row["params"], row["images_per_s"] = _size_and_speed(name, findings)
         row["selection"] = _selection_of(name, findings)
         rows.append(row)
@@ -62,14 +64,20 @@ def _size_and_speed(name: str, findings: Findings) -> tuple[float, float]:
     return params, speed
 
 
-def _cell(mean: float, std: float) -> str:
-    return f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+def _cell(mean: float, std: float, n: int | None = None, folds: int | None = None) -> str:
+    """mean ± std, saying over how many folds where some fold has no value (ROC-AUC of a fold of one class)."""
+    if np.isnan(mean):
+        return "-"
+    text = f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+    return text if n is None or folds is None or n >= folds else f"{text} ({n} of {folds} folds)"
 
 
 def display_table(numbers: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"model": numbers["model"], "folds": numbers["folds"]})
     for k, label in COLUMNS.items():
-        out[label] = [_cell(m, s) for m, s in zip(numbers[f"{k}_mean"], numbers[f"{k}_std"])]
+        counts = numbers[f"{k}_folds"] if f"{k}_folds" in numbers else [None] * len(numbers)
+        out[label] = [_cell(m, s, n, f) for m, s, n, f in zip(numbers[f"{k}_mean"], numbers[f"{k}_std"], counts,
+                                                             numbers["folds"])]
     out["parameters"] = [f"{int(p):,}" if not np.isnan(p) else "?" for p in numbers["params"]]
     out["images/s"] = [f"{s:.1f}" if not np.isnan(s) else "not measured" for s in numbers["images_per_s"]]
     out["selection"] = numbers["selection"]
@@ -81,7 +89,7 @@ def per_fold_table(findings: Findings) -> pd.DataFrame:
     for name, oof in findings.models().items():
         for r in fold_scores(oof).itertuples():
             rows.append({"model": name, "fold": r.fold, "images": r.images,
-                         **{label: f"{getattr(r, k):.4f}" for k, label in COLUMNS.items()}})
+                         **{label: _cell(getattr(r, k), float("nan")) for k, label in COLUMNS.items()}})
     return pd.DataFrame(rows)
 
 
@@ -117,7 +125,10 @@ def _mean_over_folds(a: ArchResult, which: str) -> str:
             values.append(h["f1"].max())
         elif len(kept):
             values.append(kept.iloc[0])
-    return f"{np.mean(values):.4f}" if values else "-"
+    if not values:
+        return "-"
+    text = f"{np.mean(values):.4f}"  # a fold without history.csv (or without the kept epoch in it) has no value
+    return text if len(values) == len(a.runs) else f"{text} ({len(values)} of {len(a.runs)} folds)"
 
 
 def persons_table(findings: Findings) -> pd.DataFrame | None:

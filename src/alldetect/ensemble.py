@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from alldetect import __version__
@@ -61,6 +62,8 @@ def parse_threshold(raw: str) -> float | str:
 OPTIONS = {"weights": ("equal", choice(*WEIGHTS)), "threshold": (0.5, parse_threshold),
            "average": ("prob", choice(*AVERAGES)), "calibrate": ("none", choice(*CALIBRATIONS)),
            "correct": ("none", choice(*CORRECTIONS)), "prior": ("none", parse_prior)}
+# submissions/<NAME>/: what `ensemble --name NAME` writes (and `evaluate` adds), all of one submission
+SUBMISSION_FILES = ("ensemble.json", "isbi_valid.predict", "isbi_valid.zip", "metrics.json", "evaluation.json")
 TRANSDUCTIVE = ("correct=knn: each image's probability was mixed with those of its nearest neighbours among the "
                 "images predicted with it (it uses the images jointly)")
 
@@ -107,8 +110,10 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     optimistic = [m for m, text in selection.items() if "OPTIMISTIC" in text]
     for s in [s for n, s in scores.items() if n not in selection]:  # the averages inherit their members' choice
         s["selection"] = "outer (OPTIMISTIC)" if optimistic else "/".join(sorted(set(selection.values())))
+    others = alternatives(method, len(oof.members), inputs.neighbours is not None)
+    one_fold = len(np.unique(folds)) < 2  # nothing can be cross-fitted: compare only what fits nothing
     compared = {m.label: _scored(labels, *cross_fitted(inputs, labels, folds, m), None)
-                for m in alternatives(method, len(oof.members), inputs.neighbours is not None)}
+                for m in others if not (one_fold and m.fitted)}
     final = fit(method, inputs, labels)  # on all OOF: what --name would use
     result = {"mode": "oof", "members": oof.members, "method": method.label, "weights_mode": method.weights,
               "threshold_mode": str(method.threshold), "weights": dict(zip(oof.members, final.weights)),
@@ -137,6 +142,10 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     if compared:
         print(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
               f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
+    left_out = [m.label for m in others if m.label not in compared]
+    if left_out:
+        print(f"\nnot compared: {', '.join(left_out)} (they fit something on the out-of-fold predictions, so they "
+              "need out-of-fold predictions of two or more folds)")
     if optimistic:
         print(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
               "(select=outer); retrain with select=last (the default) or select=inner for scores that are not")
@@ -260,6 +269,10 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
     table = pd.DataFrame({"image": held.frame["path"], "prob_all": prob.round(6), "label": pred,
                           **{f"prob_{member}": held.probs[:, i].round(6) for i, member in enumerate(held.members)}})
     folder = out_dir / name
+    # What an earlier `ensemble --name NAME` (and `evaluate` of its CSV) left goes before anything new is written:
+    # a stale isbi_valid.zip or scores never sit beside this submission, even if this run is killed half-way.
+    for old in SUBMISSION_FILES:
+        (folder / old).unlink(missing_ok=True)
     write_csv(out_dir / f"{name}.csv", table)
     record = {"mode": "held-out", "name": name, "members": held.members, "method": method.label,
               "weights_mode": method.weights, "threshold_mode": str(method.threshold),

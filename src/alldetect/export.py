@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -19,15 +21,16 @@ import torch
 from torch import nn
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, write_text
+from alldetect.atomic import replace_folder, temporary_folder
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from alldetect.engine.loop import logits_of
 from alldetect.engine.runfiles import RunDir, RunMeta
-from alldetect.errors import UserError
+from alldetect.errors import UserError, short_list
 
 log = logging.getLogger("alldetect")
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+EXPORT_FILES = {*FORMATS.values(), "preprocessing.json"}  # all an export folder holds
 TOLERANCE = 1e-4  # largest difference in probability allowed between the export and PyTorch
 
 
@@ -68,31 +71,82 @@ def preprocessing(meta: RunMeta) -> dict:
     }
 
 
-def export_run(run: Path, out: Path, formats: list[str], opset: int = 18) -> dict:
-    """Export one fold run into out/<arch>_<fold>/; returns a summary row."""
+def export_folder(out: Path, run: Path, meta: RunMeta) -> Path:
+    """Where a fold run's export goes: out/<arch>_<fold>."""
+    return out / f"{meta.config.arch}_{run.name}"
+
+
+def replace_problem(folder: Path, run: Path, overwrite: bool) -> str:
+    """'' when `folder` may receive `run`'s export: absent, or an export of this run (or, with `overwrite`, of another
+    run); never a folder that holds files export does not write."""
+    if not (folder.exists() or folder.is_symlink()):
+        return ""
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder} exists and is not an export folder; choose another --out"
+    extra = sorted(set(os.listdir(folder)) - EXPORT_FILES)
+    if extra:
+        return (f"{folder} holds files `alldetect export` does not write ({short_list(extra, 4)}), which replacing "
+                "it would remove; move them away or choose another --out")
+    made_of = exported_run(folder)
+    if made_of is not None and made_of == run.resolve():
+        return ""
+    if overwrite:
+        return ""
+    of = f"the export of {made_of}" if made_of is not None else "an export of unknown origin (no readable preprocessing.json)"
+    return f"{folder} holds {of}, not of {run}: pass --overwrite to replace it, or choose another --out"
+
+
+def exported_run(folder: Path) -> Path | None:
+    """The run an export folder was made from (its preprocessing.json), or None when that cannot be read."""
+    try:
+        about = json.loads((folder / "preprocessing.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(about, dict):
+        return None
+    where = about.get("run_path") or about.get("run")
+    return Path(where).resolve() if isinstance(where, str) and where else None
+
+
+def export_run(run: Path, out: Path, formats: list[str], opset: int = 18, overwrite: bool = False) -> dict:
+    """Export one fold run into out/<arch>_<fold>/, made whole in a temporary folder and swapped in (so the model
+    files and preprocessing.json are always of one export); returns a summary row."""
     state = RunDir(run).load_best()
     meta, size = state.meta, state.meta.input_size
     wrapped = Exportable(state.network()).eval()
-    folder = out / f"{meta.config.arch}_{run.name}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = export_folder(out, run, meta)
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = wrapped(example).numpy()
+    if not np.isfinite(expected).all():
+        raise UserError(f"{run}'s model gives NaN or infinite probabilities on a random batch: its best.pt holds "
+                        "weights that overflow, so there is nothing to export. Retrain the run (overwrite=true)")
     row: dict[str, str | float] = {"run": str(run), "folder": str(folder)}
-    for fmt in formats:
-        path = folder / FORMATS[fmt]
-        with atomic_path(path) as tmp:  # checked before it replaces anything
-            (_onnx if fmt == "onnx" else _torchscript)(wrapped, example, tmp, opset)
-            got = (_run_onnx if fmt == "onnx" else _run_torchscript)(tmp, example.numpy())
+    tmp = temporary_folder(out, folder.name)
+    try:
+        for fmt in formats:
+            path = tmp / FORMATS[fmt]
+            (_onnx if fmt == "onnx" else _torchscript)(wrapped, example, path, opset)
+            got = (_run_onnx if fmt == "onnx" else _run_torchscript)(path, example.numpy())
             diff = float(np.abs(got - expected).max())
             if not diff <= TOLERANCE:
                 raise UserError(f"the {fmt} export of {run} gives other probabilities than PyTorch (largest "
                                 f"difference {diff:.2g}), so it was not kept; please report it with the architecture")
-        row[f"{fmt}_max_diff"] = diff
-    about = {**preprocessing(meta), "files": {f: FORMATS[f] for f in formats}, "run": str(run),
-             "epoch": meta.progress.epoch, "select": meta.config.select, "fold_file": meta.fold_file,
-             "made_by": f"alldetect {__version__}"}
-    write_text(folder / "preprocessing.json", json.dumps(about, indent=2) + "\n")
+            row[f"{fmt}_max_diff"] = diff
+        about = {**preprocessing(meta), "files": {f: FORMATS[f] for f in formats}, "run": str(run),
+                 "run_path": str(run.resolve()), "epoch": meta.progress.epoch, "select": meta.config.select,
+                 "fold_file": meta.fold_file, "checkpoint_saved_at": meta.saved_at,
+                 "made_by": f"alldetect {__version__}"}
+        (tmp / "preprocessing.json").write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
+        problem = replace_problem(folder, run, overwrite)  # again: another export may have arrived meanwhile
+        if problem:
+            raise UserError(problem)
+        replace_folder(tmp, folder)
+    except OSError as e:  # a full disk, a file-size limit: say what was kept
+        kept = f"{folder} is kept as it was" if folder.exists() else "nothing was written there"
+        raise UserError(f"could not write the export of {run} in {out} ({e.strerror or e}): {kept}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in
     return row
 
 

@@ -27,7 +27,10 @@ def _colour(i: int) -> str:
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+    try:
+        fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+    except OSError as e:  # a full disk or a file-size limit: an error that names the file (write() does not)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     return path
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from alldetect.combine import KNN_K
-from alldetect.engine.runfiles import RunDir, RunMeta
+from alldetect.engine.runfiles import RunDir, RunMeta, predict_command_for
 from alldetect.engine.runs import Member
 from alldetect.engine.select import selection_label
 from alldetect.errors import UserError, short_list
@@ -118,6 +118,7 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
                         f"{' '.join(str(m.folder) for m in members)} --data DIR --name {name}` first")
     frames = {r: RunDir(r).read_predictions(name) for r in runs}
     metas = {r: RunDir(r).read_pred_meta(name) for r in runs}
+    _check_same_images(metas, name)
     ref = runs[0]
     ref_paths = set(frames[ref]["path"])
     for run in runs[1:]:
@@ -133,11 +134,6 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
         raise UserError(f"the predictions '{name}' of {short_list([str(r) for r in stale])} were made by an older "
                         "best.pt than the run holds now (it was retrained or resumed since). Rerun `alldetect predict "
                         f"{' '.join(str(r) for r in stale)} --data DIR --name {name}`")
-    prints = {m.get("data_fingerprint") for m in metas.values()}
-    if len(prints) > 1:
-        detail = "; ".join(f"{r}: {m.get('data_root')} ({m.get('data_fingerprint')})" for r, m in metas.items())
-        raise UserError(f"predictions '{name}' were made on different data: {detail}. Rerun `alldetect predict` for "
-                        "every run with the same --data")
     frame = frames[ref].reset_index(drop=True)  # predict's order: numeric for C-NMC test folders
     keep = ["path"] + [c for c in ("label", "subject") if c in frame]
     columns = []
@@ -148,10 +144,37 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
     if len(tta) > 1:
         log.warning("the runs' predictions '%s' used different test-time augmentation (%s)", name, ", ".join(tta))
     meta = metas[ref]
+    roots = sorted({str(m.get("data_root")) for m in metas.values()})
     info = {"data_root": meta.get("data_root"), "data_fingerprint": meta.get("data_fingerprint"),
+            "data_content": meta.get("data_content"), **({"data_roots": roots} if len(roots) > 1 else {}),
             "layout": meta.get("layout"), "tta": tta if len(tta) > 1 else tta[0],
             "runs": {m.name: [str(r) for r in m.runs] for m in members}}
     return Predictions(frame[keep], np.column_stack(columns), [m.name for m in members], info)
+
+
+def _check_same_images(metas: dict[Path, dict], name: str) -> None:
+    """Every run predicted the same images: by content (the SHA-256 of every file, which predict records), not by
+    names and sizes, which two different C-NMC folders share. The folders may differ (a copy of the data set
+    elsewhere holds the same images); the same folder whose images changed between two predicts may not."""
+    lacking = [str(r) for r, m in metas.items() if not isinstance(m.get("data_content"), str)]
+    if lacking:
+        raise UserError(f"the predictions '{name}' of {short_list(lacking)} do not record the content of the images "
+                        "they are of (made by an older alldetect), so they cannot be checked to be of the same images "
+                        f"as the others. Rerun `alldetect predict RUN... --data DIR --name {name}` for every run")
+    contents = {m["data_content"] for m in metas.values()}
+    if len(contents) > 1:
+        groups: dict[str, list[str]] = {}
+        for r, m in metas.items():
+            groups.setdefault(f"{m.get('data_root')} (content {m['data_content'][:16]})", []).append(str(r))
+        detail = "; ".join(f"{short_list(runs, 3)}: {where}" for where, runs in groups.items())
+        same_root = len({m.get("data_root") for m in metas.values()}) == 1
+        why = (" (the same folder: its images changed between the predicts)" if same_root else "")
+        raise UserError(f"predictions '{name}' were made of different images{why}: {detail}. Rerun `alldetect "
+                        f"predict` for every run with the same --data")
+    roots = sorted({str(m.get("data_root")) for m in metas.values()})
+    if len(roots) > 1:
+        log.info("predictions '%s' were made from %d folders holding the same images (%s)", name, len(roots),
+                 ", ".join(roots))
 
 
 def all_have_features(members: list[Member], name: str) -> bool:
@@ -161,23 +184,11 @@ def all_have_features(members: list[Member], name: str) -> bool:
 def _read_features(run: Path, name: str) -> pd.Series:
     """feat_<name>.npz of a run as {path: feature row}, checked against the run's current best.pt."""
     files = RunDir(run)
-    path = files.feat(name)
-    how = "--oof features=true" if name == "oof" else f"--data DIR --name {name} features=true"
-    if not path.is_file():
-        raise UserError(f"correct=knn needs each run's features, and {path} is missing: run `alldetect predict "
-                        f"{run} {how}` first")
+    paths, features = files.read_features(name)
     saved = files.read_pred_meta(name).get("checkpoint_saved_at")
     if saved is not None and saved != files.meta().saved_at:
-        raise UserError(f"{path} was made by an older best.pt than {run} holds now: rerun `alldetect predict {run} "
-                        f"{how}`")
-    try:
-        with np.load(path) as z:
-            paths, features = z["paths"].astype(str), z["features"]
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:120]}): rerun `alldetect predict {run} "
-                        f"{how}`") from None
-    if len(paths) != len(features) or features.ndim != 2:
-        raise UserError(f"{path} holds {len(paths)} paths but features of shape {features.shape}: rerun predict")
+        raise UserError(f"{files.feat(name)} was made by an older best.pt than {run} holds now: rerun "
+                        f"`{predict_command_for(run, name, features=True)}`")
     return pd.Series(list(features), index=paths)
 
 

@@ -14,8 +14,9 @@ checkpoint that does not fit its config, ...) is left out with a warning and lis
 from __future__ import annotations
 
 import logging
+import os
 import platform
-import shutil
+import re
 from pathlib import Path
 
 import cv2
@@ -39,7 +40,7 @@ from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.loop import resolve_device
 from alldetect.engine.runs import fold_of
 from alldetect.engine.select import selection_label, selection_text
-from alldetect.errors import UserError
+from alldetect.errors import UserError, short_list
 from alldetect.findings import ArchResult, Findings
 from alldetect.metrics import score
 from alldetect.page import Bullets, Figure, Heading, Page, Paragraph, Table
@@ -265,11 +266,49 @@ def check_data(findings: Findings, data: str | None) -> list[str]:
     return notes
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Replace the report folder in one step, so a reader never sees half of an old and half of a new one."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+REPORT_FILES = {"index.html", "README.md", "figures"}  # all that reports/<name>/ holds
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+NAME_MAX = 200  # characters: the folder and its temporary siblings (.<name>.XXXXXXXX.tmp) stay within 255 bytes
+
+
+def report_name(given: str | None, default: str) -> str:
+    """The report's folder name: --name (path-like characters made '_'), else the architectures joined by +. A name
+    that names no folder of its own ('', '.', '..', './') is an error: the report would replace its parent."""
+    name = default if given is None else safe_name(given, empty="")
+    if not NAME_RE.match(name) or len(name) > NAME_MAX:
+        shown = repr(given) if given is not None else f"{name!r} (from the architectures' folder names)"
+        raise UserError(f"--name {shown}: a report name must start with a letter or digit and hold letters, digits "
+                        f"and ._+- only, at most {NAME_MAX} characters (it names the folder the report is written "
+                        "to), e.g. --name study")
+    return name
+
+
+def replaceable_problem(final: Path) -> str:
+    """'' when `final` is absent or an earlier report (its files and nothing else): what `report` may replace;
+    otherwise what is there that report did not write."""
+    if not (final.exists() or final.is_symlink()):
+        return ""
+    if final.is_symlink() or not final.is_dir():
+        return f"{final} exists and is not a report folder"
+    entries = sorted(os.listdir(final))
+    extra = [e for e in entries if e not in REPORT_FILES]
+    figures = final / "figures"
+    if figures.is_symlink() or (figures.exists() and not figures.is_dir()):
+        extra.append("figures (not a folder of figures)")
+    elif figures.is_dir():
+        extra += [f"figures/{f.name}" for f in sorted(figures.iterdir())
+                  if f.is_symlink() or not f.is_file() or f.suffix != ".png"]
+    if extra:
+        return f"{final} holds files `alldetect report` did not write ({short_list(extra, 4)})"
+    titles = [_first_line(final / "README.md"), _first_line(final / "index.html", 400)]
+    if not any("alldetect report:" in t for t in titles):
+        return f"{final} is not a report of `alldetect report` (no page of one in it)"
+    return ""
+
+
+def _first_line(path: Path, chars: int = 200) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(chars)
+    except OSError:
+        return ""

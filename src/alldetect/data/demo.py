@@ -118,6 +118,9 @@ def subject_stain(rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.stack([nucleus, cytoplasm]), 10, 255)
 
 
+BUILDING_MARKER = ".alldetect-demo-building"
+
+
 def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, seed: int = 0,
                    workers: int | None = None, full_frame: bool = False) -> Path:
     """Write the demo set under out/C-NMC_training_data/fold_{0,1,2}/{all,hem}/ and a README; return `out`.
@@ -127,6 +130,7 @@ def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, s
     if per_subject < 1:
         raise UserError(f"--per-subject {per_subject}: need at least one image per subject")
     out = check_writable(out, "the demo data folder")
+    (out / BUILDING_MARKER).touch()  # until the README is written: a stopped build is known as one (not a user's)
     root = out / "C-NMC_training_data"
     n_all = int(round(subjects * 69 / 118))  # the real share of ALL subjects
     seeds = np.random.SeedSequence(seed).spawn(subjects)
@@ -154,7 +158,13 @@ def make_demo_data(out: str | Path, subjects: int = 24, per_subject: int = 25, s
         list(pool.map(write_subject, jobs))
     flags = f"--subjects {subjects} --per-subject {per_subject} --seed {seed}" + (" --full-frame" if full_frame else "")
     write_text(out / "README.md", README.format(flags=flags))
+    (out / BUILDING_MARKER).unlink(missing_ok=True)
     return out
+
+
+def is_stopped_build(root: str | Path) -> bool:
+    """A demo build that was stopped before its README: what ensure_demo_data may replace (nothing else)."""
+    return (Path(root) / BUILDING_MARKER).is_file() and not is_demo_data(root)
 
 
 def is_demo_data(root: str | Path) -> bool:

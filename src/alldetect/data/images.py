@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from alldetect.atomic import file_sha256
 from alldetect.errors import UserError, short_list
 
 log = logging.getLogger("alldetect")
@@ -140,3 +141,17 @@ def fingerprint(root: Path, paths: list[str]) -> tuple[str, list[int]]:
     for p, s in sorted(zip(paths, sizes)):
         h.update(f"{p}\t{s}\n".encode())
     return h.hexdigest()[:16], sizes
+
+
+def content_digest(root: Path, paths: list[str], workers: int = 8) -> str:
+    """sha256 over sorted (relative path, SHA-256 of the file's bytes): which images, by content. Unlike
+    `fingerprint`, it tells apart two folders of images of equal names and sizes (every C-NMC BMP is 608,454
+    bytes). It reads every byte (about 1 GB/s, 1.2 s for C-NMC's 1,867 preliminary test images), so it is made
+    where the images are read anyway: by `predict`, which records it."""
+    root = Path(root)
+    with ThreadPoolExecutor(workers) as pool:  # threads: hashlib releases the GIL, and cold files wait on the disk
+        digests = list(pool.map(lambda p: file_sha256(root / p), paths))
+    h = hashlib.sha256()
+    for p, d in sorted(zip(paths, digests)):
+        h.update(f"{p}\t{d}\n".encode())
+    return h.hexdigest()

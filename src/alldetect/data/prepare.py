@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from alldetect.config import DATA_ENV, Config
-from alldetect.data.demo import is_demo_data, make_demo_data
+from alldetect.data.demo import is_demo_data, is_stopped_build, make_demo_data
 from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
 from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
@@ -30,7 +30,8 @@ def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
 
     Built in a temporary folder beside `root` and renamed into place, so that runs started together on a fresh
     checkout (tuning workers, a fold per process) never read a half-written image: the first complete build
-    wins, the others are discarded. A folder left by a killed build (no README yet) is replaced."""
+    wins, the others are discarded. A folder left by a killed `alldetect demo-data` (its building marker, no README
+    yet) is replaced; any other folder in the way is an error, never removed."""
     root = Path(root)
     if is_demo_data(root):
         return root
@@ -46,8 +47,12 @@ def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
                 os.rename(building, root)  # atomic; refused while root exists and is not empty
                 break
             except OSError:
-                if root.exists() and not is_demo_data(root):  # a killed build's leftovers
+                if is_stopped_build(root):  # a killed `alldetect demo-data` left it; never a folder of the user's
                     shutil.rmtree(root, ignore_errors=True)
+                elif root.exists() and not is_demo_data(root):
+                    raise UserError(f"{root} exists and holds no demo data of alldetect's (nor a stopped build of "
+                                    "them): it is left as it is. Move it away to build the demo data there, or "
+                                    f"configure your data set (data.root=DIR or {DATA_ENV})") from None
         else:
             raise UserError(f"could not put the demo data in place at {root}: remove that folder and try again")
     finally:

@@ -5,7 +5,8 @@ keep their features for `ensemble --oof correct=knn`, or to score a TTA mode out
 Each fold run's model is rebuilt from its best.pt alone (architecture, dropout, input size and crop come from the
 config inside it) and writes, beside the checkpoint:
   pred_<NAME>.csv   path, prob_all (softmax of `all`, averaged over the TTA views), label and subject where known
-  pred_<NAME>.json  the data root and fingerprint, layout, TTA and checkpoint epoch: what `ensemble` checks
+  pred_<NAME>.json  the data root, fingerprint and content digest, layout, TTA and checkpoint: what `ensemble`
+                    checks; with the SHA-256 of the CSV (and features) it describes (RunDir.write_predictions)
   feat_<NAME>.npz   with features=true: `paths` and `features`, each image's pre-logit features (averaged over
                     the TTA views), which `ensemble ... correct=knn` finds neighbours with
 """
@@ -13,7 +14,6 @@ config inside it) and writes, beside the checkpoint:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import re
@@ -27,10 +27,9 @@ import pandas as pd
 import torch
 
 from alldetect import __version__
-from alldetect.atomic import atomic_path, write_csv, write_text
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.duplicates import ContentIndex
-from alldetect.data.images import drop_bad_images, fingerprint
+from alldetect.data.images import content_digest, drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest, find_images
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
@@ -46,6 +45,7 @@ TTA_VIEWS = {"none": 1, "flip": 2, "d8": 8, "rot8": 8, "rot16": 16}
 TTA_MODES = tuple(TTA_VIEWS)
 OOF_NAME = "oof"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX = 200  # characters: pred_<NAME>.json, submissions/<NAME>/ and their temporary files stay within 255 bytes
 OPTIONS = {
     "tta": ("none", choice(*TTA_MODES)),
     "batch_size": (64, at_least(1)),
@@ -61,7 +61,8 @@ class HeldOutData:
 
     root: Path
     manifest: pd.DataFrame
-    fingerprint: str
+    fingerprint: str  # names and sizes (what fold files record)
+    content: str  # names and the SHA-256 of every file (content_digest): what `ensemble` compares
 
     @property
     def labelled(self) -> bool:
@@ -100,6 +101,9 @@ def check_name(name: str) -> str:
     if not name or not NAME_RE.match(name):
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes a file name), "
                         "e.g. --name prelim")
+    if len(name) > NAME_MAX:
+        raise UserError(f"--name {name[:20]}... is {len(name)} characters long: use at most {NAME_MAX} (it becomes "
+                        "part of file names), e.g. --name prelim")
     return name
 
 
@@ -110,8 +114,8 @@ def load_held_out(data: str | Path) -> HeldOutData:
     manifest, _ = drop_bad_images(manifest, root, skip_bad=False, hint=(
         "or move them out of the folder: every image of a held-out set gets a prediction, so predict has no "
         "--skip-bad"))
-    digest, _ = fingerprint(root, manifest["path"].tolist())
-    return HeldOutData(root, manifest, digest)
+    paths = manifest["path"].tolist()
+    return HeldOutData(root, manifest, fingerprint(root, paths)[0], content_digest(root, paths))
 
 
 def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: torch.device) -> dict:
@@ -133,24 +137,24 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
         probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})",
                                  views=tta_views(opts["tta"], dev))
     seconds = time.perf_counter() - start
-    if tap is not None:
-        with atomic_path(files.feat(name)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, paths=m["path"].to_numpy(str), features=tap.features(TTA_VIEWS[opts["tta"]]))
-    else:  # features of an earlier prediction of this name may be of other images: never leave them beside these
-        files.feat(name).unlink(missing_ok=True)
+    broken = ~np.isfinite(probs).all(axis=1)
+    if broken.any():  # finite weights (checked when loading) that still overflow: never write them
+        raise UserError(f"{run}'s model gave no probability (NaN or infinite) for {int(broken.sum())} image(s) of "
+                        f"{data.root} ({short_list(m['path'][broken], 3)}): its best.pt's weights overflow on these "
+                        "images; nothing was written for it. Retrain the run (overwrite=true)")
+    features = (m["path"].to_numpy(str), tap.features(TTA_VIEWS[opts["tta"]])) if tap is not None else None
     frame = pd.DataFrame({"path": m["path"], "prob_all": probs[:, 1].round(6)})
     if data.labelled:
         frame["label"] = m["label"].to_numpy()
     if data.subjects_known:
         frame["subject"] = m["subject"].to_numpy()
-    write_csv(files.pred(name), frame)
     about = {"name": name, "run": str(run), "arch": meta.config.arch, "epoch": meta.progress.epoch,
-            "data_root": str(data.root), "data_fingerprint": data.fingerprint,
-            "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
-            "checkpoint_saved_at": meta.saved_at,
-            "tta": opts["tta"], "features": opts["features"], "input_size": size, "crop": crop,
-            "made_by": f"alldetect {__version__}"}
-    write_text(files.pred_meta(name), json.dumps(about, indent=2) + "\n")
+             "data_root": str(data.root), "data_fingerprint": data.fingerprint, "data_content": data.content,
+             "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
+             "checkpoint_saved_at": meta.saved_at,
+             "tta": opts["tta"], "features": opts["features"], "input_size": size, "crop": crop,
+             "made_by": f"alldetect {__version__}"}
+    files.write_predictions(name, frame, about, features)  # a checked pair: see RunDir.write_predictions
     if name != OOF_NAME:
         _warn_if_trained_on(run, meta, data)
     row = {"run": str(run), "images": len(m), "tta": opts["tta"], "seconds": round(seconds, 1),
@@ -208,4 +212,6 @@ def own_validation_images(run: Path, meta: RunMeta, data: str | None) -> HeldOut
         source_layout=f"validation images of {run.name}")
     if "subject" not in manifest:
         manifest["subject"] = manifest["path"]
-    return HeldOutData(root.resolve(), manifest.reset_index(drop=True), fingerprint(root, manifest["path"].tolist())[0])
+    paths = manifest["path"].tolist()
+    return HeldOutData(root.resolve(), manifest.reset_index(drop=True), fingerprint(root, paths)[0],
+                       content_digest(root, paths))

@@ -54,7 +54,7 @@ def _prepare_on_main(cfg: Config, run_dir: RunDir) -> Checkpoint | None:
         raise UserError(f"cannot resume {run_dir}: its last.pt is gone (it holds {', '.join(results)}). Start "
                         "over with overwrite=true (or choose another runs_dir=)")
     check_writable(run_dir.path, "the run folder")
-    for stale_tmp in run_dir.path.glob(".*.tmp"):  # left by a process killed while writing a checkpoint
+    for stale_tmp in run_dir.stale_temporary_files():  # left by a process killed while writing a checkpoint
         stale_tmp.unlink()
     if cfg.resume and last.is_file():
         return load_checkpoint(last)

@@ -16,27 +16,38 @@ runs/<arch>/fold<k>/      a fold run (runs/<arch>/full: one final model trained 
 
 Checkpoints are written atomically and read with `weights_only=True`, so that a file can never run code. Their
 metadata is versioned (SCHEMA_VERSION): checkpoints of older versions are read and upgraded here; a newer one is
-refused with a clear message.
+refused with a clear message. Every read checks the file first (once per file and process): the CRC-32 of each
+record of the zip archive torch.save writes (a damaged block of the disk or a partly overwritten file), and that
+the weights are finite (a NaN or infinite weight would give NaN probabilities everywhere downstream).
+
+A prediction is a pair, written by `write_predictions` and read by `read_predictions` / `read_pred_meta`: the old
+pred_<NAME>.json is removed before anything else is written, and the new one records the SHA-256 of the CSV (and
+of feat_<NAME>.npz) it describes, so that a reader can tell the files belong together and refuses them otherwise
+(a predict killed half-way never lets new probabilities pass for the old data).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from alldetect.atomic import atomic_path, write_csv
+from alldetect.atomic import atomic_path, file_sha256, write_csv, write_text
 from alldetect.config import Config, validate
 from alldetect.data.folds import fold_file_root
 from alldetect.errors import UserError, short_list
@@ -46,6 +57,8 @@ SCHEMA_VERSION = 2  # 0: before select= (cannot be resumed); 1: one flat dict; 2
 OOF_COLUMNS = ("path", "subject", "label", "prob_all", "pred", "fold")
 PRED_COLUMNS = ("path", "prob_all")  # + label, subject where the images' layout says them
 TENSORS = ("model", "optimizer", "ema", "scaler")
+PREDICTION_FILE_RE = re.compile(r"^(pred_.+\.(csv|json)|feat_.+\.npz)$")
+TEMPORARY_RE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")  # what atomic_path's mkstemp names
 
 
 class Progress(BaseModel):
@@ -128,12 +141,16 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> Checkpoint:
-    """mmap=True maps the weights instead of reading them: cheap when only the metadata are needed."""
+    """mmap=True maps the weights instead of reading them: cheap when only the metadata are needed (the file's
+    checksums and weights are still checked, once per file and process)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train the run first (./train.sh ARCH FOLD)")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is truncated or foreign
         raise UserError(f"cannot read checkpoint {path}: damaged or not a checkpoint (not a PyTorch archive)")
+    identity = _identity(path)
+    if identity not in _VERIFIED:
+        _check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -145,12 +162,64 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
         raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): {str(e)[:200]}") from None
     if not isinstance(state, dict) or "model" not in state or not ("meta" in state or "config" in state):
         raise UserError(f"{path} is not an alldetect checkpoint (no model weights and metadata inside)")
-    return Checkpoint(_read_meta(state, path), state["model"], state.get("optimizer"), state.get("ema"),
+    if not isinstance(state["model"], dict):
+        raise UserError(f"{path} is not an alldetect checkpoint (its weights are not a state dict)")
+    ckpt = Checkpoint(_read_meta(state, path), state["model"], state.get("optimizer"), state.get("ema"),
                       state.get("scaler"), path=path)
+    if identity not in _VERIFIED:
+        _check_finite(ckpt, path)
+        _VERIFIED.add(identity)
+    return ckpt
+
+
+# Checkpoints whose archive and weights were checked by this process: (device, inode, size, mtime, ctime). A file
+# rewritten in place gets another mtime; an atomic rewrite another inode.
+_VERIFIED: set[tuple[int, ...]] = set()
+_DAMAGED = "retrain the run (overwrite=true) or restore the file from a backup"
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _check_archive(path: Path) -> None:
+    """The CRC-32 of every record of the zip archive: torch.load itself reads a record without checking it, so a
+    block of zeros in the middle of the weights would load as weights (about 0.1 s per 250 MB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise UserError(f"cannot read checkpoint {path}: damaged ({str(e)[:200]}); {_DAMAGED}") from None
+    if bad is not None:
+        raise UserError(f"checkpoint {path} is damaged: the checksum of its record {bad} does not match its "
+                        f"contents (a corrupted or partly overwritten file); {_DAMAGED}")
+
+
+def _check_finite(ckpt: Checkpoint, path: Path) -> None:
+    """Refuse NaN or infinite weights (of the model, and of the moving average in last.pt): the network would
+    answer NaN for every image."""
+    for part, weights in (("model", ckpt.model), ("ema", ckpt.ema)):
+        for key, value in (weights.items() if isinstance(weights, dict) else ()):
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()):
+                continue
+            # fast (0.05 s per 250 MB): a NaN or infinity anywhere makes the sum one; a sum that overflows is
+            # checked value by value
+            total = float(value.sum(dtype=torch.float32) if value.element_size() < 4 else value.sum())
+            if math.isfinite(total) or bool(torch.isfinite(value).all()):
+                continue
+            bad = int((~torch.isfinite(value)).sum())
+            where = f"{key}" if part == "model" else f"{key} of the moving average"
+            raise UserError(f"checkpoint {path} holds non-finite weights: {bad} of the {value.numel()} values of "
+                            f"{where} are NaN or infinite, so the network would answer NaN for every image. The run "
+                            f"diverged or the file is damaged; {_DAMAGED}")
 
 
 def _read_meta(state: dict, path: Path) -> RunMeta:
     raw = state["meta"] if "meta" in state else _upgrade_flat(state)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not an alldetect checkpoint (its metadata are a {type(raw).__name__}, not a "
+                        "dictionary of settings)")
     version = raw.get("version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise UserError(f"{path} was written by a newer alldetect (checkpoint schema {version}; this version reads "
@@ -223,17 +292,26 @@ class RunDir:
         """The files that make the folder a run (what a plain rerun must never replace), with pred_*."""
         if not self.path.is_dir():
             return []
-        named = {p.name for p in self._result_files()}
-        return [p.name for p in sorted(self.path.iterdir()) if p.name in named or p.name.startswith("pred_")]
+        named = {p.name for p in self._result_files()} | {p.name for p in self.prediction_files()}
+        return [p.name for p in sorted(self.path.iterdir()) if p.name in named]
 
     def remove_results(self) -> None:
-        """overwrite=true: the run's files and config.yaml, its predictions (of the model being replaced) and
-        W&B files."""
-        for p in (*self._result_files(), self.config):
+        """overwrite=true: the run's files and config.yaml, its predictions and features (of the model being
+        replaced) and W&B files; nothing else in the folder."""
+        for p in (*self._result_files(), self.config, *self.prediction_files()):
             p.unlink(missing_ok=True)
-        for old in self.path.glob("pred_*"):
-            old.unlink()
         shutil.rmtree(self.wandb, ignore_errors=True)
+
+    def prediction_files(self) -> list[Path]:
+        """What `predict` wrote here: pred_<NAME>.csv and .json, feat_<NAME>.npz."""
+        return sorted(p for p in self.path.glob("*_*.*") if PREDICTION_FILE_RE.match(p.name))
+
+    def stale_temporary_files(self) -> list[Path]:
+        """Temporary files of this run's own files (.<file>.XXXXXXXX.tmp, see alldetect.atomic) that a process
+        killed while writing left behind; a user's other hidden files are not among them."""
+        own = {p.name for p in (*self._result_files(), self.config)}
+        return [p for p in self.path.glob(".*.tmp")
+                if (m := TEMPORARY_RE.match(p.name)) and (m.group(1) in own or PREDICTION_FILE_RE.match(m.group(1)))]
 
     def load_best(self, mmap: bool = False) -> Checkpoint:
         return load_checkpoint(self.best, mmap=mmap)
@@ -249,19 +327,79 @@ class RunDir:
             raise UserError(f"{self.path} has no oof.csv, the out-of-fold predictions of its validation images: {why}")
         return read_checked_csv(self.oof, {"path", "label", "prob_all", "fold"}, "out-of-fold predictions")
 
+    def write_predictions(self, name: str, frame: pd.DataFrame, record: dict,
+                          features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """pred_<name>.csv and pred_<name>.json as a pair, and feat_<name>.npz (paths, features) with `features`
+        (else an older one is removed: it may be of other images). The old JSON goes first, so that a write killed
+        half-way leaves predictions without a record (refused by every reader), never new predictions beside an
+        old record; the new record holds the SHA-256 of each file it describes."""
+        self.pred_meta(name).unlink(missing_ok=True)
+        record = dict(record)
+        if features is not None:
+            paths, values = features
+            with atomic_path(self.feat(name)) as tmp, open(tmp, "wb") as f:
+                np.savez(f, paths=paths, features=values)
+            record["features_sha256"] = file_sha256(self.feat(name))
+        else:
+            self.feat(name).unlink(missing_ok=True)
+        write_csv(self.pred(name), frame)
+        record["csv_sha256"] = file_sha256(self.pred(name))
+        write_text(self.pred_meta(name), json.dumps(record, indent=2) + "\n")
+
     def read_predictions(self, name: str) -> pd.DataFrame:
+        """pred_<name>.csv, after checking that it is the file its pred_<name>.json describes."""
+        self.read_pred_meta(name)
         return read_checked_csv(self.pred(name), set(PRED_COLUMNS), "prediction CSV")
 
     def read_pred_meta(self, name: str) -> dict:
-        """pred_<name>.json: which data, layout, TTA and checkpoint the predictions are of."""
-        path = self.pred_meta(name)
+        """pred_<name>.json: which data, layout, TTA and checkpoint the predictions are of, checked to describe the
+        pred_<name>.csv beside it."""
+        path, csv = self.pred_meta(name), self.pred(name)
+        rerun = f"rerun `{predict_command_for(self.path, name)}`"
         if not path.is_file():
-            raise UserError(f"{path} is missing (it records which data the predictions are of); rerun "
-                            "`alldetect predict`")
+            raise UserError(f"{path} is missing (it records which data the predictions are of, and a predict "
+                            f"stopped half-way leaves none); {rerun}")
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e}); rerun `alldetect predict`") from None
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}); {rerun}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} holds a JSON {type(record).__name__}, not the record `alldetect predict` "
+                            f"writes; {rerun}")
+        if not isinstance(record.get("csv_sha256"), str):
+            raise UserError(f"{path} does not record the digest of {csv.name} (written by an older alldetect, or by "
+                            f"hand), so it cannot be told to describe that file; {rerun}")
+        if csv.is_file() and file_sha256(csv) != record["csv_sha256"]:
+            raise UserError(f"{csv} is not the file {path.name} describes (its SHA-256 differs: a predict was "
+                            f"stopped half-way, or one of the two was replaced or edited); {rerun}")
+        return record
+
+    def read_features(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """feat_<name>.npz: (paths, features: images x features), checked to be the file pred_<name>.json
+        describes, of one row per path, and finite."""
+        path = self.feat(name)
+        rerun = f"rerun `{predict_command_for(self.path, name, features=True)}`"
+        if not path.is_file():
+            raise UserError(f"correct=knn needs each run's features, and {path} is missing: run "
+                            f"`{predict_command_for(self.path, name, features=True)}` first")
+        record = self.read_pred_meta(name)
+        if record.get("features_sha256") != file_sha256(path):
+            raise UserError(f"{path} is not the file {self.pred_meta(name).name} describes (made by another predict, "
+                            f"or replaced since); {rerun}")
+        try:
+            with np.load(path) as z:
+                paths, features = z["paths"].astype(str), z["features"]
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:120]}); {rerun}") from None
+        if features.ndim != 2 or len(paths) != len(features):
+            raise UserError(f"{path} holds {len(paths)} paths but features of shape {features.shape}; {rerun}")
+        if not np.issubdtype(features.dtype, np.number):
+            raise UserError(f"{path} holds features of type {features.dtype}, not numbers; {rerun}")
+        bad = ~np.isfinite(features).all(axis=1)
+        if bad.any():
+            raise UserError(f"{path}: the features of {int(bad.sum())} image(s) are NaN or infinite "
+                            f"({short_list(paths[bad], 3)}), so no neighbours can be found for them; {rerun}")
+        return paths, features
 
     def read_history(self) -> pd.DataFrame:
         return read_checked_csv(self.history, {"epoch", "train_loss"}, "training history")
@@ -271,6 +409,13 @@ class RunDir:
         table = rows[["path", "subject", "label"]].assign(
             prob_all=probs[:, 1].round(6), pred=(probs[:, 1] >= 0.5).astype(int), fold=fold)
         write_csv(self.inner if inner else self.oof, table[list(OOF_COLUMNS)])
+
+
+def predict_command_for(run: Path, name: str, features: bool = False) -> str:
+    """The command that makes a run's predictions of this name again."""
+    if name == "oof":
+        return f"alldetect predict {run} --oof" + (" features=true" if features else "")
+    return f"alldetect predict {run} --data DIR --name {name}" + (" features=true" if features else "")
 
 
 def read_checked_csv(path: Path, need: set[str], what: str) -> pd.DataFrame:
