@@ -56,11 +56,13 @@ def oof_frame(paths, labels, probs, fold: int, subjects=None) -> pd.DataFrame:
 
 
 def write_predictions(run: Path, name: str, paths, probs, labels=None, fingerprint: str = "data1",
-                      tta: str = "none", data_root: str = "/data/test") -> None:
+                      tta: str = "none", data_root: str = "/data/test", subjects=None) -> None:
     """pred_<name>.csv and .json as `predict` writes them; `fingerprint` stands for the images' content digest."""
     frame = pd.DataFrame({"path": list(paths), "prob_all": list(probs)})
     if labels is not None:
         frame["label"] = list(labels)
+    if subjects is not None:
+        frame["subject"] = list(subjects)
     meta = {"name": name, "run": str(run), "data_root": data_root, "data_fingerprint": fingerprint,
             "data_content": fingerprint, "layout": "unlabelled", "tta": tta}
     RunDir(run).write_predictions(name, frame, meta)

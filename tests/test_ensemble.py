@@ -458,7 +458,8 @@ def test_one_fold_out_of_fold_scores_with_default_options_leave_out_what_needs_t
     assert main(["ensemble", f"{a.relative_to(workdir)}/fold0", "--oof"]) == 0
     captured = capsys.readouterr()
     assert "error" not in captured.err  # it named calibrate=temperature, an option never given, and stopped
-    assert ("not compared: weights=equal calibrate=temperature, weights=equal calibrate=isotonic (they fit something "
+    assert ("not compared: weights=equal calibrate=temperature, weights=equal calibrate=isotonic, weights=equal "
+            "prior=em, weights=equal prior=bbse (they fit something "
             "on the out-of-fold predictions, so they need out-of-fold predictions of two or more folds)") in captured.out
     assert main(["ensemble", f"{a.relative_to(workdir)}/fold0", "--oof", "calibrate=platt"]) == 2
     assert "weights=equal calibrate=platt threshold=0.5 with --oof needs" in capsys.readouterr().err

@@ -424,9 +424,7 @@ def test_people_table_shows_each_persons_mean_probability_and_a_person_wrong_as_
     # a labelled held-out set scored by `ensemble --name`: its people, on the page too
     for k in range(3):
         write_predictions(folder / f"fold{k}", "other", ["1.bmp", "2.bmp", "3.bmp", "4.bmp"], [0.9, 0.8, 0.3, 0.6],
-                          labels=[0, 0, 1, 1])
-        pred = folder / f"fold{k}" / "pred_other.csv"
-        pd.read_csv(pred).assign(subject=["H7", "H7", "8", "8"]).to_csv(pred, index=False)
+                          labels=[0, 0, 1, 1], subjects=["H7", "H7", "8", "8"])
     ensemble_command(["runs/proposed"], oof=False, name="other")
     readme = (report_command(data=str(tiny_demo), device=None)["folder"] / "README.md").read_text()
     above = readme[:readme.index("`submissions/other.csv` per person, worst first")].strip()  # the table above it
