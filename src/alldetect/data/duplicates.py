@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from alldetect.atomic import file_sha256
 from alldetect.errors import short_list
 
 SLICE = 1 << 16
@@ -25,8 +26,7 @@ def _slice_digest(path: Path) -> str:
 
 
 def _full_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_sha256(path)  # hashlib.file_digest would need Python 3.11; alldetect supports 3.10
 
 
 class ContentIndex:
