@@ -33,9 +33,8 @@ def index_command(root: str) -> str:
     lines += ["image sizes:", sizes.rename("images").to_string(), ""]
     if len(good):
         background = inspect_background(root, good["path"].tolist())
-        fill = "black" if background.border == "black" else "a reflection of the image"
         lines += [f"background: {background.describe()}; with aug.border=auto, training rotations fill the "
-                  f"corners with {fill}", ""]
+                  f"corners with {background.fill}", ""]
     bad = frame[frame["problem"] != ""]
     if len(bad):
         lines += [f"{len(bad)} unusable image(s) (leave them out with --skip-bad):"]

@@ -33,6 +33,11 @@ class Background:
         """How rotations should fill the corners they uncover."""
         return "black" if self.kind == "black" else "reflect"
 
+    @property
+    def fill(self) -> str:
+        """The border in words, for the messages that say what rotations will do."""
+        return "black" if self.border == "black" else "a reflection of the image"
+
     def describe(self) -> str:
         what = ("segmented cells on black, as C-NMC's" if self.kind == "black"
                 else "full-frame images (cells on a smear, not on black)")

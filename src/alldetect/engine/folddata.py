@@ -121,7 +121,6 @@ def resolve_border(cfg: Config, folds: FoldFile, train_rows: pd.DataFrame) -> Au
     if not cfg.aug.rotate or cfg.aug.border != "auto":
         return cfg.aug
     background = inspect_background(folds.data_root, train_rows["path"].tolist(), cfg.data.crop)
-    fill = "black" if background.border == "black" else "a reflection of the image"
     log.info("rotations fill the corners they uncover with %s (aug.border=auto; set aug.border=black or reflect to "
-             "choose): %s", fill, background.describe())
+             "choose): %s", background.fill, background.describe())
     return cfg.aug.model_copy(update={"border": background.border})
