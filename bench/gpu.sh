@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU benchmark, for a lent GPU machine (a bare image with PyTorch, timm and OpenCV, and no network):
-#   1. data pipeline images/s at 300 x 300 (naive / uncached / cached), 2 and 8 loader workers
-#   2. training and inference images/s of the five architectures, optimised (channels_last + bf16 AMP)
-#      against plain fp32 NCHW, at each config's batch size
-#   3. a real training run of ResNet50 at 224 (cache + GPU augmentation): images/s and data-wait share
-# Writes everything to ${OUT:-bench/results}/gpu.txt. About 5 minutes on one H100 or H200.
-# Missing Python packages travel as wheels in .whl/ (albumentations, pydantic, ...: see the README).
+# The GPU benchmark, for a lent GPU machine (a bare image with PyTorch, timm and OpenCV, and no network), in one
+# call of about 7 minutes:
+#   1. `alldetect bench models`: training and inference images/s of the five architectures, plain fp32 NCHW eager
+#      against bf16, channels_last, torch.compile and CUDA graphs, at each config's batch and at a batch that fills
+#      the card; a verdict line per architecture against issue 24's goals and the settings its config should hold
+#      (compiled settings only while BUDGET seconds are not spent: compiling takes tens of seconds a graph)
+#   2. real training runs on demo data (decode-once cache, GPU augmentation, as ./train.sh runs them): ResNet50 at
+#      224 and the proposed network at 300: images/s and the share of each epoch spent waiting for data
+# Writes everything to ${OUT:-bench/results}/gpu.txt as it goes (a run stopped at its limit keeps what it measured).
+# Missing Python packages travel as wheels in .whl/ (albumentations and pydantic and their needs: bench/README.md).
+# A dry run on a CPU: MODELS=resnet18 BUDGET=0 EPOCHS=2 SIZE=64 P_SIZE=64 PER_SUBJECT=10 R50_BATCH=16 bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -20,35 +24,48 @@ else
   export PYTHONPATH=$PWD/src
 fi
 ad() { python3 -m alldetect "$@"; }
+say() { echo "[gpu.sh $((SECONDS - start)) s] $*" | tee -a "$log"; }
+start=$SECONDS
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: no GPU"
   python3 -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__, '| cpus', __import__('os').cpu_count())"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
 } | tee -a "$log"
+workers=$(( $(nproc) > 13 ? 12 : $(nproc) - 1 ))
 
-start=$SECONDS
-# Smaller settings for a dry run on a CPU: PER_SUBJECT=4 IMAGES=64 MODELS=resnet18 EPOCHS=1 SIZE=64 bench/gpu.sh
-ad demo-data data/bench-demo --subjects 24 --per-subject "${PER_SUBJECT:-300}" --seed 0 >/dev/null  # 7,200 cells
-echo "[gpu.sh] demo data in $((SECONDS - start)) s" | tee -a "$log"
+# demo data for the real runs, made on the CPUs while the GPU benchmark runs (9,600 cells)
+ad demo-data data/bench-demo --subjects 24 --per-subject "${PER_SUBJECT:-400}" --seed 0 > /tmp/demo.log 2>&1 &
+demo=$!
 
-for workers in 2 8; do
-  ad bench pipeline --data data/bench-demo --images "${IMAGES:-1200}" --workers "$workers" --out "$log" \
-    --cache-dir /tmp/cache
-done
 # shellcheck disable=SC2086
-ad bench models ${MODELS:-} ${MODELS:+--max-batch 2 --steps 1} --out "$log"
+ad bench models ${MODELS:-} --budget "${BUDGET:-240}" --out "$log" 2>&1 | grep -v "^models\|^ \|^speedup\|^verdict" || true
+say "models done"
+wait "$demo" || { cat /tmp/demo.log; exit 1; }
 
-ad train resnet50 fold0 data.root=data/bench-demo data.k=5 data.cache=true data.cache_dir=/tmp/cache \
-  augment_on=gpu input_size="${SIZE:-224}" batch_size=128 epochs="${EPOCHS:-4}" data.num_workers=8 wandb=off runs_dir=/tmp/gpu-runs \
-  folds_dir=/tmp/gpu-folds overwrite=true 2>&1 | tail -8 | tee -a "$log"
-python3 - "$log" <<'PY'
+real_run() {  # ARCH SIZE BATCH EXTRA...: one fold of ./train.sh's training, its steady epochs summarised
+  local arch=$1 size=$2 batch=$3; shift 3
+  ad train "$arch" fold0 data.root=data/bench-demo data.k=5 data.cache=true data.cache_dir=/tmp/cache \
+    augment_on=gpu input_size="$size" batch_size="$batch" epochs="${EPOCHS:-6}" data.num_workers="$workers" \
+    wandb=off runs_dir=/tmp/gpu-runs folds_dir=/tmp/gpu-folds overwrite=true "$@" > "/tmp/train-$arch.log" 2>&1 \
+    || { tail -20 "/tmp/train-$arch.log" | tee -a "$log"; return 0; }
+  grep " epoch " "/tmp/train-$arch.log" | tail -"${EPOCHS:-6}" | tee -a "$log"
+  python3 - "$log" "$arch" "$size" "$batch" "$*" <<'PY'
 import sys, pandas as pd
-h = pd.read_csv("/tmp/gpu-runs/resnet50/fold0/history.csv")
-steady = h.iloc[1:]  # the first epoch warms up cuDNN and the loader workers
-line = (f"resnet50 224 training, batch 128, cache + gpu augmentation: {steady['images_per_s'].mean():.0f} images/s, "
-        f"data wait {steady['data_wait'].mean():.1%} of the epoch (epochs 2-{len(h)})")
+log, arch, size, batch, extra = sys.argv[1:]
+h = pd.read_csv(f"/tmp/gpu-runs/{arch}/fold0/history.csv")
+steady = h.iloc[1:]  # the first epoch compiles and warms up cuDNN and the loader workers
+line = (f"real run {arch} {size} px, batch {batch}, cache + gpu augmentation, {extra or 'config settings'}: "
+        f"{steady['images_per_s'].mean():.0f} images/s, data wait {steady['data_wait'].mean():.1%} of the epoch "
+        f"(epochs 2-{len(h)}; first epoch {h['seconds'].iloc[0]:.0f} s, later {steady['seconds'].mean():.1f} s)")
 print(line)
-open(sys.argv[1], "a").write(line + "\n")
+open(log, "a").write(line + "\n")
 PY
-if [ $((SECONDS - start)) -lt 330 ]; then  # time left: what torch.compile adds for ResNet50
-  ad bench models resnet50 --compile --out "$log"
+}
+real_run resnet50 "${SIZE:-224}" "${R50_BATCH:-256}" compile=true
+say "resnet50 run done"
+if [ $((SECONDS - start)) -lt "${LATEST_PROPOSED:-420}" ]; then
+  real_run proposed "${P_SIZE:-300}" 32 compile=true compile_mode=reduce-overhead
+  [ -f /tmp/gpu-runs/proposed/fold0/history.csv ] || real_run proposed "${P_SIZE:-300}" 32 compile=false
+  say "proposed run done"
 fi
-echo "[gpu.sh] done in $((SECONDS - start)) s; tables in $log"
+echo; cat "$log" | grep -A100 "^models (images/s)" | grep -v "^\[gpu.sh"
+say "done; tables in $log"

@@ -83,7 +83,7 @@ def test_read_only_cached_rows_are_not_modified():
 @pytest.mark.parametrize("kind", ["pipeline", "models"])
 def test_bench_commands_print_a_headline_ratio(kind, tiny_demo, workdir, capsys):
     args = ["--data", str(tiny_demo), "--images", "24", "--workers", "1"] if kind == "pipeline" else \
-        ["resnet18", "--steps", "1", "--max-batch", "2"]
+        ["resnet18", "--max-batch", "2"]
     assert main(["bench", kind, *args, "--out", str(workdir / "bench.txt")]) == 0
     out = capsys.readouterr().out
     assert "speedup:" in out and "naive" in out if kind == "pipeline" else "train_plain" in out

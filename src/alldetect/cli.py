@@ -48,7 +48,7 @@ def _cache(a):
 def _bench(a):
     from alldetect.commands.bench import bench_command
 
-    print(bench_command(a.kind, a.data, a.images, a.workers, a.archs, a.steps, a.max_batch, a.compile, a.device,
+    print(bench_command(a.kind, a.data, a.images, a.workers, a.archs, a.budget, a.max_batch, not a.no_compile, a.device,
                         a.out, a.cache_dir))
 
 
@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=320, help="pipeline: images to use")
     s.add_argument("--workers", type=int, default=2, help="pipeline: loader workers")
     s.add_argument("--cache-dir", default="data/cache", help="pipeline: where the decoded-image cache goes")
-    s.add_argument("--steps", type=int, help="models: timed steps (default 20 on CUDA, 2 on the CPU)")
-    s.add_argument("--max-batch", type=int, help="models: cap on the config's batch size (default 8 on the CPU)")
-    s.add_argument("--compile", action="store_true", help="models: add torch.compile to the optimised settings")
+    s.add_argument("--budget", type=float, default=240.0,
+                   help="models: seconds after which no further compiled setting is started (compiling is slow)")
+    s.add_argument("--max-batch", type=int, help="models: cap on the batch size (default 1024 on CUDA, 8 on the CPU)")
+    s.add_argument("--no-compile", action="store_true", help="models: leave torch.compile and CUDA graphs out")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="also append the table to this file")
     s.set_defaults(func=_bench)

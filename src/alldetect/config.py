@@ -125,7 +125,9 @@ class Config(_Section):
     device: str = _role("runtime", "auto")  # auto | cpu | cuda | cuda:N
     amp: bool = _role("numerics", True)  # mixed precision on CUDA (bf16 where supported); always fp32 on the CPU
     channels_last: bool = _role("numerics", True)  # on CUDA
-    compile: bool = _role("runtime", False)  # torch.compile on CUDA
+    compile: bool = _role("runtime", False)  # torch.compile on CUDA (engine/accel.py); the arch configs say where it pays
+    # default | reduce-overhead (CUDA graphs: for small, launch-bound batches) | max-autotune-no-cudagraphs
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = _role("runtime", "default")
     augment_on: Literal["cpu", "gpu"] = _role("numerics", "cpu")  # gpu: flips/rotations/jitter on whole batches on the device
     max_batches: int = Field(0, ge=0)  # cap on training batches per epoch (smoke tests); 0 = all
     wandb: Literal["auto", "offline", "online", "off"] = _role("runtime", "auto")  # auto: $WANDB_MODE, else offline

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def bench_command(kind: str, data: str | None = None, images: int = 320, workers: int = 2, archs=None,
-                  steps: int | None = None, max_batch: int | None = None, compile_model: bool = False,
+                  budget: float = 240.0, max_batch: int | None = None, compile_model: bool = True,
                   device: str = "auto", out: str | None = None, cache_dir: str = "data/cache") -> str:
     if kind == "pipeline":
         from alldetect.bench import pipeline
@@ -17,7 +17,7 @@ def bench_command(kind: str, data: str | None = None, images: int = 320, workers
     else:
         from alldetect.bench import models
 
-        text = models.report(models.run(archs or None, device=device, steps=steps, max_batch=max_batch,
+        text = models.report(models.run(archs or None, device=device, max_batch=max_batch, budget=budget,
                                         compile_model=compile_model))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

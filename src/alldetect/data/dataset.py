@@ -120,8 +120,12 @@ class Loader(DataLoader):
 
     def __iter__(self):
         """As DataLoader's, but a UserError raised in a worker (an image that went bad) arrives as its own clear
-        message, not wrapped in the worker's traceback."""
-        iterator = super().__iter__()
+        message, not wrapped in the worker's traceback. The workers start (or, persistent, resume) fetching when
+        iter() is called, not at the first batch: training starts the next epoch's fetching before it validates."""
+        return self._batches(super().__iter__())
+
+    @staticmethod
+    def _batches(iterator):
         while True:
             try:
                 batch = next(iterator)

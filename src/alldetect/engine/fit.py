@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from alldetect.atomic import check_writable, write_csv
 from alldetect.config import Config, save_config
 from alldetect.data.folds import FoldFile
+from alldetect.engine.accel import compiled
 from alldetect.engine.distributed import Dist, init_distributed
 from alldetect.engine.folddata import EvalSet, fold_data
 from alldetect.engine.gpu_augment import BatchAugment
@@ -71,6 +72,7 @@ class Model:
     forward: nn.Module
     ema: Any = None  # timm ModelEmaV3
     use_ema: bool = True  # False with select=last: the average is kept up (in last.pt) but not evaluated or kept
+    averaged_forward: nn.Module | None = None  # the average compiled (compile=true on CUDA)
 
     @property
     def averaged(self) -> nn.Module | None:
@@ -79,7 +81,9 @@ class Model:
 
     @property
     def evaluated(self) -> nn.Module:
-        return self.forward if self.averaged is None else self.averaged
+        if self.averaged is None:
+            return self.forward
+        return self.averaged_forward if self.averaged_forward is not None else self.averaged
 
     def weights(self) -> dict:
         """What best.pt keeps: the averaged weights with ema=true (except with select=last: the final ones)."""
@@ -126,6 +130,8 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
     size = cfg.input_size or default_input_size(cfg.arch)
     data = fold_data(cfg, folds, fold, size, device, d)
     model = _build_model(cfg, size, device, d, dev)
+    compiling = cfg.compile and device.type == "cuda"
+    dev.graphs = compiling and cfg.compile_mode == "reduce-overhead"
     optimizer = create_optimizer(cfg, model.module)
     if d.main:
         check_free_space(cfg, model.module, run_dir)
@@ -161,7 +167,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                           model.ema.module.state_dict() if model.ema is not None else None,
                           updater.scaler.state_dict() if updater.scaler is not None else None)
 
-    stopped_early, exit_code = False, 1
+    stopped_early, exit_code, ahead = False, 1, None
     try:
         with stop_on_signals() as stop:
             for epoch in range(progress.epoch + 1, cfg.epochs):
@@ -174,11 +180,14 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                 if cfg.freeze_epochs:
                     set_frozen(model.module, epoch < cfg.freeze_epochs)
                 carry = partial if partial is not None and partial["epoch"] == epoch else None
-                data.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
+                if ahead is None or carry:
+                    data.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
+                    ahead = iter(data.train_loader)
+                batches, ahead = ahead, None
                 stats = train_one_epoch(model.forward, data.train_loader, updater, dev, epoch=epoch, seed=cfg.seed,
                                         updates_per_epoch=updates_per_epoch, max_batches=cfg.max_batches,
                                         augment_batch=augment, reduce=d.mean if d.enabled else None, stop=stop,
-                                        carry=carry, rank=d.rank,
+                                        carry=carry, rank=d.rank, batches=batches,
                                         desc=f"{cfg.arch} {run_name(fold)} epoch {epoch + 1}/{cfg.epochs}")
                 if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
                     if d.main:
@@ -186,11 +195,16 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                     raise StopRequested(
                         f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
                         f"{run_dir.last} holds it: continue with the same command and resume=true")
+                if epoch + 1 < cfg.epochs:  # the workers fetch the next epoch's first batches while this one validates
+                    data.sampler.set_epoch(epoch + 1)
+                    ahead = iter(data.train_loader)
                 outer_probs = metrics = inner_probs = inner = None
                 if data.outer is not None:
-                    outer_probs, metrics = _evaluate(model.evaluated, data.outer, dev, val_loss_fn, d, "validate")
+                    outer_probs, metrics = _evaluate(model.evaluated, data.outer, dev, val_loss_fn, d, "validate",
+                                                         static=compiling)
                 if data.inner is not None:
-                    inner_probs, inner = _evaluate(model.evaluated, data.inner, dev, val_loss_fn, d, "select")
+                    inner_probs, inner = _evaluate(model.evaluated, data.inner, dev, val_loss_fn, d, "select",
+                                                        static=compiling)
                 chosen = selector.chooses(epoch, inner if data.inner is not None else metrics, progress.best)
                 progress.epoch = epoch
                 if selector.curve is not None:
@@ -266,15 +280,18 @@ def _build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: Dev
     forward: nn.Module = module
     if d.enabled:
         forward = DistributedDataParallel(module, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    if cfg.compile and device.type == "cuda":
-        forward = torch.compile(forward)  # type: ignore[assignment]  # a callable module in all but its type
+    if cfg.compile:  # CUDA only (accel.compiled leaves a CPU model eager)
+        forward = compiled(forward, cfg.compile_mode, device)
     ema = None
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
         # timm's decay warm-up (1 - (1 + step) ** -2/3, capped at ema_decay) suits short runs as well as long ones
         ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
-    return Model(module, forward, ema, use_ema=cfg.select != "last")
+    model = Model(module, forward, ema, use_ema=cfg.select != "last")
+    if cfg.compile and model.averaged is not None:  # the average is what validation runs: compile it too
+        model.averaged_forward = compiled(model.averaged, cfg.compile_mode, device)
+    return model
 
 
 def _updater(cfg: Config, model: Model, optimizer, schedule: Schedule, class_weights, device, dev) -> Updater:
@@ -325,8 +342,9 @@ def _check_same_updates(meta: RunMeta, world: int, updates_per_epoch: int, run_d
                         "move its learning-rate schedule. Resume as it ran, or start over with overwrite=true")
 
 
-def _evaluate(model: nn.Module, which: EvalSet, dev: DeviceBatch, loss_fn, d: Dist, desc: str) -> tuple[np.ndarray, dict]:
-    probs, loss = predict_probs(model, which.loader, dev, loss_fn, desc=desc)
+def _evaluate(model: nn.Module, which: EvalSet, dev: DeviceBatch, loss_fn, d: Dist, desc: str,
+              static: bool = False) -> tuple[np.ndarray, dict]:
+    probs, loss = predict_probs(model, which.loader, dev, loss_fn, desc=desc, static=static)
     probs = d.gather_rows(which.order, probs, len(which.rows))
     metrics = score(which.rows["label"], probs[:, 1])
     metrics["loss"] = d.mean(loss)

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_seed
+from alldetect.engine.accel import pad_batch
 from alldetect.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class DeviceBatch:
         self.channels_last = channels_last and self.cuda
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.graphs = False  # the model runs as CUDA graphs (compile_mode=reduce-overhead): mark each step's start
         self.amp_dtype = None
         if amp and self.cuda:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -59,6 +61,39 @@ class DeviceBatch:
             x = augment(x.div_(255), seed)
             return (x - self.mean) / self.std
         return x.sub_(self.mean * 255).mul_(1 / (self.std * 255))
+
+    def ahead(self, batches):
+        """The loader's batches with each one's copy to the GPU issued on a side stream one batch early, so that
+        it overlaps the step before instead of queueing behind it (pinned memory makes the copy asynchronous).
+        On the CPU the batches pass through unchanged."""
+        if not self.cuda:
+            yield from batches
+            return
+        stream, pending = torch.cuda.Stream(self.device), None
+        for x, y, index in batches:
+            with torch.cuda.stream(stream):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+            if pending is not None:
+                yield self._arrived(*pending)
+            pending = (x, y, index, copied)
+        if pending is not None:
+            yield self._arrived(*pending)
+
+    @staticmethod
+    def _arrived(x, y, index, copied):
+        current = torch.cuda.current_stream()
+        current.wait_event(copied)
+        x.record_stream(current)  # the allocator must not reuse the copy's memory while this stream reads it
+        y.record_stream(current)
+        return x, y, index
+
+    def step_begin(self) -> None:
+        """A new training step or batch: CUDA graphs may reuse the last one's output memory (torch.compile's
+        reduce-overhead mode)."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -135,7 +170,7 @@ class Updater:
 
 def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch, *, epoch: int, seed: int,
                     updates_per_epoch: int, max_batches: int = 0, desc: str = "train", augment_batch=None,
-                    reduce=None, stop=None, carry: dict | None = None, rank: int = 0) -> dict:
+                    reduce=None, stop=None, carry: dict | None = None, rank: int = 0, batches=None) -> dict:
     """Train one epoch (or, with `carry` from a stopped run, the rest of it: the loader already skips the
     steps done). Returns the mean loss, images, seconds, the fraction of time spent waiting for data, and
     `completed`; with `completed` False (a stop was requested) also the sums needed to carry on later.
@@ -143,7 +178,8 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
     A stop is honoured only after a whole update (never inside an accumulation), so a resumed epoch starts on one.
     The loss is summed on the device and read every CHECK_EVERY updates, so the CPU queues work ahead instead of
     syncing each step; a NaN or infinite loss raises NonFiniteLoss then. `reduce` averages a number over
-    data-parallel ranks, so every rank sees the same loss and stop request and they act together."""
+    data-parallel ranks, so every rank sees the same loss and stop request and they act together. `batches`: the
+    loader's iterator when it was started early (fit starts the next epoch's before it validates)."""
     model.train()
     carry = carry or {"steps": 0, "loss_sum": 0.0, "images": 0, "seconds": 0.0, "wait": 0.0}
     first = carry["steps"]
@@ -157,7 +193,7 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
     updater.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, initial=first, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None)
-    for step, (x, y, _) in enumerate(loader, start=first):
+    for step, (x, y, _) in enumerate(dev.ahead(loader if batches is None else batches), start=first):
         if step >= n_batches:
             step -= 1
             break
@@ -166,6 +202,7 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
         torch.manual_seed(step_seed)  # dropout, GPU augmentation, mixup: functions of (seed, epoch, step, process)
         x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
         x, target = updater.targets(x, y, step_seed)
+        dev.step_begin()
         group_end = min(step - step % accum + accum, n_batches)
         boundary = step + 1 == group_end
         no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: no all-reduce inside an accumulation
@@ -203,16 +240,20 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
 
 @torch.inference_mode()
 def predict_probs(model: nn.Module, loader, dev: DeviceBatch, loss_fn=None, desc: str = "predict",
-                  views=None) -> tuple[np.ndarray, float]:
+                  views=None, static: bool = False) -> tuple[np.ndarray, float]:
     """Softmax probabilities (N x classes) in loader order, and the mean loss when labels and loss_fn are
-    given. `views` (test-time augmentation) maps a batch to a list of views whose softmax outputs are averaged."""
+    given. `views` (test-time augmentation) maps a batch to a list of views whose softmax outputs are averaged.
+    `static` (a compiled model): the last, shorter batch is padded to the loader's batch size, so that one
+    compiled graph serves every batch."""
     model.eval()
     probs, total_loss, n = [], 0.0, 0
+    pad_to = loader.batch_size if static else None
     for x, y, _ in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         x = dev.images(x)
+        dev.step_begin()
         with dev.autocast():
             batch_views = views(x) if views is not None else [x]
-            logits = [logits_of(model(v)).float() for v in batch_views]
+            logits = [logits_of(model(pad_batch(v, pad_to)))[:len(v)].float() for v in batch_views]
         p = torch.stack([torch.softmax(lg, dim=1) for lg in logits]).mean(0)
         if loss_fn is not None:
             total_loss += loss_fn(logits[0], y.to(dev.device)).item() * len(y)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from alldetect.config import Config
+from alldetect.engine.accel import fused_args
 from alldetect.errors import UserError
 
 log = logging.getLogger("alldetect")
@@ -32,6 +33,9 @@ def create_optimizer(cfg: Config, model: nn.Module):
     extra: dict[str, Any] = {"momentum": cfg.momentum} if cfg.optimizer in ("sgd", "momentum") else {}
     # timm's "sgd" is Nesterov SGD; the report's (Keras') SGD and `momentum` here are plain
     name = "momentum" if cfg.optimizer == "sgd" else cfg.optimizer
+    first = next(model.parameters(), None)
+    if first is not None:  # on a GPU: one fused kernel per update (engine/accel.py)
+        extra.update(fused_args(name, first.device))
     if cfg.lr_stages:
         return create_optimizer_v2(stage_groups(model, cfg.lr_stages, cfg.weight_decay), name, lr=cfg.lr,
                                    weight_decay=cfg.weight_decay, **extra)

@@ -31,6 +31,7 @@ from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.duplicates import ContentIndex
 from alldetect.data.images import content_digest, drop_bad_images, fingerprint
 from alldetect.data.layouts import NUMBERED_RE, build_manifest, find_images
+from alldetect.engine.accel import compiled
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs
@@ -45,6 +46,9 @@ TTA_VIEWS = {"none": 1, "flip": 2, "d8": 8, "rot8": 8, "rot16": 16}
 TTA_MODES = tuple(TTA_VIEWS)
 OOF_NAME = "oof"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Compiling a network for inference takes ~10-60 s (less from the compile cache); eager inference on a GPU runs
+# thousands of images a second. Below this many images x TTA views predict stays eager (bench/gpu.sh measures it)
+COMPILE_MIN_VIEWS = 50_000
 NAME_MAX = 200  # characters: pred_<NAME>.json, submissions/<NAME>/ and their temporary files stay within 255 bytes
 OPTIONS = {
     "tta": ("none", choice(*TTA_MODES)),
@@ -132,10 +136,13 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     dataset = CellDataset(data.root, m["path"], m["label"], crop, size)
     start = time.perf_counter()
     tap = FeatureTap(model) if opts["features"] else None
+    static = _compiles(meta.config, device, len(m) * TTA_VIEWS[opts["tta"]], tap is not None)
+    forward = compiled(model, meta.config.compile_mode, device) if static else model
+    dev.graphs = static and meta.config.compile_mode == "reduce-overhead"
     with make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
                      opts["num_workers"], device.type == "cuda") as loader, tap or nullcontext():
-        probs, _ = predict_probs(model, loader, dev, desc=f"{run} (tta={opts['tta']})",
-                                 views=tta_views(opts["tta"], dev))
+        probs, _ = predict_probs(forward, loader, dev, desc=f"{run} (tta={opts['tta']})",
+                                 views=tta_views(opts["tta"], dev), static=static)
     seconds = time.perf_counter() - start
     broken = ~np.isfinite(probs).all(axis=1)
     if broken.any():  # finite weights (checked when loading) that still overflow: never write them
@@ -163,6 +170,13 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
         s = score(m["label"], probs[:, 1])
         row.update({k: round(s[k], 4) for k in ("f1", "accuracy", "roc_auc")})
     return row
+
+
+def _compiles(cfg, device: torch.device, views: int, features: bool) -> bool:
+    """Whether predict compiles the network: where the run's config compiles it (compile=true, on CUDA), and
+    only for sets large enough to repay the compilation (COMPILE_MIN_VIEWS images x TTA views); never with
+    features=true (the feature tap's hooks would break the compiled graph)."""
+    return bool(cfg.compile) and device.type == "cuda" and not features and views >= COMPILE_MIN_VIEWS
 
 
 def _warn_if_trained_on(run: Path, meta: RunMeta, data: HeldOutData) -> None:
