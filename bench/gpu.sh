@@ -46,7 +46,8 @@ real_run() {  # ARCH SIZE BATCH EXTRA...: one fold of ./train.sh's training, its
   ad train "$arch" fold0 data.root=data/bench-demo data.k=5 data.cache=true data.cache_dir=/tmp/cache \
     augment_on=gpu input_size="$size" batch_size="$batch" epochs="${EPOCHS:-6}" data.num_workers="$workers" \
     wandb=off runs_dir=/tmp/gpu-runs folds_dir=/tmp/gpu-folds overwrite=true "$@" > "/tmp/train-$arch.log" 2>&1 \
-    || { tail -20 "/tmp/train-$arch.log" | tee -a "$log"; return 0; }
+    || { tail -20 "/tmp/train-$arch.log" | tee -a "$log"; cp "/tmp/train-$arch.log" "$out/failed-$arch-$#.log"; return 0; }
+  cp "/tmp/train-$arch.log" "$out/" 2>/dev/null || true
   grep " epoch " "/tmp/train-$arch.log" | tail -"${EPOCHS:-6}" | tee -a "$log"
   python3 - "$log" "$arch" "$size" "$batch" "$*" <<'PY'
 import sys, pandas as pd
