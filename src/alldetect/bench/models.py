@@ -127,6 +127,9 @@ def measure(arch: str, batch: int, device: torch.device, s: Setting, train: bool
         step, first = _timed(infer_step, cuda)
         out["infer"] = batch / step
         out["compile_s"] += max(first - step, 0.0)
+    if cuda:  # progress, so that a run stopped at its time limit still says what it measured
+        print(f"[bench] {arch} batch {batch} {s.name}: train {out['train']:.1f}, infer {out['infer']:.1f} images/s, "
+              f"first calls {out['compile_s']:.1f} s over a step", flush=True)
     return out  # the model, batch and optimiser go with this frame; run() empties the CUDA cache between settings
 
 
