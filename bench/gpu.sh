@@ -8,6 +8,9 @@
 #   2. real training runs on demo data (decode-once cache, GPU augmentation, as ./train.sh runs them): ResNet50 at
 #      224 and the proposed network at 300: images/s and the share of each epoch spent waiting for data
 # Writes everything to ${OUT:-bench/results}/gpu.txt as it goes (a run stopped at its limit keeps what it measured).
+# On an H100 (bench/h100-2026-11-28.txt) the eager part of 1. took 130-300 s, each compiled setting about a minute,
+# each real run 1.5-2 minutes: the whole does not fit one 10-minute call. PART=models or PART=runs runs one half
+# (each about 5 minutes with the default BUDGET=120 seconds of compiled settings); PART=all (the default) both.
 # Missing Python packages travel as wheels in .whl/ (albumentations and pydantic and their needs: bench/README.md).
 # A dry run on a CPU: MODELS=resnet18 BUDGET=0 EPOCHS=2 SIZE=64 P_SIZE=64 PER_SUBJECT=10 R50_BATCH=16 bench/gpu.sh
 set -euo pipefail
@@ -33,12 +36,19 @@ start=$SECONDS
 workers=$(( $(nproc) > 13 ? 12 : $(nproc) - 1 ))
 
 # demo data for the real runs, made on the CPUs while the GPU benchmark runs (9,600 cells)
-ad demo-data data/bench-demo --subjects 24 --per-subject "${PER_SUBJECT:-400}" --seed 0 > /tmp/demo.log 2>&1 &
-demo=$!
+part=${PART:-all}
+demo=
+if [ "$part" != models ]; then
+  ad demo-data data/bench-demo --subjects 24 --per-subject "${PER_SUBJECT:-400}" --seed 0 > /tmp/demo.log 2>&1 &
+  demo=$!
+fi
 
-# shellcheck disable=SC2086
-ad bench models ${MODELS:-} --budget "${BUDGET:-240}" --out "$log" 2>&1 | grep -v "^models\|^ \|^speedup\|^verdict" || true
-say "models done"
+if [ "$part" != runs ]; then
+  # shellcheck disable=SC2086
+  ad bench models ${MODELS:-} --budget "${BUDGET:-120}" --out "$log" 2>&1 | grep -v "^models\|^ \|^speedup\|^verdict" || true
+  say "models done"
+fi
+[ "$part" != models ] || { say "done (PART=models); tables in $log"; exit 0; }
 wait "$demo" || { cat /tmp/demo.log; exit 1; }
 
 real_run() {  # ARCH SIZE BATCH EXTRA...: one fold of ./train.sh's training, its steady epochs summarised

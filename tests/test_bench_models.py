@@ -44,9 +44,11 @@ def test_every_arch_gets_its_eager_settings_then_compiled_ones_in_order_of_telli
     assert r50.train_best == "graphs" and r50.train_x == pytest.approx(3.0) and r50.infer_x == pytest.approx(1000 / 300)
 
 
-def test_no_compiled_setting_starts_once_the_budget_is_spent(fake_gpu):
+def test_no_compiled_setting_starts_once_the_budget_is_spent(fake_gpu, capsys):
     table = models.run(["resnet50"], budget=0)
     assert not [t for t in fake_gpu if t[2] in ("compile", "graphs")]
+    assert "not measured (--budget 0 s spent): resnet50 graphs at batch 64, resnet50 compile at batch 256" in \
+        capsys.readouterr().out
     assert table.iloc[0].train_best == "bf16_cl" and "compile_train" not in table
 
 

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2, help="pipeline: loader workers")
     s.add_argument("--cache-dir", default="data/cache", help="pipeline: where the decoded-image cache goes")
     s.add_argument("--budget", type=float, default=240.0,
-                   help="models: seconds after which no further compiled setting is started (compiling is slow)")
+                   help="models: seconds of compiled settings (compile, CUDA graphs): none is started after them")
     s.add_argument("--max-batch", type=int, help="models: cap on the batch size (default 1024 on CUDA, 8 on the CPU)")
     s.add_argument("--no-compile", action="store_true", help="models: leave torch.compile and CUDA graphs out")
     s.add_argument("--device", default="auto")

@@ -46,9 +46,11 @@ TTA_VIEWS = {"none": 1, "flip": 2, "d8": 8, "rot8": 8, "rot16": 16}
 TTA_MODES = tuple(TTA_VIEWS)
 OOF_NAME = "oof"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Compiling a network for inference takes ~10-60 s (less from the compile cache); eager inference on a GPU runs
-# thousands of images a second. Below this many images x TTA views predict stays eager (bench/gpu.sh measures it)
-COMPILE_MIN_VIEWS = 50_000
+# Below this many images x TTA views predict stays eager even for a run with compile=true. Measured on an H100
+# (bench/h100-2026-11-28.txt): ResNet50 inference at batch 64 ran 11,141 images/s eager (bf16, channels_last) and
+# 18,272 with CUDA graphs, 35 microseconds saved an image, against tens of seconds of compiling (55 s for the
+# training and inference graphs together): it repays itself only from about half a million images.
+COMPILE_MIN_VIEWS = 500_000
 NAME_MAX = 200  # characters: pred_<NAME>.json, submissions/<NAME>/ and their temporary files stay within 255 bytes
 OPTIONS = {
     "tta": ("none", choice(*TTA_MODES)),
