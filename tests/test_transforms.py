@@ -86,7 +86,7 @@ def test_bench_commands_print_a_headline_ratio(kind, tiny_demo, workdir, capsys)
         ["resnet18", "--max-batch", "2"]
     assert main(["bench", kind, *args, "--out", str(workdir / "bench.txt")]) == 0
     out = capsys.readouterr().out
-    assert "speedup:" in out and "naive" in out if kind == "pipeline" else "train_plain" in out
+    assert "speedup:" in out and "naive" in out if kind == "pipeline" else "plain_train" in out and "train_x" in out
     assert "speedup:" in (workdir / "bench.txt").read_text()
 
 
