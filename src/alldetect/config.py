@@ -175,6 +175,14 @@ class Config(_Section):
             raise ValueError("give one positive learning rate per layer group, e.g. [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-2]")
         return value
 
+    @property
+    def resolved_input_size(self) -> int:
+        """The input size in pixels: input_size, else the architecture's natural one (proposed 300, inception_v3
+        299, timm models their pretrained configuration's)."""
+        from alldetect.models import default_input_size
+
+        return self.input_size or default_input_size(self.arch)
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.resume and self.overwrite:

@@ -7,7 +7,7 @@ import time
 import torch
 
 from alldetect.config import Config
-from alldetect.models import default_input_size, model_from_config
+from alldetect.models import model_from_config
 
 SPEED_BATCH, SPEED_STEPS = 8, 5  # images per timed batch, timed batches
 
@@ -17,7 +17,7 @@ def inference_speed(cfg: Config, device: torch.device) -> float:
     images, the fastest of SPEED_STEPS timed batches after one warm-up (the weights do not change the time).
     On the CPU on one thread: with several, a machine shared with other jobs gave anything from 3 to 170
     images/s for the same model (threads waiting for each other); one thread gives the same number each time."""
-    size = cfg.input_size or default_input_size(cfg.arch)
+    size = cfg.resolved_input_size
     torch.manual_seed(0)
     model = model_from_config(cfg).eval().to(device)
     x = torch.randn(SPEED_BATCH, 3, size, size, device=device)

@@ -45,7 +45,7 @@ def cache_command(arch: str, overrides: list[str], files: list[str] | None = Non
     cfg, _ = resolve_config(arch, overrides, files or [])
     folds = resolve_folds(cfg)
     print(data_line(cfg, folds), flush=True)
-    size = cfg.input_size or default_input_size(arch)
+    size = cfg.resolved_input_size
     cache = image_cache(folds.data_root, folds.table["path"].tolist(), cfg.data.crop, size, cfg.data.cache_dir)
     return (f"cache ready: {cache.file} ({len(cache.paths)} images at {size} x {size}, "
             f"{cache.file.stat().st_size / 2**20:.0f} MiB); train with data.cache=true")

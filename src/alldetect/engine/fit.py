@@ -36,7 +36,7 @@ from alldetect.engine.stopping import StopRequested, stop_on_signals
 from alldetect.errors import UserError
 from alldetect.locks import exclusive
 from alldetect.metrics import METRIC_NAMES, score
-from alldetect.models import create_model, default_input_size
+from alldetect.models import create_model
 from alldetect.tracking import Tracker, start_tracker
 
 log = logging.getLogger("alldetect")
@@ -127,7 +127,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
     dev = DeviceBatch(device, cfg.channels_last, cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest kernels for fixed shapes; CPU runs stay deterministic
-    size = cfg.input_size or default_input_size(cfg.arch)
+    size = cfg.resolved_input_size
     data = fold_data(cfg, folds, fold, size, device, d)
     model = _build_model(cfg, size, device, d, dev)
     compiling = cfg.compile and device.type == "cuda"

@@ -51,7 +51,7 @@ from alldetect.atomic import atomic_path, file_sha256, write_csv, write_text
 from alldetect.config import Config, validate
 from alldetect.data.folds import fold_file_root
 from alldetect.errors import UserError, short_list
-from alldetect.models import default_input_size, model_from_config
+from alldetect.models import model_from_config
 
 SCHEMA_VERSION = 2  # 0: before select= (cannot be resumed); 1: one flat dict; 2: {"meta": RunMeta, tensors...}
 OOF_COLUMNS = ("path", "subject", "label", "prob_all", "pred", "fold")
@@ -95,7 +95,7 @@ class RunMeta(BaseModel):
 
     @property
     def input_size(self) -> int:
-        return self.config.input_size or default_input_size(self.config.arch)
+        return self.config.resolved_input_size
 
     @property
     def crop(self) -> int:

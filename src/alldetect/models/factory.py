@@ -59,7 +59,7 @@ def model_from_config(cfg: Config) -> nn.Module:
     """The network a run's config (a checkpoint's) describes, without pretrained weights: what predict, export,
     report and visualize rebuild before loading a checkpoint's weights."""
     return create_model(cfg.arch, num_classes=2, dropout=cfg.dropout,
-                        input_size=cfg.input_size or default_input_size(cfg.arch), subtract_mean=cfg.subtract_mean)
+                        input_size=cfg.resolved_input_size, subtract_mean=cfg.subtract_mean)
 
 
 def subtract_image_mean(module: nn.Module, args: tuple) -> tuple:
