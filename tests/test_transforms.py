@@ -6,29 +6,34 @@ from alldetect.config import AugConfig
 from alldetect.data.transforms import Augment, create_transform
 
 
-def _reference(img, seed, probs=(0.5, 0.5, 0.5, 0.5)):
-    """The report's steps one by one, with numpy: rot90, rot270, horizontal flip, vertical flip."""
-    rot90, rot270, hflip, vflip = np.random.default_rng(seed).random(4) < np.array(probs)
-    if rot90:
-        img = np.rot90(img, 1)
-    if rot270:
-        img = np.rot90(img, 3)
-    if hflip:
-        img = img[:, ::-1]
-    if vflip:
-        img = img[::-1]
-    return img
+def _symmetries(img):
+    """The 8 symmetries of the square, enumerated independently of the implementation: 4 rotations of the image
+    and of its transpose."""
+    return {np.ascontiguousarray(np.rot90(v, k)).tobytes() for v in (img, img.transpose(1, 0, 2)) for k in range(4)}
 
 
-def test_report_augmentations_are_exact_and_reach_all_eight_symmetries():
+@pytest.mark.parametrize("probs, expected", [
+    ((1, 0, 0, 0), lambda im: np.rot90(im, 1)),  # rot90: a quarter turn counter-clockwise
+    ((0, 1, 0, 0), lambda im: np.rot90(im, -1)),  # rot270: three quarter turns, i.e. one clockwise
+    ((0, 0, 1, 0), lambda im: im[:, ::-1]),  # horizontal flip: left and right swap
+    ((0, 0, 0, 1), lambda im: im[::-1]),  # vertical flip: top and bottom swap
+    ((1, 1, 0, 0), lambda im: im),  # a quarter turn each way
+    ((0, 0, 1, 1), lambda im: np.rot90(im, 2)),  # both flips: a half turn
+])
+def test_each_of_the_reports_steps_does_what_it_says(probs, expected):
+    img = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)  # not square: a turn shows
+    rot90, rot270, hflip, vflip = probs
+    out = Augment(AugConfig(rot90=rot90, rot270=rot270, hflip=hflip, vflip=vflip))(img, 0)
+    assert out.flags.c_contiguous and np.array_equal(out, expected(img))
+
+
+def test_report_augmentations_reach_all_eight_symmetries_each_step_half_the_time():
     img = np.random.default_rng(0).integers(0, 255, (7, 7, 3), dtype=np.uint8)
-    t = Augment(AugConfig())
-    outputs = set()
-    for seed in range(200):
-        out = t(img, seed)
-        assert out.flags.c_contiguous and np.array_equal(out, _reference(img, seed))
-        outputs.add(out.tobytes())
-    assert len(outputs) == 8
+    t, square = Augment(AugConfig()), _symmetries(img)
+    outputs = [t(img, seed) for seed in range(400)]
+    assert {o.tobytes() for o in outputs} == square  # only symmetries of the image, and all 8 of them
+    unchanged = np.mean([np.array_equal(o, img) for o in outputs])
+    assert 0.06 < unchanged < 0.2  # identity: no step (1/16) or a quarter turn each way alone (1/16), 1/8 in all
 
 
 def test_augmentation_is_a_function_of_the_seed():
@@ -74,9 +79,12 @@ def test_no_augmentation_when_all_probabilities_are_zero():
 
 def test_read_only_cached_rows_are_not_modified():
     img = np.random.default_rng(2).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    img.flags.writeable = False
+    before = img.copy()
+    img.flags.writeable = False  # as the memory-mapped cache hands its rows out
     for seed in range(20):
-        Augment(AugConfig())(img, seed)
+        out = Augment(AugConfig())(img, seed)
+        assert out.shape == img.shape and out.flags.c_contiguous
+    assert np.array_equal(img, before)
 
 
 @pytest.mark.slow

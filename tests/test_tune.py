@@ -279,6 +279,15 @@ def test_two_workers_share_one_study(kind, tiny_data, workdir, configs, capsys):
     assert yaml.safe_load((configs / "tuned/proposed.yaml").read_text()) == best.params
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.05)
+
+
 SLEEPING_WORKER = """
 import sys, time
 import alldetect.tune
@@ -296,22 +305,28 @@ def test_a_killed_workers_trial_is_marked_failed(kind, tiny_data, workdir, confi
             *FAST, f"data.root={tiny_data}"]
     worker = subprocess.Popen([sys.executable, "-c", SLEEPING_WORKER, *args], cwd=workdir,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Conditions, each polled until it holds (no fixed sleeps): optuna's heartbeat-staleness query, once with a
+    # grace period of ~0 (true as soon as the trial has recorded a heartbeat), once with the workers' 2 s.
+    beat = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1e-6)  # type: ignore[arg-type]
+    stale = optuna.storages.RDBStorage(url, heartbeat_interval=1)
+
+    def study_id() -> int | None:
+        try:
+            return _load(name, url)._study_id
+        except KeyError:  # the study does not exist yet
+            return None
+
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and worker.poll() is None:
-            try:
-                if [t.state.name for t in _load(name, url).trials] == ["RUNNING"]:
-                    break
-            except KeyError:  # the study does not exist yet
-                pass
-            time.sleep(0.5)
-        time.sleep(1.5)  # at least one heartbeat recorded
+        _wait_for(lambda: worker.poll() is not None or (study_id() is not None and
+                  [t.state.name for t in _load(name, url).trials] == ["RUNNING"]), "the trial to start")
+        _wait_for(lambda: worker.poll() is not None or bool(beat._get_stale_trial_ids(study_id())),
+                  "the trial's first heartbeat")
         assert worker.poll() is None, "the worker ended before it was killed"
     finally:
         worker.kill()
         worker.wait()
     assert [t.state.name for t in _load(name, url).trials] == ["RUNNING"]  # what a killed worker leaves
-    time.sleep(2.5)  # past the grace period of two heartbeats
+    _wait_for(lambda: bool(stale._get_stale_trial_ids(study_id())), "the grace period of two heartbeats to pass")
     study = tune_command("proposed", [*FAST, f"data.root={tiny_data}"], trials=1, study=name, storage=url,
                          heartbeat=1)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
