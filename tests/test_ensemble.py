@@ -196,6 +196,15 @@ def test_submission_averages_folds_then_members_and_writes_isbi_file(two_members
     assert result["scores"]["submission"]["f1"] == pytest.approx(metrics["scores"]["ensemble"]["f1"])
     assert result["scores"]["proposed"]["f1"] == pytest.approx(metrics["scores"]["proposed"]["f1"])
     assert (workdir / "submissions/prelim/evaluation.json").is_file()
+    record = workdir / "submissions/prelim/ensemble.json"
+    record.write_text(record.read_text()[:40])  # cut short: the members' thresholds are unknown, not 0.5
+    with pytest.raises(UserError, match=r"ensemble.json cannot be read \(JSONDecodeError.*members' thresholds are "
+                                        r"unknown: remake it"):
+        evaluate_command(str(workdir / "submissions/prelim.csv"), str(labels_file))
+    record.unlink()  # a submission made by other means: every member at 0.5, and the output says so
+    assert evaluate_command(str(workdir / "submissions/prelim.csv"), str(labels_file))["scores"]["proposed"][
+        "threshold"] == 0.5
+    assert "each member is scored at threshold 0.5" in capsys.readouterr().out
 
 
 def test_unlabelled_submission_has_no_metrics_and_class_folders_no_isbi_file(two_members, workdir, capsys):

@@ -52,9 +52,17 @@ def evaluate_command(submission: str, labels_file: str) -> dict:
 
 
 def _recorded_thresholds(submission: Path) -> dict[str, float]:
-    """Each member's threshold as `ensemble` recorded it beside the submission (0.5 where nothing is recorded)."""
+    """Each member's threshold as `ensemble` recorded it beside the submission. A submission without that record
+    (written by other means) has its members scored at 0.5, said in the output; a record that cannot be read is
+    an error, never a silent 0.5."""
     record = submission.with_suffix("") / "ensemble.json"
-    try:
-        return {k: float(v) for k, v in json.loads(record.read_text(encoding="utf-8"))["member_thresholds"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    if not record.exists():
+        print(f"no {record} beside the submission: each member is scored at threshold 0.5")
         return {}
+    try:
+        thresholds = json.loads(record.read_text(encoding="utf-8"))["member_thresholds"]
+        return {str(k): float(v) for k, v in thresholds.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{record} cannot be read ({type(e).__name__}: {e}), so the members' thresholds are unknown: "
+                        "remake it with the same `alldetect ensemble ... --name NAME`, or move it away to score every "
+                        "member at 0.5") from None
