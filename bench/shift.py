@@ -8,7 +8,7 @@ For fold f: the images of fold f get sample weights that make their share of `al
 own; balanced: 0.5; inverted: 1 - the fold's own), the weights summing to the fold's size. The training mix (the
 other folds' labels) and BBSE's confusion matrix (the other folds' decisions at 0.5) come from the other folds, whose
 models did not see fold f either; the prior is estimated on fold f's probabilities under those weights (as if the
-fold had been resampled to the target mix) and applied by Bayes' rule (alldetect.prior). `known` applies the true
+fold had been resampled to the target mix) and applied by Bayes' rule (alldetect.ensemble.prior). `known` applies the true
 target share (what prior=VALUE does with a correct VALUE). Scores: weighted F1 at 0.5 and ROC-AUC, each with the
 sample weights, per fold and pooled over folds. Nothing is fitted on the images it scores.
 """
@@ -24,9 +24,9 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from alldetect.atomic import write_csv
 from alldetect.engine.runs import find_fold_runs, group_members
+from alldetect.ensemble.predictions import load_oof
+from alldetect.ensemble.prior import adjust, bbse_prior, em_prior, joint_confusion
 from alldetect.errors import UserError
-from alldetect.predictions import load_oof
-from alldetect.prior import adjust, bbse_prior, em_prior, joint_confusion
 
 MIXES = ("observed", "balanced", "inverted")
 CORRECTIONS = ("none", "em", "bbse", "known")

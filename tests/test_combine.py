@@ -1,4 +1,4 @@
-"""Ways of combining members beyond equal averaging (alldetect.combine), each checked against an expectation built
+"""Ways of combining members beyond equal averaging (alldetect.ensemble.combine), each checked against an expectation built
 without it: brute force, a known generating process, or an invariance the method promises."""
 
 import json
@@ -9,12 +9,12 @@ import pytest
 from scipy.special import expit
 from sklearn.metrics import log_loss, roc_auc_score
 
-from alldetect.combine import Inputs, Method, cross_fitted, fit, greedy_weights
 from alldetect.commands.ensemble import ensemble_command
 from alldetect.commands.predict import predict_command
+from alldetect.ensemble.combine import Inputs, Method, cross_fitted, fit, greedy_weights
+from alldetect.ensemble.neighbours import neighbour_means
 from alldetect.errors import UserError
 from alldetect.metrics import calibration_error, score
-from alldetect.neighbours import neighbour_means
 
 from conftest import write_image
 from fake_runs import make_run, oof_frame

@@ -8,12 +8,12 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
 from alldetect.cli import main
-from alldetect.combine import fit_weights
 from alldetect.commands.ensemble import ensemble_command
 from alldetect.commands.evaluate import evaluate_command
 from alldetect.engine.runs import find_fold_runs, group_members
+from alldetect.ensemble.combine import fit_weights
+from alldetect.ensemble.isbi import isbi_lines
 from alldetect.errors import UserError
-from alldetect.isbi import isbi_lines
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
 from alldetect.plots import probability_text
 

@@ -1,4 +1,4 @@
-"""Label shift (alldetect.prior, `ensemble ... prior=`) and the per-person view: each checked against a known
+"""Label shift (alldetect.ensemble.prior, `ensemble ... prior=`) and the per-person view: each checked against a known
 generating process (a test set drawn with a known class mix) or Bayes' rule written out by hand."""
 
 import json
@@ -10,11 +10,11 @@ import pytest
 from scipy.special import expit, logit
 
 from alldetect.cli import main
-from alldetect.combine import Inputs, Method, cross_fitted, fit
 from alldetect.commands.ensemble import ensemble_command
+from alldetect.ensemble.combine import Inputs, Method, cross_fitted, fit
+from alldetect.ensemble.prior import adjust, bbse_prior, em_prior, joint_confusion
 from alldetect.errors import UserError
 from alldetect.metrics import per_person
-from alldetect.prior import adjust, bbse_prior, em_prior, joint_confusion
 
 from fake_runs import make_run, oof_frame, write_predictions
 

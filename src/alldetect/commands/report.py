@@ -9,11 +9,9 @@ from pathlib import Path
 
 from alldetect import __version__
 from alldetect.atomic import check_writable, replace_folder, temporary_folder
-from alldetect.comparison import comparison_table, display_table
 from alldetect.errors import UserError
-from alldetect.findings import collect
 from alldetect.page import to_html, to_markdown
-from alldetect.report import (
+from alldetect.report.build import (
     build_page,
     check_data,
     draw_figures,
@@ -22,6 +20,8 @@ from alldetect.report import (
     replaceable_problem,
     report_name,
 )
+from alldetect.report.comparison import comparison_table, display_table
+from alldetect.report.findings import collect
 
 
 def report_command(runs: str = "runs", submissions: str = "submissions", name: str | None = None,

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alldetect.combine import KNN_K
 from alldetect.engine.runfiles import RunDir, RunMeta, predict_command_for
 from alldetect.engine.runs import Member
 from alldetect.engine.select import selection_label
+from alldetect.ensemble.combine import KNN_K
+from alldetect.ensemble.neighbours import neighbour_means
 from alldetect.errors import UserError, short_list
-from alldetect.neighbours import neighbour_means
 
 log = logging.getLogger("alldetect")
 

@@ -4,12 +4,12 @@
   alldetect ensemble RUN... --name NAME    `predict`'s pred_<NAME>.csv of every run -> submissions/<NAME>.csv
 
 A member is one architecture folder (runs/<arch>): its folds' predictions are averaged first, then the members.
-How members are combined (weights=, average=, calibrate=, correct=, prior=, threshold=: see alldetect.combine) is fitted on
+How members are combined (weights=, average=, calibrate=, correct=, prior=, threshold=: see ensemble.combine) is fitted on
 OOF predictions and never scored on the data it was fitted on: with --oof, each fold is scored with what was
 fitted on the other folds, and the other ways of combining are printed beside the chosen one.
 
-The predictions are read and checked by `alldetect.predictions`, printed by `alldetect.render`, and the
-challenge's isbi_valid.predict is written by `alldetect.isbi`; this module runs the two modes.
+The predictions are read and checked by `alldetect.ensemble.predictions`, printed by `alldetect.render`, and the
+challenge's isbi_valid.predict is written by `alldetect.ensemble.isbi`; this module runs the two modes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pandas as pd
 
 from alldetect import __version__
 from alldetect.atomic import write_csv
-from alldetect.combine import (
+from alldetect.engine.runs import Member, find_fold_runs
+from alldetect.ensemble.combine import (
     AVERAGES,
     CALIBRATIONS,
     CORRECTIONS,
@@ -34,13 +35,12 @@ from alldetect.combine import (
     cross_fitted,
     fit,
 )
-from alldetect.engine.runs import Member, find_fold_runs
+from alldetect.ensemble.isbi import isbi_lines, write_isbi
+from alldetect.ensemble.predictions import all_have_features, held_out_neighbours, load_oof, load_predictions, oof_neighbours
+from alldetect.ensemble.prior import parse_prior
 from alldetect.errors import UserError, short_list
-from alldetect.isbi import isbi_lines, write_isbi
 from alldetect.metrics import per_person, score
 from alldetect.options import choice
-from alldetect.predictions import all_have_features, held_out_neighbours, load_oof, load_predictions, oof_neighbours
-from alldetect.prior import parse_prior
 from alldetect.render import metrics_table, render, write_json
 
 log = logging.getLogger("alldetect")

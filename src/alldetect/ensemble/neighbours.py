@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from alldetect.combine import KNN_K
+from alldetect.ensemble.combine import KNN_K
 
 
 def neighbour_means(features: np.ndarray, probs: np.ndarray, ks: tuple[int, ...] = KNN_K) -> dict[int, np.ndarray]:

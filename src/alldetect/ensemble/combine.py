@@ -10,7 +10,7 @@ The steps, in order (a `Method` names one choice of each):
   weights=       equal | oof (log-loss-optimal weights) | greedy (Caruana et al. 2004: forward selection with
                  replacement) | stack (logistic regression on the members' log-odds)
   calibrate=     none | temperature | platt | isotonic, of the combined probability
-  prior=         none | em | bbse | a known share of `all`: label shift (alldetect.prior). The combined
+  prior=         none | em | bbse | a known share of `all`: label shift (alldetect.ensemble.prior). The combined
                  probability is re-weighted by Bayes' rule from the OOF labels' class mix to the mix of the images
                  being combined, estimated from their own probabilities (em, bbse: it uses the images jointly)
   threshold=     a number, or oof (maximum weighted F1)
@@ -28,9 +28,9 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
+from alldetect.ensemble.prior import Estimate, adjust, bbse_prior, em_prior, joint_confusion
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score
-from alldetect.prior import Estimate, adjust, bbse_prior, em_prior, joint_confusion
 
 WEIGHTS = ("equal", "oof", "greedy", "stack")
 AVERAGES = ("prob", "rank")

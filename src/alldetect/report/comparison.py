@@ -8,8 +8,8 @@ import pandas as pd
 
 from alldetect.engine.runs import fold_of
 from alldetect.engine.select import selection_label
-from alldetect.findings import ArchResult, Findings
 from alldetect.metrics import METRIC_NAMES, per_person, score
+from alldetect.report.findings import ArchResult, Findings
 
 COLUMNS = {"accuracy": "accuracy", "f1": "weighted F1", "precision": "precision", "recall": "recall",
            "roc_auc": "ROC-AUC"}  # the table's order: the study's accuracy first

@@ -1,5 +1,5 @@
 """Label shift: the class mix of an unlabelled test set, estimated from a classifier's probabilities, and the
-probabilities adjusted to it (the `prior=` step of `alldetect.combine`).
+probabilities adjusted to it (the `prior=` step of `alldetect.ensemble.combine`).
 
 A model trained (and calibrated) where a share `pi` of the images are `all` outputs p(all | x) for that mix. Under
 label shift (p(x | class) unchanged, the class mix now `q`), Bayes' rule gives the probability for the new mix:

@@ -4,10 +4,10 @@
   reports/<name>/README.md    the same content as Markdown
   reports/<name>/figures/     the PNG files both refer to
 
-What it shows is read by `alldetect.findings` (runs/<arch>/fold<k>/: best.pt's metadata, oof.csv, history.csv;
+What it shows is read by `alldetect.report.findings` (runs/<arch>/fold<k>/: best.pt's metadata, oof.csv, history.csv;
 submissions/oof_*/ scored by `alldetect ensemble --oof`; submissions/<NAME>/metrics.json of held-out sets) and
-counted by `alldetect.comparison` with `alldetect.metrics.score`, the function training and `ensemble` use; speed
-by `alldetect.speed`. This module writes the page and its figures. A run that cannot be used (no oof.csv, a
+counted by `alldetect.report.comparison` with `alldetect.metrics.score`, the function training and `ensemble` use; speed
+by `alldetect.report.speed`. This module writes the page and its figures. A run that cannot be used (no oof.csv, a
 checkpoint that does not fit its config, ...) is left out with a warning and listed on the page.
 """
 
@@ -26,14 +26,6 @@ import torch
 
 from alldetect import plots
 from alldetect.atomic import safe_name
-from alldetect.comparison import (
-    display_table,
-    held_out_persons_table,
-    per_fold_table,
-    persons_table,
-    runs_table,
-    threshold_text,
-)
 from alldetect.data.demo import is_demo_data
 from alldetect.data.folds import fold_file_root
 from alldetect.data.images import center_crop, fingerprint, read_rgb
@@ -41,11 +33,19 @@ from alldetect.engine.loop import resolve_device
 from alldetect.engine.runs import fold_of
 from alldetect.engine.select import selection_label, selection_text
 from alldetect.errors import UserError, short_list
-from alldetect.findings import ArchResult, Findings
 from alldetect.metrics import score
 from alldetect.page import Bullets, Figure, Heading, Page, Paragraph, Table
 from alldetect.render import metrics_table
-from alldetect.speed import SPEED_BATCH, SPEED_STEPS, inference_speed
+from alldetect.report.comparison import (
+    display_table,
+    held_out_persons_table,
+    per_fold_table,
+    persons_table,
+    runs_table,
+    threshold_text,
+)
+from alldetect.report.findings import ArchResult, Findings
+from alldetect.report.speed import SPEED_BATCH, SPEED_STEPS, inference_speed
 
 log = logging.getLogger("alldetect")
 

@@ -17,9 +17,9 @@ import yaml
 from alldetect.config import Config
 from alldetect.engine.runfiles import Checkpoint, RunDir, RunMeta
 from alldetect.engine.runs import Member, fold_dirs, fold_of
+from alldetect.ensemble.predictions import load_oof
 from alldetect.errors import UserError
 from alldetect.models import count_parameters, model_from_config
-from alldetect.predictions import load_oof
 
 log = logging.getLogger("alldetect")
 
