@@ -27,9 +27,12 @@ def ensemble_command(runs: list[str], oof: bool, name: str | None, overrides: li
     check_writable(out, "the output folder (--out)")
     if oof:
         label = name or "+".join(_member_label(m) for m in members)
-        return oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")
-    assert name is not None  # checked above
-    return submission(members, name, opts, Path(out))
+        outcome = oof_report(members, opts, Path(out) / f"oof_{safe_name(label)}")
+    else:
+        assert name is not None  # checked above
+        outcome = submission(members, name, opts, Path(out))
+    print(outcome.text)
+    return outcome.record
 
 
 def _member_label(member: Member) -> str:

@@ -15,6 +15,7 @@ challenge's isbi_valid.predict is written by `alldetect.ensemble.isbi`; this mod
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,18 @@ from alldetect.options import choice
 from alldetect.render import metrics_table, render, write_json
 
 log = logging.getLogger("alldetect")
+
+
+@dataclass
+class Outcome:
+    """What `ensemble` made: the record written as JSON, and the lines that tell a person (commands/ prints them)."""
+
+    record: dict
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 def parse_threshold(raw: str) -> float | str:
@@ -81,9 +94,10 @@ def method_of(opts: dict) -> Method:
 
 # ---------------------------------------------------------------- the two modes
 
-def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
+def oof_report(members: list[Member], opts: dict, out_dir: Path) -> Outcome:
     """Score each member and the ensemble on the OOF predictions, and the ensemble made each other way; write
-    metrics.json and oof.csv."""
+    metrics.json and oof.csv. Returns what metrics.json holds and the text that says it."""
+    said: list[str] = []
     full = [str(r) for m in members for r in m.runs if r.name == "full"]
     if full:
         raise UserError(f"{short_list(full)} trained on every image, so it has no out-of-fold predictions to score: "
@@ -133,25 +147,25 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> dict:
     write_json(out_dir / "metrics.json", result)
     title = (f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={method.threshold}, "
              f"{method.label}")
-    print(render(title, scores, oof.frame, persons))
+    said.append(render(title, scores, oof.frame, persons))
     if method.prior != "none":
         shown = ", ".join(f"fold {f} {c.estimate.prior:.3f} (true {labels[folds == f].mean():.3f})"
                           for f, c in per_fold.items() if c.estimate is not None)
-        print(f"prior={method.prior}: each fold's share of `all` taken from its own images' probabilities, the "
+        said.append(f"prior={method.prior}: each fold's share of `all` taken from its own images' probabilities, the "
               f"training mix and the rest fitted on the other folds: {shown}")
     if compared:
-        print(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
+        said.append(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
               f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
     left_out = [m.label for m in others if m.label not in compared]
     if left_out:
-        print(f"\nnot compared: {', '.join(left_out)} (they fit something on the out-of-fold predictions, so they "
+        said.append(f"\nnot compared: {', '.join(left_out)} (they fit something on the out-of-fold predictions, so they "
               "need out-of-fold predictions of two or more folds)")
     if optimistic:
-        print(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
+        said.append(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
               "(select=outer); retrain with select=last (the default) or select=inner for scores that are not")
-    _print_combiner(final, oof.members, bool(per_fold))
-    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'oof.csv'}")
-    return result
+    said += _combiner_lines(final, oof.members, bool(per_fold))
+    said.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'oof.csv'}")
+    return Outcome(result, said)
 
 
 def _fitted_record(c: Combiner, members: list[str]) -> dict:
@@ -191,37 +205,39 @@ def _scored(labels, probs, thresholds, per_fold: dict, subjects) -> dict:
     return s
 
 
-def _print_combiner(c: Combiner, members: list[str], cross: bool) -> None:
-    method = c.method
+def _combiner_lines(c: Combiner, members: list[str], cross: bool) -> list[str]:
+    """What was fitted on all out-of-fold predictions, in words."""
+    method, said = c.method, []
     if method.weights in ("oof", "greedy"):
         shown = ", ".join(f"{m} {w:.4f}" for m, w in zip(members, c.weights))
         how = " (greedy selection with replacement)" if method.weights == "greedy" else ""
-        print(f"weights fitted on all out-of-fold predictions{how}: {shown}"
+        said.append(f"weights fitted on all out-of-fold predictions{how}: {shown}"
               + (f" ({c.note})" if c.note else ""))
     if method.weights == "stack" and c.stacker is not None:
         coef = ", ".join(f"{m} {w:.3f}" for m, w in zip(members, c.stacker.coef_[0]))
-        print(f"stacking (logistic regression on log-odds) fitted on all out-of-fold predictions: {coef}, "
+        said.append(f"stacking (logistic regression on log-odds) fitted on all out-of-fold predictions: {coef}, "
               f"intercept {c.stacker.intercept_[0]:.3f}")
     if c.corrections:
         shown = ", ".join(f"{m} k={k} mix={mix:g}" for m, (k, mix) in zip(members, c.corrections))
-        print(f"neighbourhood correction fitted on all out-of-fold predictions: {shown}")
+        said.append(f"neighbourhood correction fitted on all out-of-fold predictions: {shown}")
     if method.calibrate != "none":
         t = getattr(c.calibrator, "t", None)
         extra = f" (T = {t:.3f})" if t is not None else ""
-        print(f"calibration ({method.calibrate}) fitted on all out-of-fold predictions{extra}")
+        said.append(f"calibration ({method.calibrate}) fitted on all out-of-fold predictions{extra}")
     if method.threshold == "oof":
-        print(f"threshold chosen on all out-of-fold predictions (max weighted F1): {c.threshold:.4f}")
+        said.append(f"threshold chosen on all out-of-fold predictions (max weighted F1): {c.threshold:.4f}")
     if cross:
-        print("The OOF scores above use, for each fold, what was fitted on the other folds only; a submission "
+        said.append("The OOF scores above use, for each fold, what was fitted on the other folds only; a submission "
               "(--name) uses what was fitted on all OOF predictions.")
     if method.correct == "knn":
-        print(TRANSDUCTIVE)
+        said.append(TRANSDUCTIVE)
+    return said
 
 
 # ---------------------------------------------------------------- features for correct=knn
 
 
-def _with_folds_for_full(members: list[Member]) -> list[Member]:
+def _with_folds_for_full(members: list[Member], say) -> list[Member]:
     """A final model (runs/<arch>/full) has no out-of-fold predictions; its folder's fold runs, trained the same
     way on part of the images, stand in for it when weights or a threshold are fitted."""
     out = []
@@ -239,21 +255,23 @@ def _with_folds_for_full(members: list[Member]) -> list[Member]:
             raise UserError(f"{member.folder / 'full'} has no out-of-fold predictions, and {member.folder} no fold "
                             "runs whose predictions could stand in for it: train them (./train.sh ARCH all), or use "
                             "weights=equal and a fixed threshold")
-        print(f"{member.name}: weights and threshold fitted on the out-of-fold predictions of "
+        say(f"{member.name}: weights and threshold fitted on the out-of-fold predictions of "
               f"{', '.join(r.name for r in folds)} (full has none)")
         out.append(Member(member.name, member.folder, folds))
     return out
 
 
-def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> dict:
-    """Combine held-out predictions into out_dir/<name>.csv (+ isbi_valid.predict and zip, + metrics.json)."""
+def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> Outcome:
+    """Combine held-out predictions into out_dir/<name>.csv (+ isbi_valid.predict and zip, + metrics.json).
+    Returns what ensemble.json holds and the text that says it."""
+    said: list[str] = []
     held = load_predictions(members, name)
     method = method_of(opts)
     m = len(held.members)
     knn = method.correct == "knn"
     inputs = Inputs(held.probs, held_out_neighbours(members, name, held.frame) if knn else None)
     if method.fitted:
-        fold_members = _with_folds_for_full(members)
+        fold_members = _with_folds_for_full(members, said.append)
         oof = load_oof(fold_members)
         assert oof.labels is not None, "out-of-fold predictions are labelled"
         combiner = fit(method, Inputs(oof.probs, oof_neighbours(fold_members, oof) if knn else None), oof.labels)
@@ -265,7 +283,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
     prob = combiner.probs(inputs)
     pred = (prob >= combiner.threshold).astype(int)
     if method.prior != "none":
-        print(_prior_text(combiner, f"the {len(prob)} held-out images"))
+        said.append(_prior_text(combiner, f"the {len(prob)} held-out images"))
     table = pd.DataFrame({"image": held.frame["path"], "prob_all": prob.round(6), "label": pred,
                           **{f"prob_{member}": held.probs[:, i].round(6) for i, member in enumerate(held.members)}})
     folder = out_dir / name
@@ -290,7 +308,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
     if lines is not None:
         written += write_isbi(folder, lines)
     else:
-        print(f"no isbi_valid.predict: {why}")
+        said.append(f"no isbi_valid.predict: {why}")
     if held.labels is not None:
         scores = {n: {**score(held.labels, held.probs[:, i], t, subjects=held.subjects), "threshold": t}
                   for i, (n, t) in enumerate(zip(held.members, member_thresholds))}
@@ -302,8 +320,8 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> d
             record["persons"] = persons.reset_index().to_dict(orient="records")
         write_json(folder / "metrics.json", record)
         written.append(folder / "metrics.json")
-        print(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame,
+        said.append(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame,
                      persons))
-    _print_combiner(combiner, held.members, False)
-    print("wrote " + ", ".join(map(str, written)))
-    return record
+    said += _combiner_lines(combiner, held.members, False)
+    said.append("wrote " + ", ".join(map(str, written)))
+    return Outcome(record, said)
