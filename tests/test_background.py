@@ -2,6 +2,7 @@
 says what it found and chose."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from alldetect.data.prepare import resolve_folds
 from alldetect.data.transforms import Augment
 from alldetect.engine.folddata import resolve_border
 from alldetect.engine.gpu_augment import BatchAugment
+from alldetect.engine.loop import DeviceBatch
 
 ONLY_ROTATION = dict(rot90=0, rot270=0, hflip=0, vflip=0, rotate=1.0, rotate_limit=180)
 
@@ -84,3 +86,17 @@ def test_index_says_what_background_it_found(full_frame, capsys):
     assert main(["index", str(full_frame)]) == 0
     out = capsys.readouterr().out
     assert "background: full-frame images" in out and "a reflection of the image" in out
+
+
+def test_rotation_tta_reflects_full_frame_images_and_says_so(full_frame, tiny_data, caplog):
+    from alldetect.engine.predict import _full_frame, load_held_out, tta_views
+
+    caplog.set_level(logging.INFO, logger="alldetect")
+    assert _full_frame(load_held_out(full_frame), 0, Path("runs/x/fold0"))
+    assert "tta rotations fill the corners they uncover with a reflection of the image" in caplog.text
+    assert not _full_frame(load_held_out(tiny_data), 0, Path("runs/x/fold0"))  # cells on black keep black corners
+    dev = DeviceBatch(torch.device("cpu"), False, False)
+    grey = dev.images(torch.full((1, 16, 16, 3), 150, dtype=torch.uint8))  # a smear's even background
+    reflected, black = (tta_views("rot8", dev, reflect)(grey)[1] for reflect in (True, False))  # the 45 degree view
+    assert torch.allclose(reflected, grey, atol=1e-5)  # nothing uncovered: the background goes on into the corners
+    assert torch.allclose(black[..., 0, 0], -dev.mean[0, :, 0, 0] / dev.std[0, :, 0, 0], atol=1e-5)

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from alldetect import __version__
+from alldetect.data.background import inspect_background
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.duplicates import ContentIndex
 from alldetect.data.images import content_digest, drop_bad_images, fingerprint
@@ -81,10 +82,11 @@ class HeldOutData:
         return self.labelled and bool((m["subject"] != m["path"]).all())
 
 
-def tta_views(mode: str, dev: DeviceBatch):
+def tta_views(mode: str, dev: DeviceBatch, reflect: bool = False):
     """Test-time augmentation on the device batch (NCHW, square, normalised by `dev`): None, or a function
     batch -> views. rot8 / rot16: rotations by every 45 / 22.5 degrees (quarter turns exact, the others bilinear
-    with black corners, like the cell's background), as Prellberg and Kramer averaged them for C-NMC."""
+    with black corners, like the cell's background, or with `reflect` the image mirrored at its edges, for
+    full-frame images), as Prellberg and Kramer averaged them for C-NMC."""
     if mode == "none":
         return None
     if mode == "flip":
@@ -97,7 +99,8 @@ def tta_views(mode: str, dev: DeviceBatch):
 
         def views(x: torch.Tensor) -> list[torch.Tensor]:
             return [torch.rot90(x, k * 4 // n, dims=(-2, -1)) if (k * 4) % n == 0
-                    else rotate(x, torch.full((len(x),), 2 * math.pi * k / n, device=x.device), fill=black)
+                    else rotate(x, torch.full((len(x),), 2 * math.pi * k / n, device=x.device), fill=black,
+                                reflect=reflect)
                     for k in range(n)]
         return views
     raise UserError(f"tta={mode}: choose none, flip, d8, rot8 or rot16")
@@ -138,13 +141,14 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
     dataset = CellDataset(data.root, m["path"], m["label"], crop, size)
     start = time.perf_counter()
     tap = FeatureTap(model) if opts["features"] else None
+    reflect = opts["tta"] in ("rot8", "rot16") and _full_frame(data, crop, run)
     static = _compiles(meta.config, device, len(m) * TTA_VIEWS[opts["tta"]], tap is not None)
     forward = compiled(model, meta.config.compile_mode, device) if static else model
     dev.graphs = static and meta.config.compile_mode == "reduce-overhead"
     with make_loader(dataset, opts["batch_size"], EpochSampler(len(dataset), 0, shuffle=False),
                      opts["num_workers"], device.type == "cuda") as loader, tap or nullcontext():
         probs, _ = predict_probs(forward, loader, dev, desc=f"{run} (tta={opts['tta']})",
-                                 views=tta_views(opts["tta"], dev), static=static)
+                                 views=tta_views(opts["tta"], dev, reflect), static=static)
     seconds = time.perf_counter() - start
     broken = ~np.isfinite(probs).all(axis=1)
     if broken.any():  # finite weights (checked when loading) that still overflow: never write them
@@ -172,6 +176,16 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
         s = score(m["label"], probs[:, 1])
         row.update({k: round(s[k], 4) for k in ("f1", "accuracy", "roc_auc")})
     return row
+
+
+def _full_frame(data: HeldOutData, crop: int, run: Path) -> bool:
+    """Whether the images being predicted are full-frame (not cells on black), so that tta=rot8/rot16 fills the
+    corners its rotations uncover with a reflection of the image rather than black: the same test of sampled
+    corners that training's aug.border=auto makes (data/background.py), said in the log."""
+    background = inspect_background(data.root, data.manifest["path"].tolist(), crop)
+    log.info("%s: tta rotations fill the corners they uncover with %s: %s", run, background.fill,
+             background.describe())
+    return background.border == "reflect"
 
 
 def _compiles(cfg, device: torch.device, views: int, features: bool) -> bool:
