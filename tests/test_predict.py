@@ -326,3 +326,19 @@ def test_non_finite_weights_are_refused_before_anything_is_written(runs, workdir
     assert not list(runs.glob("fold*/pred_n.*"))
     assert main(["visualize", "runs/proposed/fold1", str(data / "1.bmp")]) == 2
     assert "holds non-finite weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["predict", "ensemble"])
+def test_the_help_lists_every_declared_option_with_its_default(command, capsys):
+    """Options are declared once (alldetect.options): what --help lists comes from the same declaration that
+    parses and validates them, so a new option cannot be missing from it."""
+    from alldetect.options import ENSEMBLE_OPTIONS, PREDICT_OPTIONS, parse_options
+
+    spec = PREDICT_OPTIONS if command == "predict" else ENSEMBLE_OPTIONS
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    for key, option in spec.items():
+        default = str(option.default).lower() if isinstance(option.default, bool) else option.default
+        assert f"{key}={option.values} (default {default}" in text
+    assert parse_options({}, spec, command) == {k: o.default for k, o in spec.items()}

@@ -96,6 +96,8 @@ def _export(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alldetect.options import ENSEMBLE_OPTIONS, PREDICT_OPTIONS, describe
+
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in "
                                 "white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
@@ -161,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # key=value options (tta=d8, weights=oof, ...) may sit among the run folders; the command tells them apart.
     s = sub.add_parser("predict", help="run trained models over a folder of images: runs/<arch>/fold<k>/pred_<NAME>.csv",
-                       epilog="options (key=value): tta=none|flip|d8|rot8|rot16 (default none; d8 = the 8 quarter turns "
-                              "and flips, rot8 / rot16 = rotations by every 45 / 22.5 degrees), batch_size=64, num_workers=2, "
-                              "device=auto|cpu|cuda|cuda:N, features=false|true (also keep each image's pre-logit "
-                              "features in feat_<NAME>.npz, for ensemble ... correct=knn)")
+                       epilog="options (key=value): " + describe(PREDICT_OPTIONS))
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")
     s.add_argument("--data", metavar="DIR", help="images in any layout alldetect reads (with --oof: where the "
@@ -175,14 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_predict, overrides=[])
 
     s = sub.add_parser("ensemble", help="average runs' softmax outputs: score OOF (--oof) or write a submission (--name)",
-                       epilog="options (key=value), each fitted on out-of-fold predictions: weights=equal|oof|greedy|"
-                              "stack (oof: log-loss-optimal weights; greedy: Caruana's selection with replacement; "
-                              "stack: logistic regression), average=prob|rank, calibrate=none|temperature|platt|"
-                              "isotonic, correct=none|knn (neighbourhood correction: needs predict ... features=true), "
-                              "prior=none|em|bbse|SHARE (label shift: the images' share of `all`, estimated from their "
-                              "probabilities by EM (Saerens et al.) or black-box shift estimation (Lipton et al.), or "
-                              "known, e.g. prior=0.5; probabilities re-weighted to it by Bayes' rule), "
-                              "threshold=0.5|oof|NUMBER (oof: maximise weighted F1)")
+                       epilog="options (key=value), each fitted on out-of-fold predictions: "
+                              + describe(ENSEMBLE_OPTIONS))
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
                    "and key=value options")
     s.add_argument("--oof", action="store_true", help="score the out-of-fold predictions of members and ensemble")

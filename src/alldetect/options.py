@@ -1,10 +1,13 @@
-"""`key=value` options of `predict`, `ensemble` and `evaluate`: told apart from the run folders they follow,
-checked against what each command accepts, with errors that list the valid keys and values."""
+"""`key=value` options of `predict` and `ensemble`: declared once here (default, parser, how the values are written,
+what they mean), told apart from the run folders they follow, checked against what each command accepts with errors
+that list the valid keys and values, and listed in the CLI's help from the same declarations. A new option is one
+entry of PREDICT_OPTIONS or ENSEMBLE_OPTIONS. This module imports nothing heavy: the CLI reads it to build --help."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +35,35 @@ def split_options(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
     return paths, options
 
 
-def parse_options(options: dict[str, str], spec: dict[str, tuple[Any, Callable[[str], Any]]],
-                  command: str) -> dict[str, Any]:
-    """spec: {key: (default, parse)}; parse raises ValueError with a message that says what is allowed."""
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    parse: Callable[[str], Any]  # raises ValueError with a message that says what is allowed
+    values: str  # how the values are written in the help, e.g. none|flip|d8
+    meaning: str = ""
+
+
+def describe(spec: dict[str, Option]) -> str:
+    """The options as --help lists them: key=values (default; what they mean), ..."""
+    def one(key: str, o: Option) -> str:
+        default = str(o.default).lower() if isinstance(o.default, bool) else o.default
+        return f"{key}={o.values} (default {default}{'; ' + o.meaning if o.meaning else ''})"
+
+    return ", ".join(one(k, o) for k, o in spec.items())
+
+
+def parse_options(options: dict[str, str], spec: dict[str, Option], command: str) -> dict[str, Any]:
+    """The command's options: each given one parsed by its declaration, the others at their defaults."""
     unknown = sorted(set(options) - set(spec))
     if unknown:
         valid = ", ".join(f"{k}=" for k in spec)
         token = f"{unknown[0]}={options[unknown[0]]}"
         hint = f" (to name the folder {token}, write ./{token})" if Path(token).exists() else ""
         raise UserError(f"unknown option {unknown[0]}= for `alldetect {command}`{hint}. Valid options: {valid}")
-    out = {key: default for key, (default, _) in spec.items()}
+    out = {key: o.default for key, o in spec.items()}
     for key, raw in options.items():
         try:
-            out[key] = spec[key][1](raw)
+            out[key] = spec[key].parse(raw)
         except ValueError as e:
             raise UserError(f"{key}={raw}: {e}") from None
     return out
@@ -83,3 +102,67 @@ def boolean(raw: str) -> bool:
     if value is None:
         raise ValueError("use true or false")
     return value
+
+
+def parse_threshold(raw: str) -> float | str:
+    if raw == "oof":
+        return raw
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("use a number between 0 and 1 (e.g. 0.5), or oof to choose it on out-of-fold "
+                         "predictions") from None
+    if not 0 < value < 1:
+        raise ValueError("the threshold must lie strictly between 0 and 1")
+    return value
+
+
+PRIOR_METHODS = ("em", "bbse")
+
+
+def parse_prior(raw: str) -> str | float:
+    """`prior=` of `alldetect ensemble`: none, em, bbse, or the known share of `all` in (0, 1)."""
+    if raw in ("none", *PRIOR_METHODS):
+        return raw
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("use em or bbse (estimate the test images' share of `all` from their probabilities), "
+                         "a known share of `all` strictly between 0 and 1 (e.g. 0.5), or none") from None
+    if not 0 < value < 1:
+        raise ValueError("a known prior is the test images' share of `all`: a number strictly between 0 and 1")
+    return value
+
+
+# ------------------------------------------------------------------ the commands' options
+
+TTA_VIEWS = {"none": 1, "flip": 2, "d8": 8, "rot8": 8, "rot16": 16}  # test-time augmentation: views per image
+TTA_MODES = tuple(TTA_VIEWS)
+WEIGHTS = ("equal", "oof", "greedy", "stack")
+AVERAGES = ("prob", "rank")
+CALIBRATIONS = ("none", "temperature", "platt", "isotonic")
+CORRECTIONS = ("none", "knn")
+
+PREDICT_OPTIONS = {
+    "tta": Option("none", choice(*TTA_MODES), "|".join(TTA_MODES),
+                  "d8 = the 8 quarter turns and flips, rot8 / rot16 = rotations by every 45 / 22.5 degrees"),
+    "batch_size": Option(64, at_least(1), "N"),
+    "num_workers": Option(2, at_least(0), "N"),
+    "device": Option("auto", text, "auto|cpu|cuda|cuda:N"),
+    "features": Option(False, boolean, "false|true",
+                       "also keep each image's pre-logit features in feat_<NAME>.npz, for ensemble ... correct=knn"),
+}
+ENSEMBLE_OPTIONS = {
+    "weights": Option("equal", choice(*WEIGHTS), "|".join(WEIGHTS),
+                      "oof: log-loss-optimal weights; greedy: Caruana's selection with replacement; stack: logistic "
+                      "regression"),
+    "threshold": Option(0.5, parse_threshold, "0.5|oof|NUMBER", "oof: maximise weighted F1"),
+    "average": Option("prob", choice(*AVERAGES), "|".join(AVERAGES)),
+    "calibrate": Option("none", choice(*CALIBRATIONS), "|".join(CALIBRATIONS)),
+    "correct": Option("none", choice(*CORRECTIONS), "|".join(CORRECTIONS),
+                      "neighbourhood correction: needs predict ... features=true"),
+    "prior": Option("none", parse_prior, "none|em|bbse|SHARE",
+                    "label shift: the images' share of `all`, estimated from their probabilities by EM (Saerens et "
+                    "al.) or black-box shift estimation (Lipton et al.), or known, e.g. prior=0.5; probabilities "
+                    "re-weighted to it by Bayes' rule"),
+}

@@ -39,12 +39,10 @@ from alldetect.engine.loop import DeviceBatch, predict_probs
 from alldetect.engine.runfiles import RunDir, RunMeta
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
-from alldetect.options import at_least, boolean, choice, text
+from alldetect.options import PREDICT_OPTIONS, TTA_VIEWS
 
 log = logging.getLogger("alldetect")
 
-TTA_VIEWS = {"none": 1, "flip": 2, "d8": 8, "rot8": 8, "rot16": 16}
-TTA_MODES = tuple(TTA_VIEWS)
 OOF_NAME = "oof"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Below this many images x TTA views predict stays eager even for a run with compile=true. Measured on an H100
@@ -53,13 +51,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # training and inference graphs together): it repays itself only from about half a million images.
 COMPILE_MIN_VIEWS = 500_000
 NAME_MAX = 200  # characters: pred_<NAME>.json, submissions/<NAME>/ and their temporary files stay within 255 bytes
-OPTIONS = {
-    "tta": ("none", choice(*TTA_MODES)),
-    "batch_size": (64, at_least(1)),
-    "num_workers": (2, at_least(0)),
-    "device": ("auto", text),
-    "features": (False, boolean),
-}
+OPTIONS = PREDICT_OPTIONS  # declared in alldetect.options, where the CLI's help reads them too
 
 
 @dataclass

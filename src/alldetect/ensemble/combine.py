@@ -31,11 +31,8 @@ from sklearn.metrics import log_loss
 from alldetect.ensemble.prior import Estimate, adjust, bbse_prior, em_prior, joint_confusion
 from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score
+from alldetect.options import CALIBRATIONS, WEIGHTS
 
-WEIGHTS = ("equal", "oof", "greedy", "stack")
-AVERAGES = ("prob", "rank")
-CALIBRATIONS = ("none", "temperature", "platt", "isotonic")
-CORRECTIONS = ("none", "knn")
 KNN_K = (5, 10, 20, 50, 100, 200)  # neighbours tried by correct=knn
 KNN_MIX = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # weights of the neighbours' mean tried (0: no correction)
 EPS = 1e-6

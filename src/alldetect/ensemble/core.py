@@ -25,10 +25,6 @@ from alldetect import __version__
 from alldetect.atomic import write_csv
 from alldetect.engine.runs import Member, find_fold_runs
 from alldetect.ensemble.combine import (
-    AVERAGES,
-    CALIBRATIONS,
-    CORRECTIONS,
-    WEIGHTS,
     Combiner,
     Inputs,
     Method,
@@ -38,10 +34,9 @@ from alldetect.ensemble.combine import (
 )
 from alldetect.ensemble.isbi import isbi_lines, write_isbi
 from alldetect.ensemble.predictions import all_have_features, held_out_neighbours, load_oof, load_predictions, oof_neighbours
-from alldetect.ensemble.prior import parse_prior
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import per_person, score
-from alldetect.options import choice
+from alldetect.options import ENSEMBLE_OPTIONS
 from alldetect.render import metrics_table, render, write_json
 
 log = logging.getLogger("alldetect")
@@ -59,22 +54,7 @@ class Outcome:
         return "\n".join(self.lines)
 
 
-def parse_threshold(raw: str) -> float | str:
-    if raw == "oof":
-        return raw
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("use a number between 0 and 1 (e.g. 0.5), or oof to choose it on out-of-fold "
-                         "predictions") from None
-    if not 0 < value < 1:
-        raise ValueError("the threshold must lie strictly between 0 and 1")
-    return value
-
-
-OPTIONS = {"weights": ("equal", choice(*WEIGHTS)), "threshold": (0.5, parse_threshold),
-           "average": ("prob", choice(*AVERAGES)), "calibrate": ("none", choice(*CALIBRATIONS)),
-           "correct": ("none", choice(*CORRECTIONS)), "prior": ("none", parse_prior)}
+OPTIONS = ENSEMBLE_OPTIONS  # declared in alldetect.options, where the CLI's help reads them too
 # submissions/<NAME>/: what `ensemble --name NAME` writes (and `evaluate` adds), all of one submission
 SUBMISSION_FILES = ("ensemble.json", "isbi_valid.predict", "isbi_valid.zip", "metrics.json", "evaluation.json")
 TRANSDUCTIVE = ("correct=knn: each image's probability was mixed with those of its nearest neighbours among the "

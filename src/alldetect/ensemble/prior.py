@@ -27,22 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import nnls
 
-PRIOR_METHODS = ("em", "bbse")
 LOWEST = 1e-3  # an estimated prior is kept within [LOWEST, 1 - LOWEST]: a valid, invertible prior
-
-
-def parse_prior(raw: str) -> str | float:
-    """`prior=` of `alldetect ensemble`: none, em, bbse, or the known share of `all` in (0, 1)."""
-    if raw in ("none", *PRIOR_METHODS):
-        return raw
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("use em or bbse (estimate the test images' share of `all` from their probabilities), "
-                         "a known share of `all` strictly between 0 and 1 (e.g. 0.5), or none") from None
-    if not 0 < value < 1:
-        raise ValueError("a known prior is the test images' share of `all`: a number strictly between 0 and 1")
-    return value
 
 
 def adjust(p: np.ndarray, train_prior: float, new_prior: float) -> np.ndarray:
