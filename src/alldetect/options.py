@@ -104,17 +104,22 @@ def boolean(raw: str) -> bool:
     return value
 
 
-def parse_threshold(raw: str) -> float | str:
-    if raw == "oof":
+def _word_or_share(raw: str, words: tuple[str, ...], otherwise: str, outside: str) -> str | float:
+    """One of `words`, or a number strictly between 0 and 1."""
+    if raw in words:
         return raw
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError("use a number between 0 and 1 (e.g. 0.5), or oof to choose it on out-of-fold "
-                         "predictions") from None
+        raise ValueError(otherwise) from None
     if not 0 < value < 1:
-        raise ValueError("the threshold must lie strictly between 0 and 1")
+        raise ValueError(outside)
     return value
+
+
+def parse_threshold(raw: str) -> float | str:
+    return _word_or_share(raw, ("oof",), "use a number between 0 and 1 (e.g. 0.5), or oof to choose it on "
+                          "out-of-fold predictions", "the threshold must lie strictly between 0 and 1")
 
 
 PRIOR_METHODS = ("em", "bbse")
@@ -122,16 +127,10 @@ PRIOR_METHODS = ("em", "bbse")
 
 def parse_prior(raw: str) -> str | float:
     """`prior=` of `alldetect ensemble`: none, em, bbse, or the known share of `all` in (0, 1)."""
-    if raw in ("none", *PRIOR_METHODS):
-        return raw
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("use em or bbse (estimate the test images' share of `all` from their probabilities), "
-                         "a known share of `all` strictly between 0 and 1 (e.g. 0.5), or none") from None
-    if not 0 < value < 1:
-        raise ValueError("a known prior is the test images' share of `all`: a number strictly between 0 and 1")
-    return value
+    return _word_or_share(raw, ("none", *PRIOR_METHODS), "use em or bbse (estimate the test images' share of `all` "
+                          "from their probabilities), a known share of `all` strictly between 0 and 1 (e.g. 0.5), "
+                          "or none", "a known prior is the test images' share of `all`: a number strictly between 0 "
+                          "and 1")
 
 
 # ------------------------------------------------------------------ the commands' options
