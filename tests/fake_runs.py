@@ -9,7 +9,15 @@ import torch
 
 from alldetect.atomic import write_csv
 from alldetect.config import load_config
-from alldetect.engine.runfiles import Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.engine.runfiles import (
+    Checkpoint,
+    PredictionRecord,
+    Progress,
+    RunDir,
+    RunMeta,
+    load_checkpoint,
+    save_checkpoint,
+)
 from alldetect.models import model_from_config
 
 
@@ -63,6 +71,6 @@ def write_predictions(run: Path, name: str, paths, probs, labels=None, fingerpri
         frame["label"] = list(labels)
     if subjects is not None:
         frame["subject"] = list(subjects)
-    meta = {"name": name, "run": str(run), "data_root": data_root, "data_fingerprint": fingerprint,
-            "data_content": fingerprint, "layout": "unlabelled", "tta": tta}
+    meta = PredictionRecord(name=name, run=str(run), data_root=data_root, data_fingerprint=fingerprint,
+                            data_content=fingerprint, layout="unlabelled", tta=tta)
     RunDir(run).write_predictions(name, frame, meta)

@@ -396,6 +396,29 @@ def test_a_prediction_whose_record_is_not_its_own_is_refused(two_members, workdi
         ensemble_command([str(a), str(b)], oof=False, name="t")
 
 
+def test_prediction_records_are_typed_and_versioned(two_members, workdir):
+    """pred_<NAME>.json round-trips through its model; a record from before versions reads as version 1; a newer
+    version, a key it does not know and a value of the wrong type are refused, naming the file."""
+    from alldetect.engine.runfiles import PRED_VERSION, PredictionRecord, RunDir
+
+    run = two_members[0] / "fold0"
+    write_predictions(run, "t", ["1.bmp", "2.bmp"], [0.2, 0.9], tta="d8")
+    files, path = RunDir(run), run / "pred_t.json"
+    record = files.read_pred_meta("t")
+    assert isinstance(record, PredictionRecord) and record.version == PRED_VERSION and record.tta == "d8"
+    written = json.loads(path.read_text())
+    assert PredictionRecord.model_validate(written) == record  # round trip
+    del written["version"]  # as alldetect wrote it before versions
+    path.write_text(json.dumps(written))
+    assert files.read_pred_meta("t") == record
+    for change, refusal in (({"version": PRED_VERSION + 1}, r"version 2 record, written by a newer alldetect"),
+                            ({"images": "many"}, r"not a record `alldetect predict` writes: images: Input should be"),
+                            ({"colour": "red"}, r"not a record `alldetect predict` writes: colour: Extra inputs")):
+        path.write_text(json.dumps({**written, **change}))
+        with pytest.raises(UserError, match=rf"fold0/pred_t.json is (a )?{refusal}.*rerun `alldetect predict"):
+            files.read_pred_meta("t")
+
+
 def test_predict_killed_between_its_files_leaves_nothing_an_ensemble_would_combine(two_members, workdir, monkeypatch):
     import alldetect.engine.runfiles as runfiles
 
@@ -442,7 +465,7 @@ def test_a_rerun_submission_leaves_nothing_of_the_earlier_one(two_members, workd
 
 
 def test_features_that_are_not_numbers_or_not_of_this_prediction_are_refused(two_members, workdir):
-    from alldetect.engine.runfiles import RunDir
+    from alldetect.engine.runfiles import PredictionRecord, RunDir
 
     a, _ = two_members
     paths = [f"{i}.bmp" for i in range(1, 5)]
@@ -451,9 +474,9 @@ def test_features_that_are_not_numbers_or_not_of_this_prediction_are_refused(two
         features = np.ones((4, 3))
         if k == 1:
             features[2, 0] = np.nan
-        run.write_predictions("t", pd.DataFrame({"path": paths, "prob_all": 0.5}),
-                              {"data_content": "d", "checkpoint_saved_at": run.meta().saved_at},
-                              (np.array(paths), features))
+        record = PredictionRecord(name="t", run=str(run), data_root="/data", data_fingerprint="d", data_content="d",
+                                  layout="unlabelled", checkpoint_saved_at=run.meta().saved_at)
+        run.write_predictions("t", pd.DataFrame({"path": paths, "prob_all": 0.5}), record, (np.array(paths), features))
     with pytest.raises(UserError, match=r"fold1/feat_t.npz: the features of 1 image\(s\) are NaN or infinite "
                                         r"\(3.bmp\)"):
         ensemble_command([str(a)], oof=False, name="t", overrides=["correct=knn"])

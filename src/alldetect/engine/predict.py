@@ -36,7 +36,7 @@ from alldetect.engine.accel import compiled
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs
-from alldetect.engine.runfiles import RunDir, RunMeta
+from alldetect.engine.runfiles import PredictionRecord, RunDir, RunMeta
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
 from alldetect.options import PREDICT_OPTIONS, TTA_VIEWS
@@ -153,12 +153,11 @@ def predict_run(run: Path, data: HeldOutData, name: str, opts: dict, device: tor
         frame["label"] = m["label"].to_numpy()
     if data.subjects_known:
         frame["subject"] = m["subject"].to_numpy()
-    about = {"name": name, "run": str(run), "arch": meta.config.arch, "epoch": meta.progress.epoch,
-             "data_root": str(data.root), "data_fingerprint": data.fingerprint, "data_content": data.content,
-             "layout": str(m["source_layout"].iloc[0]), "images": len(m), "labelled": data.labelled,
-             "checkpoint_saved_at": meta.saved_at,
-             "tta": opts["tta"], "features": opts["features"], "input_size": size, "crop": crop,
-             "made_by": f"alldetect {__version__}"}
+    about = PredictionRecord(name=name, run=str(run), arch=meta.config.arch, epoch=meta.progress.epoch,
+                             data_root=str(data.root), data_fingerprint=data.fingerprint, data_content=data.content,
+                             layout=str(m["source_layout"].iloc[0]), images=len(m), labelled=data.labelled,
+                             checkpoint_saved_at=meta.saved_at, tta=opts["tta"], features=opts["features"],
+                             input_size=size, crop=crop, made_by=f"alldetect {__version__}")
     files.write_predictions(name, frame, about, features)  # a checked pair: see RunDir.write_predictions
     if name != OOF_NAME:
         _warn_if_trained_on(run, meta, data)

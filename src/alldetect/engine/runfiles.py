@@ -56,6 +56,35 @@ from alldetect.models import model_from_config
 SCHEMA_VERSION = 2  # 0: before select= (cannot be resumed); 1: one flat dict; 2: {"meta": RunMeta, tensors...}
 OOF_COLUMNS = ("path", "subject", "label", "prob_all", "pred", "fold")
 PRED_COLUMNS = ("path", "prob_all")  # + label, subject where the images' layout says them
+PRED_VERSION = 1  # of pred_<NAME>.json; files from before versions were recorded read as 1
+
+
+class PredictionRecord(BaseModel):
+    """pred_<NAME>.json: which images (root, names and sizes, content digest), layout, TTA and checkpoint the
+    pred_<NAME>.csv beside it is of, and the SHA-256 of that CSV (and of feat_<NAME>.npz). Unknown keys, wrong
+    types and a newer version are refused by `RunDir.read_pred_meta`, never read as defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PRED_VERSION
+    name: str
+    run: str
+    data_root: str
+    data_fingerprint: str  # names and sizes, as fold files record
+    data_content: str | None = None  # names and every file's SHA-256; older files lack it (ensemble refuses them)
+    layout: str
+    tta: str = "none"
+    images: int | None = None
+    labelled: bool | None = None
+    arch: str | None = None
+    epoch: int | None = None
+    checkpoint_saved_at: float | None = None  # names the best.pt that predicted (RunMeta.saved_at)
+    features: bool = False
+    input_size: int | None = None
+    crop: int | None = None
+    made_by: str | None = None
+    csv_sha256: str | None = None  # set by write_predictions; a record without it describes no file
+    features_sha256: str | None = None
 TENSORS = ("model", "optimizer", "ema", "scaler")
 PREDICTION_FILE_RE = re.compile(r"^(pred_.+\.(csv|json)|feat_.+\.npz)$")
 TEMPORARY_RE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")  # what atomic_path's mkstemp names
@@ -327,31 +356,32 @@ class RunDir:
             raise UserError(f"{self.path} has no oof.csv, the out-of-fold predictions of its validation images: {why}")
         return read_checked_csv(self.oof, {"path", "label", "prob_all", "fold"}, "out-of-fold predictions")
 
-    def write_predictions(self, name: str, frame: pd.DataFrame, record: dict,
+    def write_predictions(self, name: str, frame: pd.DataFrame, record: PredictionRecord,
                           features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """pred_<name>.csv and pred_<name>.json as a pair, and feat_<name>.npz (paths, features) with `features`
         (else an older one is removed: it may be of other images). The old JSON goes first, so that a write killed
         half-way leaves predictions without a record (refused by every reader), never new predictions beside an
         old record; the new record holds the SHA-256 of each file it describes."""
         self.pred_meta(name).unlink(missing_ok=True)
-        record = dict(record)
+        digests: dict[str, Any] = {"version": PRED_VERSION, "features_sha256": None}
         if features is not None:
             paths, values = features
             with atomic_path(self.feat(name)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, paths=paths, features=values)
-            record["features_sha256"] = file_sha256(self.feat(name))
+            digests["features_sha256"] = file_sha256(self.feat(name))
         else:
             self.feat(name).unlink(missing_ok=True)
         write_csv(self.pred(name), frame)
-        record["csv_sha256"] = file_sha256(self.pred(name))
-        write_text(self.pred_meta(name), json.dumps(record, indent=2) + "\n")
+        digests["csv_sha256"] = file_sha256(self.pred(name))
+        record = record.model_copy(update=digests)
+        write_text(self.pred_meta(name), json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
 
     def read_predictions(self, name: str) -> pd.DataFrame:
         """pred_<name>.csv, after checking that it is the file its pred_<name>.json describes."""
         self.read_pred_meta(name)
         return read_checked_csv(self.pred(name), set(PRED_COLUMNS), "prediction CSV")
 
-    def read_pred_meta(self, name: str) -> dict:
+    def read_pred_meta(self, name: str) -> PredictionRecord:
         """pred_<name>.json: which data, layout, TTA and checkpoint the predictions are of, checked to describe the
         pred_<name>.csv beside it."""
         path, csv = self.pred_meta(name), self.pred(name)
@@ -369,10 +399,21 @@ class RunDir:
         if not isinstance(record.get("csv_sha256"), str):
             raise UserError(f"{path} does not record the digest of {csv.name} (written by an older alldetect, or by "
                             f"hand), so it cannot be told to describe that file; {rerun}")
-        if csv.is_file() and file_sha256(csv) != record["csv_sha256"]:
+        version = record.get("version", 1)  # before versions were recorded: the same fields as version 1
+        if not isinstance(version, int) or version > PRED_VERSION:
+            raise UserError(f"{path} is a version {version} record, written by a newer alldetect than this one "
+                            f"(which reads up to version {PRED_VERSION}): upgrade alldetect, or {rerun}")
+        try:
+            parsed = PredictionRecord.model_validate({**record, "version": version})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise UserError(f"{path} is not a record `alldetect predict` writes: {where}: {first['msg']}; "
+                            f"{rerun}") from None
+        if csv.is_file() and file_sha256(csv) != parsed.csv_sha256:
             raise UserError(f"{csv} is not the file {path.name} describes (its SHA-256 differs: a predict was "
                             f"stopped half-way, or one of the two was replaced or edited); {rerun}")
-        return record
+        return parsed
 
     def read_features(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """feat_<name>.npz: (paths, features: images x features), checked to be the file pred_<name>.json
@@ -383,7 +424,7 @@ class RunDir:
             raise UserError(f"correct=knn needs each run's features, and {path} is missing: run "
                             f"`{predict_command_for(self.path, name, features=True)}` first")
         record = self.read_pred_meta(name)
-        if record.get("features_sha256") != file_sha256(path):
+        if record.features_sha256 != file_sha256(path):
             raise UserError(f"{path} is not the file {self.pred_meta(name).name} describes (made by another predict, "
                             f"or replaced since); {rerun}")
         try:

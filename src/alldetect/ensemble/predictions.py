@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alldetect.engine.runfiles import RunDir, RunMeta, predict_command_for
+from alldetect.engine.runfiles import PredictionRecord, RunDir, RunMeta, predict_command_for
 from alldetect.engine.runs import Member
 from alldetect.engine.select import selection_label
 from alldetect.ensemble.combine import KNN_K
@@ -129,7 +129,7 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
                             f"it lacks {len(lacks)} ({short_list(lacks, 3)}) and has {len(extra)} others "
                             f"({short_list(extra, 3)}). Rerun `alldetect predict` for every run with the same --data")
     stale = [r for r, m in metas.items()
-             if m.get("checkpoint_saved_at") is not None and m["checkpoint_saved_at"] != RunDir(r).meta().saved_at]
+             if m.checkpoint_saved_at is not None and m.checkpoint_saved_at != RunDir(r).meta().saved_at]
     if stale:
         raise UserError(f"the predictions '{name}' of {short_list([str(r) for r in stale])} were made by an older "
                         "best.pt than the run holds now (it was retrained or resumed since). Rerun `alldetect predict "
@@ -140,38 +140,38 @@ def load_predictions(members: list[Member], name: str) -> Predictions:
     for member in members:
         folds = [frames[r].set_index("path").loc[frame["path"], "prob_all"].to_numpy(float) for r in member.runs]
         columns.append(np.mean(folds, axis=0))
-    tta = sorted({str(m.get("tta")) for m in metas.values()})
+    tta = sorted({m.tta for m in metas.values()})
     if len(tta) > 1:
         log.warning("the runs' predictions '%s' used different test-time augmentation (%s)", name, ", ".join(tta))
     meta = metas[ref]
-    roots = sorted({str(m.get("data_root")) for m in metas.values()})
-    info = {"data_root": meta.get("data_root"), "data_fingerprint": meta.get("data_fingerprint"),
-            "data_content": meta.get("data_content"), **({"data_roots": roots} if len(roots) > 1 else {}),
-            "layout": meta.get("layout"), "tta": tta if len(tta) > 1 else tta[0],
+    roots = sorted({m.data_root for m in metas.values()})
+    info = {"data_root": meta.data_root, "data_fingerprint": meta.data_fingerprint,
+            "data_content": meta.data_content, **({"data_roots": roots} if len(roots) > 1 else {}),
+            "layout": meta.layout, "tta": tta if len(tta) > 1 else tta[0],
             "runs": {m.name: [str(r) for r in m.runs] for m in members}}
     return Predictions(frame[keep], np.column_stack(columns), [m.name for m in members], info)
 
 
-def _check_same_images(metas: dict[Path, dict], name: str) -> None:
+def _check_same_images(metas: dict[Path, PredictionRecord], name: str) -> None:
     """Every run predicted the same images: by content (the SHA-256 of every file, which predict records), not by
     names and sizes, which two different C-NMC folders share. The folders may differ (a copy of the data set
     elsewhere holds the same images); the same folder whose images changed between two predicts may not."""
-    lacking = [str(r) for r, m in metas.items() if not isinstance(m.get("data_content"), str)]
+    lacking = [str(r) for r, m in metas.items() if m.data_content is None]
     if lacking:
         raise UserError(f"the predictions '{name}' of {short_list(lacking)} do not record the content of the images "
                         "they are of (made by an older alldetect), so they cannot be checked to be of the same images "
                         f"as the others. Rerun `alldetect predict RUN... --data DIR --name {name}` for every run")
-    contents = {m["data_content"] for m in metas.values()}
+    contents = {m.data_content for m in metas.values()}
     if len(contents) > 1:
         groups: dict[str, list[str]] = {}
         for r, m in metas.items():
-            groups.setdefault(f"{m.get('data_root')} (content {m['data_content'][:16]})", []).append(str(r))
+            groups.setdefault(f"{m.data_root} (content {(m.data_content or '')[:16]})", []).append(str(r))
         detail = "; ".join(f"{short_list(runs, 3)}: {where}" for where, runs in groups.items())
-        same_root = len({m.get("data_root") for m in metas.values()}) == 1
+        same_root = len({m.data_root for m in metas.values()}) == 1
         why = (" (the same folder: its images changed between the predicts)" if same_root else "")
         raise UserError(f"predictions '{name}' were made of different images{why}: {detail}. Rerun `alldetect "
                         f"predict` for every run with the same --data")
-    roots = sorted({str(m.get("data_root")) for m in metas.values()})
+    roots = sorted({m.data_root for m in metas.values()})
     if len(roots) > 1:
         log.info("predictions '%s' were made from %d folders holding the same images (%s)", name, len(roots),
                  ", ".join(roots))
@@ -185,7 +185,7 @@ def _read_features(run: Path, name: str) -> pd.Series:
     """feat_<name>.npz of a run as {path: feature row}, checked against the run's current best.pt."""
     files = RunDir(run)
     paths, features = files.read_features(name)
-    saved = files.read_pred_meta(name).get("checkpoint_saved_at")
+    saved = files.read_pred_meta(name).checkpoint_saved_at
     if saved is not None and saved != files.meta().saved_at:
         raise UserError(f"{files.feat(name)} was made by an older best.pt than {run} holds now: rerun "
                         f"`{predict_command_for(run, name, features=True)}`")
