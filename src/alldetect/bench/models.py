@@ -59,29 +59,23 @@ def _compiled_settings(channels_last: bool) -> tuple[Setting, Setting]:
             Setting("graphs", True, channels_last, "reduce-overhead", True))
 
 
+def _clock(fn, calls: int, cuda: bool) -> float:
+    """Seconds that `calls` calls of fn take, the GPU's queued work included."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _timed(fn, cuda: bool, warmup: int = 3) -> tuple[float, float]:
     """(seconds a step, seconds the first call took). Steps: as many as fit in TARGET_SECONDS, at least 3."""
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    probe = time.perf_counter() - start
+    first = _clock(fn, 1, cuda)
+    _clock(fn, warmup - 1, cuda)
+    probe = _clock(fn, 1, cuda)
     steps = max(3, min(30, math.ceil(TARGET_SECONDS / max(probe, 1e-6))))
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, first
+    return _clock(fn, steps, cuda) / steps, first
 
 
 def measure(arch: str, batch: int, device: torch.device, s: Setting, train: bool = True,
@@ -95,7 +89,7 @@ def measure(arch: str, batch: int, device: torch.device, s: Setting, train: bool
     y = torch.randint(0, 2, (batch,), device=device)
     if s.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    forward = compiled(model, s.compile_mode, device) if s.compile_mode and cuda else model
+    forward = compiled(model, s.compile_mode, device) if s.compile_mode else model  # eager on a CPU
     amp = s.amp and cuda
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if s.fused and cuda else None)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 
+from alldetect.config import Config
+
 log = logging.getLogger("alldetect")
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = get_args(Config.model_fields["compile_mode"].annotation)  # as the config allows
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")  # torch's own Adam/AdamW/SGD have a fused CUDA kernel
 
 
@@ -70,5 +73,4 @@ def pad_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:
         return x
     layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous() else torch.contiguous_format
-    pad = torch.zeros((size - len(x), *x.shape[1:]), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
-    return torch.cat([x, pad]).contiguous(memory_format=layout)
+    return torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))]).contiguous(memory_format=layout)

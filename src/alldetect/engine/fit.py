@@ -180,7 +180,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
                 if cfg.freeze_epochs:
                     set_frozen(model.module, epoch < cfg.freeze_epochs)
                 carry = partial if partial is not None and partial["epoch"] == epoch else None
-                if ahead is None or carry:
+                if ahead is None:  # the run's first epoch (the only one a resume can carry): start it here
                     data.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
                     ahead = iter(data.train_loader)
                 batches, ahead = ahead, None
