@@ -96,16 +96,21 @@ def _check_same_fold_file(members: list[Member], tables: list[pd.DataFrame], inf
                 f"the members cover different images: {member.name} lacks {len(lacks)} image(s) that {ref_name} has "
                 f"({short_list(lacks, 3)}) and has {len(extra)} that {ref_name} lacks ({short_list(extra, 3)}). "
                 "Every member needs OOF predictions of the same folds (train them all: ./train.sh ARCH all)")
-        moved = ref.index[ref["fold"].to_numpy() != table.loc[ref.index, "fold"].to_numpy()]
+        moved = _disagree(ref, table, "fold")
         if len(moved):
             files = {i.member: i.meta.fold_file for i in infos}
             raise UserError(
                 f"{member.name} and {ref_name} were trained on different fold files ({files[member.name]} and "
                 f"{files[ref_name]}): {len(moved)} image(s) sit in other folds ({short_list(moved, 3)}). "
                 "Use runs trained on the same fold file")
-        relabelled = ref.index[ref["label"].to_numpy() != table.loc[ref.index, "label"].to_numpy()]
+        relabelled = _disagree(ref, table, "label")
         if len(relabelled):
             raise UserError(f"{member.name} and {ref_name} disagree on the labels of {short_list(relabelled, 3)}")
+
+
+def _disagree(ref: pd.DataFrame, table: pd.DataFrame, column: str) -> pd.Index:
+    """The images (ref's index, which table covers) whose `column` differs between two members' OOF tables."""
+    return ref.index[ref[column].to_numpy() != table.loc[ref.index, column].to_numpy()]
 
 
 def load_predictions(members: list[Member], name: str) -> Predictions:
