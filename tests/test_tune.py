@@ -18,7 +18,7 @@ from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
 from alldetect.errors import UserError
 from alldetect.search_space import load_search_space, nest
-from alldetect.tune import TrialSeededSampler, open_storage
+from alldetect.tune import TrialSeededSampler, driver_url, open_storage
 
 from conftest import FAST, REPO
 
@@ -307,8 +307,9 @@ def test_a_killed_workers_trial_is_marked_failed(kind, tiny_data, workdir, confi
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Conditions, each polled until it holds (no fixed sleeps): optuna's heartbeat-staleness query, once with a
     # grace period of ~0 (true as soon as the trial has recorded a heartbeat), once with the workers' 2 s.
-    beat = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1e-6)  # type: ignore[arg-type]
-    stale = optuna.storages.RDBStorage(url, heartbeat_interval=1)
+    # (driver_url: a bare postgresql:// means psycopg 3 to SQLAlchemy 2.1; alldetect installs psycopg2)
+    beat = optuna.storages.RDBStorage(driver_url(url), heartbeat_interval=1, grace_period=1e-6)  # type: ignore[arg-type]
+    stale = optuna.storages.RDBStorage(driver_url(url), heartbeat_interval=1)
 
     def study_id() -> int | None:
         try:
