@@ -12,7 +12,7 @@ import torch
 
 from alldetect.commands.train import train_command
 from alldetect.config import load_config
-from alldetect.engine import accel, fit
+from alldetect.engine import accel, setup
 from alldetect.engine.loop import DeviceBatch, predict_probs
 from alldetect.engine.optim import create_optimizer
 from alldetect.engine.predict import COMPILE_MIN_VIEWS, _compiles
@@ -62,7 +62,7 @@ def test_training_with_compile_follows_the_eager_run(tiny_demo, workdir, monkeyp
     common = [*FAST, f"data.root={tiny_demo}", "dropout=0"]
     train_command("proposed", "fold0", [*common, "runs_dir=eager"])
     calls = []
-    monkeypatch.setattr(fit, "compiled", lambda *a, **k: calls.append(a[0]) or _capture_only(*a, **k))
+    monkeypatch.setattr(setup, "compiled", lambda *a, **k: calls.append(a[0]) or _capture_only(*a, **k))
     train_command("proposed", "fold0", [*common, "runs_dir=compiled", "compile=true"])
     assert len(calls) == 2  # the network that trains and its moving average, which validates
     eager, compiled = (pd.read_csv(workdir / f"{d}/proposed/fold0/history.csv") for d in ("eager", "compiled"))

@@ -237,24 +237,24 @@ def test_labels_file_cannot_point_outside_the_folder(tmp_path):
 
 
 def test_out_of_memory_names_a_batch_size_to_try(tiny_demo, workdir, monkeypatch):
-    import alldetect.engine.fit as fit
+    import alldetect.engine.trainer as trainer
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(fit, "train_one_epoch", oom)
+    monkeypatch.setattr(trainer, "train_one_epoch", oom)
     with pytest.raises(UserError, match=r"ran out of memory .* batch_size=8.*Try batch_size=4"):
         fit_fold(_cfg(tiny_demo), 0, resolve_folds(_cfg(tiny_demo)))
 
 
 def test_full_disk_fails_before_training(tiny_demo, workdir, monkeypatch):
-    import alldetect.engine.fit as fit
     import alldetect.engine.rundir as rundir
+    import alldetect.engine.trainer as trainer
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     called = []
-    monkeypatch.setattr(fit, "train_one_epoch", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(trainer, "train_one_epoch", lambda *a, **k: called.append(1))
     with pytest.raises(UserError, match=r"only 1 MiB free .* checkpoints need about \d+ MiB"):
         fit_fold(_cfg(tiny_demo), 0, resolve_folds(_cfg(tiny_demo)))
     assert not called

@@ -116,7 +116,7 @@ def test_a_resume_must_count_updates_as_the_run_did(tiny_demo, workdir):
     """The schedule and the moving average follow the update count: max_batches= or another number of processes
     would move them."""
     from alldetect.data.prepare import resolve_folds
-    from alldetect.engine.fit import _check_same_updates
+    from alldetect.engine.setup import check_same_updates
 
     folds = resolve_folds(_cfg(tiny_demo, "epochs=1"))
     fit_fold(_cfg(tiny_demo, "epochs=1", "max_batches=2"), 0, folds)
@@ -125,4 +125,4 @@ def test_a_resume_must_count_updates_as_the_run_did(tiny_demo, workdir):
     state = load_checkpoint(workdir / "runs/proposed/fold0/last.pt")
     assert (state.meta.world, state.meta.updates_per_epoch) == (1, 2)
     with pytest.raises(UserError, match=r"ran 2 updates per epoch on 1 process\(es\), this run would make 1 on 2"):
-        _check_same_updates(state.meta, 2, 1, workdir)
+        check_same_updates(state.meta, 2, 1, workdir)

@@ -8,10 +8,11 @@ from torch import nn
 
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
-from alldetect.engine.fit import Model, _updater, fit_fold
+from alldetect.engine.fit import fit_fold
 from alldetect.engine.loop import DeviceBatch, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer
 from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.setup import Model, build_updater
 from alldetect.errors import UserError
 from alldetect.models import create_model
 
@@ -48,7 +49,7 @@ def _batches(n_batches, size, seed=0, separable=True):
 def _train(cfg, model, batches, epochs=1):
     optimizer = create_optimizer(cfg, model)
     per_epoch = -(-len(batches) // cfg.accum_steps)
-    updater = _updater(cfg, Model(model, model, None), optimizer, Schedule(cfg, optimizer, per_epoch), None,
+    updater = build_updater(cfg, Model(model, model, None), optimizer, Schedule(cfg, optimizer, per_epoch), None,
                        torch.device("cpu"), DeviceBatch(torch.device("cpu"), False, False))
     for epoch in range(epochs):
         train_one_epoch(model, batches, updater, updater_dev(), epoch=epoch, seed=0, updates_per_epoch=per_epoch)
@@ -174,7 +175,7 @@ def test_mixup_and_cutmix_mix_pairs_of_images_and_labels_reproducibly(key):
     cfg = _cfg(f"{key}=1.0", "label_smoothing=0")
     model = Tiny()
     optimizer = create_optimizer(cfg, model)
-    updater = _updater(cfg, Model(model, model), optimizer, Schedule(cfg, optimizer, 1), None, torch.device("cpu"),
+    updater = build_updater(cfg, Model(model, model), optimizer, Schedule(cfg, optimizer, 1), None, torch.device("cpu"),
                        updater_dev())
     x, y, _ = _batches(1, 8)[0]
     x = updater_dev().images(x)
@@ -206,7 +207,7 @@ def test_an_odd_batch_is_mixed_too_all_but_its_last_image(key, size):
     cfg = _cfg(key, "label_smoothing=0", f"batch_size={size}")
     model = Tiny()
     optimizer = create_optimizer(cfg, model)
-    updater = _updater(cfg, Model(model, model), optimizer, Schedule(cfg, optimizer, 1), None, torch.device("cpu"),
+    updater = build_updater(cfg, Model(model, model), optimizer, Schedule(cfg, optimizer, 1), None, torch.device("cpu"),
                        updater_dev())
     torch.manual_seed(0)
     x, y = torch.rand(size, 3, 32, 32), torch.tensor([0, 1] * (size // 2) + [1])

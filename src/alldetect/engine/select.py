@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from alldetect.config import Config
+from alldetect.engine.runfiles import Progress
 from alldetect.errors import UserError
 
 OPTIMISTIC = "OPTIMISTIC: the epoch was chosen on the very images it is scored on (select=outer)"
@@ -36,32 +37,51 @@ def selection_text(select: str, monitor: str) -> str:
     }[select]
 
 
-class Selector:
-    """Decides after each epoch whether its weights become best.pt. One comparator: higher is better, except for
-    the loss."""
+class FixedSchedule:
+    """select=ema or last: the final epoch's weights are kept; no score decides and nothing stops early."""
+
+    judge: str | None = None  # which evaluation's scores decide: none
 
     def __init__(self, cfg: Config):
-        self.mode, self.monitor, self.last_epoch = cfg.select, cfg.monitor, cfg.epochs - 1
-        self.patience = cfg.patience
+        self.last_epoch = cfg.epochs - 1
 
-    @property
-    def curve(self) -> str | None:
-        """Whose scores decide: 'inner', 'outer', or None (a fixed schedule)."""
-        return {"inner": "inner", "outer": "outer"}.get(self.mode)
+    def chooses(self, epoch: int, scores: dict[str, dict], progress: Progress) -> bool:
+        return epoch == self.last_epoch
+
+    def should_stop(self, progress: Progress) -> bool:
+        return False
+
+
+class BestEpoch:
+    """select=inner or outer: the epoch whose `monitor` is best on that evaluation (higher is better, except for
+    the loss) is kept; `patience` epochs without a better one stop the run (0: never)."""
+
+    def __init__(self, cfg: Config, judge: str):
+        self.judge, self.monitor, self.patience = judge, cfg.monitor, cfg.patience
 
     def better(self, value: float, best: float | None) -> bool:
         if best is None:
             return True
         return value < best if self.monitor == "loss" else value > best
 
-    def chooses(self, epoch: int, metrics: dict | None, best: float | None) -> bool:
-        if self.curve is None:
-            return epoch == self.last_epoch
-        assert metrics is not None, "a chosen epoch needs scores to choose on"
-        return self.better(metrics[self.monitor], best)
+    def chooses(self, epoch: int, scores: dict[str, dict], progress: Progress) -> bool:
+        """Whether this epoch's weights become best.pt; keeps the best score and the epochs since it in progress."""
+        value = scores[self.judge][self.monitor]
+        chosen = self.better(value, progress.best)
+        progress.stale = 0 if chosen else progress.stale + 1
+        if chosen:
+            progress.best = value
+        return chosen
 
-    def should_stop(self, stale: int) -> bool:
-        return self.curve is not None and stale >= self.patience > 0
+    def should_stop(self, progress: Progress) -> bool:
+        return progress.stale >= self.patience > 0
+
+
+SelectionPolicy = FixedSchedule | BestEpoch
+
+
+def selection_policy(cfg: Config) -> SelectionPolicy:
+    return BestEpoch(cfg, cfg.select) if cfg.select in ("inner", "outer") else FixedSchedule(cfg)
 
 
 def carve_inner(rows: pd.DataFrame, share: float, seed: int, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
