@@ -96,12 +96,25 @@ def _export(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alldetect.options import ENSEMBLE_OPTIONS, PREDICT_OPTIONS, describe
-
     p = argparse.ArgumentParser(prog="alldetect", description="Acute lymphoblastic leukemia detection in "
                                 "white-blood-cell images (C-NMC 2019).")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_commands, _train_commands, _prediction_commands, _tune_command, _look_commands):
+        add(sub)
+    return p
+
+
+ARCH_HELP = "proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name"
+RUNS_HELP = "runs/<arch> (all its folds) or runs/<arch>/fold<k>, and key=value options"
+
+
+def _config_files(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
+
+
+def _data_commands(sub) -> None:
+    from alldetect.options import SPLIT_BY, meanings
 
     s = sub.add_parser("index", help="show what a data folder holds: layout, classes, subjects, image sizes")
     s.add_argument("data_root")
@@ -111,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_root")
     s.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
     s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--by", choices=["subject", "official", "image"], default="subject",
-                   help="subject (default): no subject in two folds; official: C-NMC fold_0..2; "
-                        "image: the report's leaky random split")
+    s.add_argument("--by", choices=list(SPLIT_BY), default="subject", help=meanings(SPLIT_BY))
     s.add_argument("--out", help="fold file to write (default folds/<dataset>_k<k>_s<seed>.csv)")
     s.add_argument("--folds-dir", default="folds")
     s.add_argument("--skip-bad", action="store_true", help="leave out unreadable images and list them")
@@ -128,23 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each cell on a smear of red cells instead of on black (images unlike C-NMC's)")
     s.set_defaults(func=_demo_data)
 
+    s = sub.add_parser("cache", help="decode, crop and resize every image once for ARCH's input size (data.cache)")
+    s.add_argument("arch")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input_size=224")
+    _config_files(s)
+    s.set_defaults(func=_cache)
+
+
+def _train_commands(sub) -> None:
     s = sub.add_parser("train", help="train ARCH on FOLD (fold0..fold<k-1>, all, or full: every image) into "
                        "runs/<arch>/fold<k> (or runs/<arch>/full)")
-    s.add_argument("arch", help="proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name")
+    s.add_argument("arch", help=ARCH_HELP)
     s.add_argument("fold", help="fold0, fold1, ..., all (every fold), or full (one final model on every image)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 epochs=20")
-    s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
+    _config_files(s)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("models", help="list the architectures with input sizes and parameter counts")
     s.add_argument("names", nargs="*", help="architectures to list (default: the report's five)")
     s.set_defaults(func=_models)
-
-    s = sub.add_parser("cache", help="decode, crop and resize every image once for ARCH's input size (data.cache)")
-    s.add_argument("arch")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input_size=224")
-    s.add_argument("--config", action="append", default=[], metavar="FILE")
-    s.set_defaults(func=_cache)
 
     s = sub.add_parser("bench", help="benchmarks: data pipeline or models, ratios measured side by side")
     s.add_argument("kind", choices=["pipeline", "models"])
@@ -161,11 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="also append the table to this file")
     s.set_defaults(func=_bench)
 
+
+def _prediction_commands(sub) -> None:
+    from alldetect.options import ENSEMBLE_OPTIONS, PREDICT_OPTIONS, describe
+
     # key=value options (tta=d8, weights=oof, ...) may sit among the run folders; the command tells them apart.
     s = sub.add_parser("predict", help="run trained models over a folder of images: runs/<arch>/fold<k>/pred_<NAME>.csv",
                        epilog="options (key=value): " + describe(PREDICT_OPTIONS))
-    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
-                   "and key=value options")
+    s.add_argument("runs", nargs="+", metavar="RUN", help=RUNS_HELP)
     s.add_argument("--data", metavar="DIR", help="images in any layout alldetect reads (with --oof: where the "
                    "runs' data set is now, if it moved)")
     s.add_argument("--name", help="name of this prediction set, e.g. prelim (pred_<NAME>.csv)")
@@ -176,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ensemble", help="average runs' softmax outputs: score OOF (--oof) or write a submission (--name)",
                        epilog="options (key=value), each fitted on out-of-fold predictions: "
                               + describe(ENSEMBLE_OPTIONS))
-    s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (all its folds) or runs/<arch>/fold<k>, "
-                   "and key=value options")
+    s.add_argument("runs", nargs="+", metavar="RUN", help=RUNS_HELP)
     s.add_argument("--oof", action="store_true", help="score the out-of-fold predictions of members and ensemble")
     s.add_argument("--name", help="combine the predictions `predict --name NAME` made into submissions/<NAME>.csv "
                    "(with --oof: names the output folder, submissions/oof_<NAME>/)")
@@ -189,8 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, help="C-NMC_test_prelim_phase_data_labels.csv (Patient_ID,new_names,labels)")
     s.set_defaults(func=_evaluate)
 
+
+def _tune_command(sub) -> None:
+    from alldetect.options import PRUNERS
+
     s = sub.add_parser("tune", help="Optuna study of ARCH's hyperparameters; writes configs/tuned/<arch>.yaml")
-    s.add_argument("arch", help="proposed, alexnet, vgg16, resnet50, inception_v3, or any timm model name")
+    s.add_argument("arch", help=ARCH_HELP)
     s.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config overrides, e.g. epochs=20")
     s.add_argument("--trials", type=int, default=20, help="trials this run adds to the study (default 20)")
     s.add_argument("--folds", default="fold0", help="validation folds, scored as their mean: fold0 (default), "
@@ -200,14 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "postgresql://USER:PASSWORD@HOST/DB shares a study among workers")
     s.add_argument("--space", metavar="FILE", help="search space (default configs/search/<arch>.yaml, "
                                                    "else configs/search/default.yaml)")
-    s.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
-                   help="stops unpromising trials early (default median)")
+    s.add_argument("--pruner", choices=PRUNERS, default=PRUNERS[0],
+                   help=f"stops unpromising trials early (default {PRUNERS[0]})")
     s.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
     s.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
                    help="a worker's running trial is marked failed 2 heartbeats after it stops (default 60)")
     s.add_argument("--out", metavar="FILE", help="tuned config to write (default configs/tuned/<arch>.yaml)")
-    s.add_argument("--config", action="append", default=[], metavar="FILE", help="extra config file (repeatable)")
+    _config_files(s)
     s.set_defaults(func=_tune)
+
+
+def _look_commands(sub) -> None:
+    from alldetect.options import EXPORT_FORMATS, GRADCAM_TARGETS, meanings
 
     s = sub.add_parser("report", help="the comparison table, curves and mistakes of every run: reports/<NAME>/index.html")
     s.add_argument("--runs", default="runs", help="folder of <arch>/fold<k>/ runs (default runs)")
@@ -223,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", metavar="RUN", help="runs/<arch>/fold<k> (runs/<arch>: its first fold)")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--out", default="reports/visualize", help="output folder (default reports/visualize)")
-    s.add_argument("--target", choices=["pred", "all", "hem"], default="pred",
-                   help="class whose Grad-CAM is drawn (default pred: the predicted one)")
+    s.add_argument("--target", choices=list(GRADCAM_TARGETS), default="pred",
+                   help="class whose Grad-CAM is drawn: " + meanings(GRADCAM_TARGETS))
     s.add_argument("--layer", metavar="NAME", help="module for Grad-CAM, e.g. layer4 (default: the last block whose "
                    "map is at least 7 x 7)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -233,12 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="a fold's model as ONNX (or TorchScript) with its preprocessing, to run "
                        "without alldetect: exports/<arch>_fold<k>/")
     s.add_argument("runs", nargs="+", metavar="RUN", help="runs/<arch> (every fold) or runs/<arch>/fold<k>")
-    s.add_argument("--format", default="onnx", help="onnx (default), torchscript, or both: onnx,torchscript")
+    s.add_argument("--format", default=EXPORT_FORMATS[0], help=f"{', '.join(EXPORT_FORMATS)}, or several "
+                   f"comma-separated: {','.join(EXPORT_FORMATS)} (default {EXPORT_FORMATS[0]})")
     s.add_argument("--out", default="exports", help="output folder (default exports)")
     s.add_argument("--overwrite", action="store_true", help="replace the export of another run in the same folder "
                    "(an export of the same run is always replaced)")
     s.set_defaults(func=_export)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

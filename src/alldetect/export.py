@@ -26,10 +26,11 @@ from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from alldetect.engine.loop import logits_of
 from alldetect.engine.runfiles import RunDir, RunMeta
 from alldetect.errors import UserError, short_list
+from alldetect.options import EXPORT_FORMATS
 
 log = logging.getLogger("alldetect")
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = dict(zip(EXPORT_FORMATS, ("model.onnx", "model.torchscript.pt"), strict=True))  # format -> file
 EXPORT_FILES = {*FORMATS.values(), "preprocessing.json"}  # all an export folder holds
 TOLERANCE = 1e-4  # largest difference in probability allowed between the export and PyTorch
 

@@ -165,3 +165,19 @@ ENSEMBLE_OPTIONS = {
                     "al.) or black-box shift estimation (Lipton et al.), or known, e.g. prior=0.5; probabilities "
                     "re-weighted to it by Bayes' rule"),
 }
+
+
+# The choices of the CLI's flags, declared once: argparse offers them (cli.py) and the library checks them.
+SPLIT_BY = {
+    "subject": "no subject in two folds (default)",
+    "official": "C-NMC's own fold_0..2",
+    "image": "the report's leaky random split",
+}
+PRUNERS = ("median", "hyperband", "none")  # tune --pruner: stops unpromising trials early
+GRADCAM_TARGETS = {"pred": "the predicted class (default)", "all": "blast", "hem": "normal"}
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+def meanings(choices: dict[str, str]) -> str:
+    """{'subject': 'no subject ...', ...} -> 'subject: no subject ...; official: ...' for a flag's help."""
+    return "; ".join(f"{k}: {v}" for k, v in choices.items())

@@ -40,11 +40,11 @@ from alldetect.engine.fit import fit_fold
 from alldetect.engine.runfiles import RunDir
 from alldetect.engine.train import resolve_config
 from alldetect.errors import UserError
+from alldetect.options import PRUNERS
 from alldetect.search_space import SearchSpace
 
 log = logging.getLogger("alldetect")
 
-PRUNERS = ("median", "hyperband", "none")
 # Settings that may differ between the workers and the runs of one study (config.STUDY_RUNTIME_ROLES).
 RUNTIME_KEYS = keys_with_role(STUDY_RUNTIME_ROLES)
 

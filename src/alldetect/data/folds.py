@@ -20,6 +20,7 @@ from alldetect.data.images import drop_bad_images, fingerprint
 from alldetect.data.layouts import build_manifest, dataset_name
 from alldetect.errors import UserError, short_list
 from alldetect.locks import exclusive
+from alldetect.options import SPLIT_BY
 
 log = logging.getLogger("alldetect")
 
@@ -68,7 +69,7 @@ def assign_folds(manifest: pd.DataFrame, k: int, seed: int, by: str = "subject")
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         groups = manifest["subject"].to_numpy()
     else:
-        raise UserError(f"unknown split '--by {by}'; choose subject, official or image")
+        raise UserError(f"unknown split '--by {by}'; choose {', '.join(SPLIT_BY)}")
     folds = np.full(len(manifest), -1, dtype=int)
     for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         folds[val_idx] = fold
