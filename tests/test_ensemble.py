@@ -122,6 +122,29 @@ def test_equal_weight_oof_ensemble_is_the_mean_of_members(two_members, workdir, 
     assert "per-subject accuracy" in out and set(metrics["scores"]["ensemble"]["per_subject_accuracy"]) == set(SUBJECTS)
 
 
+def test_ensemble_records_are_typed_and_versioned(two_members, workdir):
+    """metrics.json round-trips through its model; one from before versions reads as version 1; a newer version, a
+    key the model does not know and a value of the wrong type are refused, naming the file and what to do."""
+    from alldetect.ensemble.record import ENSEMBLE_VERSION, EnsembleRecord, read_ensemble_record
+
+    ensemble_command([str(m) for m in two_members], oof=True, name="cv", overrides=["weights=oof"])
+    path = workdir / "submissions/oof_cv/metrics.json"
+    written = json.loads(path.read_text())
+    record = read_ensemble_record(path, "remake it")
+    assert isinstance(record, EnsembleRecord) and record.version == ENSEMBLE_VERSION == written["version"]
+    assert record.members == ["proposed", "resnet50"] and record.scores["ensemble"] == written["scores"]["ensemble"]
+    assert record.per_fold is not None and set(record.per_fold) == {0, 1, 2}  # JSON's "0" keys are folds again
+    del written["version"]  # as alldetect wrote it before versions
+    path.write_text(json.dumps(written))
+    assert read_ensemble_record(path, "remake it") == record
+    for change, refusal in (({"version": ENSEMBLE_VERSION + 1}, r"is a version 2 record, written by a newer"),
+                            ({"images": "many"}, r"is not a record `alldetect ensemble` writes: images: Input should"),
+                            ({"colour": "red"}, r"is not a record `alldetect ensemble` writes: colour: Extra inputs")):
+        path.write_text(json.dumps({**written, **change}))
+        with pytest.raises(UserError, match=rf"metrics.json {refusal}.*remake it"):
+            read_ensemble_record(path, "remake it")
+
+
 def test_members_that_chose_epochs_on_their_validation_folds_are_labelled_optimistic(workdir, capsys):
     honest = _member(workdir / "runs", "proposed", 0.3, 1)
     ensemble_command([str(honest)], oof=True, name=None)
@@ -198,7 +221,7 @@ def test_submission_averages_folds_then_members_and_writes_isbi_file(two_members
     assert (workdir / "submissions/prelim/evaluation.json").is_file()
     record = workdir / "submissions/prelim/ensemble.json"
     record.write_text(record.read_text()[:40])  # cut short: the members' thresholds are unknown, not 0.5
-    with pytest.raises(UserError, match=r"ensemble.json cannot be read \(JSONDecodeError.*members' thresholds are "
+    with pytest.raises(UserError, match=r"ensemble.json is not valid JSON \(.*members' thresholds are "
                                         r"unknown: remake it"):
         evaluate_command(str(workdir / "submissions/prelim.csv"), str(labels_file))
     record.unlink()  # a submission made by other means: every member at 0.5, and the output says so
@@ -389,7 +412,7 @@ def test_a_prediction_whose_record_is_not_its_own_is_refused(two_members, workdi
     with pytest.raises(UserError, match=r"fold1/pred_t.json is missing .*stopped half-way"):
         ensemble_command([str(a), str(b)], oof=False, name="t")
     (run / "pred_t.json").write_text("[1, 2]")
-    with pytest.raises(UserError, match=r"fold1/pred_t.json holds a JSON list, not the record"):
+    with pytest.raises(UserError, match=r"fold1/pred_t.json holds a JSON list, not a record `alldetect predict` writes"):
         ensemble_command([str(a), str(b)], oof=False, name="t")
     (run / "pred_t.json").write_text(json.dumps({"name": "t", "data_fingerprint": "data1"}))  # an older alldetect's
     with pytest.raises(UserError, match=r"fold1/pred_t.json does not record the digest of pred_t.csv"):

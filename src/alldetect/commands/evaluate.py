@@ -3,11 +3,11 @@ with the same metrics as `ensemble`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from alldetect.data.layouts import read_labels_file
 from alldetect.engine.runfiles import read_checked_csv
+from alldetect.ensemble.record import read_ensemble_record
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
 from alldetect.render import render, write_json
@@ -59,10 +59,9 @@ def _recorded_thresholds(submission: Path) -> dict[str, float]:
     if not record.exists():
         print(f"no {record} beside the submission: each member is scored at threshold 0.5")
         return {}
-    try:
-        thresholds = json.loads(record.read_text(encoding="utf-8"))["member_thresholds"]
-        return {str(k): float(v) for k, v in thresholds.items()}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{record} cannot be read ({type(e).__name__}: {e}), so the members' thresholds are unknown: "
-                        "remake it with the same `alldetect ensemble ... --name NAME`, or move it away to score every "
-                        "member at 0.5") from None
+    remedy = ("the members' thresholds are unknown: remake it with the same `alldetect ensemble ... --name NAME`, or "
+              "move it away to score every member at 0.5")
+    thresholds = read_ensemble_record(record, remedy).member_thresholds
+    if thresholds is None:
+        raise UserError(f"{record} records no member thresholds (it is not of `ensemble --name`); {remedy}")
+    return thresholds

@@ -52,6 +52,7 @@ from alldetect.config import Config, validate
 from alldetect.data.folds import fold_file_root
 from alldetect.errors import UserError, short_list
 from alldetect.models import model_from_config
+from alldetect.records import parse_record
 
 SCHEMA_VERSION = 2  # 0: before select= (cannot be resumed); 1: one flat dict; 2: {"meta": RunMeta, tensors...}
 OOF_COLUMNS = ("path", "subject", "label", "prob_all", "pred", "fold")
@@ -393,23 +394,11 @@ class RunDir:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not valid JSON ({e}); {rerun}") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path} holds a JSON {type(record).__name__}, not the record `alldetect predict` "
-                            f"writes; {rerun}")
-        if not isinstance(record.get("csv_sha256"), str):
+        if isinstance(record, dict) and not isinstance(record.get("csv_sha256"), str):
             raise UserError(f"{path} does not record the digest of {csv.name} (written by an older alldetect, or by "
                             f"hand), so it cannot be told to describe that file; {rerun}")
-        version = record.get("version", 1)  # before versions were recorded: the same fields as version 1
-        if not isinstance(version, int) or version > PRED_VERSION:
-            raise UserError(f"{path} is a version {version} record, written by a newer alldetect than this one "
-                            f"(which reads up to version {PRED_VERSION}): upgrade alldetect, or {rerun}")
-        try:
-            parsed = PredictionRecord.model_validate({**record, "version": version})
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise UserError(f"{path} is not a record `alldetect predict` writes: {where}: {first['msg']}; "
-                            f"{rerun}") from None
+        parsed = parse_record(record, path, PredictionRecord, PRED_VERSION, "a record `alldetect predict` writes",
+                              rerun)
         if csv.is_file() and file_sha256(csv) != parsed.csv_sha256:
             raise UserError(f"{csv} is not the file {path.name} describes (its SHA-256 differs: a predict was "
                             f"stopped half-way, or one of the two was replaced or edited); {rerun}")

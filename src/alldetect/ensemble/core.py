@@ -34,6 +34,7 @@ from alldetect.ensemble.combine import (
 )
 from alldetect.ensemble.isbi import isbi_lines, write_isbi
 from alldetect.ensemble.predictions import all_have_features, held_out_neighbours, load_oof, load_predictions, oof_neighbours
+from alldetect.ensemble.record import check_record
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import per_person, score
 from alldetect.options import ENSEMBLE_OPTIONS
@@ -124,6 +125,7 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> Outcome:
         result["transductive"] = TRANSDUCTIVE
     table = oof.frame.assign(**columns, prob_all=p.round(6), pred=(p >= t).astype(int))
     write_csv(out_dir / "oof.csv", table)
+    result = check_record(result)
     write_json(out_dir / "metrics.json", result)
     title = (f"out-of-fold scores of {len(labels)} images ({oof.info['fold_file']}), threshold={method.threshold}, "
              f"{method.label}")
@@ -282,7 +284,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> O
     if method.prior in ("em", "bbse"):
         record["prior_transductive"] = (f"prior={method.prior}: the images' share of `all` was estimated from all of "
                                         "them together, so each image's probability depends on the others")
-    write_json(folder / "ensemble.json", record)
+    write_json(folder / "ensemble.json", check_record(record))
     written = [out_dir / f"{name}.csv", folder / "ensemble.json"]
     lines, why = isbi_lines(table["image"], pred)
     if lines is not None:
@@ -298,6 +300,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> O
         persons = None if held.subjects is None else per_person(held.labels, prob, pred, held.subjects)
         if persons is not None:
             record["persons"] = persons.reset_index().to_dict(orient="records")
+        record = check_record(record)
         write_json(folder / "metrics.json", record)
         written.append(folder / "metrics.json")
         said.append(render(f"held-out scores on {held.info['data_root']} ({len(table)} images)", scores, held.frame,

@@ -134,7 +134,7 @@ def build_page(title: str, findings: Findings, numbers: pd.DataFrame, figures: d
     page = Page(title)
     page.add(Paragraph(" ".join(context)))
     page.add(Heading("Comparison (the study's Table 2)"), Paragraph(protocol_text(findings)))
-    ensembles = "; ".join(f"{e.name}: threshold {threshold_text(e.meta)}, weights {e.meta.get('weights_mode', '?')}"
+    ensembles = "; ".join(f"{e.name}: threshold {threshold_text(e.meta)}, weights {e.meta.weights_mode}"
                           for e in findings.ensembles)
     caption = ("Out-of-fold scores, mean ± standard deviation over folds (each fold's images scored by the model "
                "that did not train on them). Accuracy, weighted F1 (the challenge metric), precision and recall of "
@@ -158,12 +158,12 @@ def build_page(title: str, findings: Findings, numbers: pd.DataFrame, figures: d
         page.add(Heading("Held-out sets"))
         for name, meta in findings.held_out.items():
             scores = {m: {**s, "roc_auc": s.get("roc_auc") if s.get("roc_auc") is not None else float("nan")}
-                      for m, s in meta["scores"].items()}
+                      for m, s in meta.scores.items()}
             page.add(Table(metrics_table(scores),
-                           f"`submissions/{name}.csv` on {meta.get('data_root', '?')} ({meta.get('images', '?')} "
+                           f"`submissions/{name}.csv` on {meta.data_root or '?'} ({meta.images} "
                            "images), scored by `alldetect ensemble --name`"))
-            if meta.get("persons"):
-                page.add(Table(held_out_persons_table(meta["persons"]),
+            if meta.persons:
+                page.add(Table(held_out_persons_table(meta.persons),
                                f"`submissions/{name}.csv` per person, worst first: the ensemble's mean probability "
                                "of `all` and share called `all`; **WRONG**: most of the person's images called the "
                                "other class."))

@@ -8,6 +8,7 @@ import pandas as pd
 
 from alldetect.engine.runs import fold_of
 from alldetect.engine.select import selection_label
+from alldetect.ensemble.record import EnsembleRecord
 from alldetect.metrics import METRIC_NAMES, per_person, score
 from alldetect.report.findings import ArchResult, Findings
 
@@ -93,8 +94,8 @@ def per_fold_table(findings: Findings) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def threshold_text(meta: dict) -> str:
-    mode = str(meta.get("threshold_mode", "0.5"))
+def threshold_text(meta: EnsembleRecord) -> str:
+    mode = meta.threshold_mode
     return "chosen per fold on the other folds" if mode == "oof" else mode
 
 

@@ -4,7 +4,6 @@ used is noted with the reason."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,13 @@ from alldetect.config import Config
 from alldetect.engine.runfiles import Checkpoint, RunDir, RunMeta
 from alldetect.engine.runs import Member, fold_dirs, fold_of
 from alldetect.ensemble.predictions import load_oof
+from alldetect.ensemble.record import EnsembleRecord, read_ensemble_record
 from alldetect.errors import UserError
 from alldetect.models import count_parameters, model_from_config
 
 log = logging.getLogger("alldetect")
+
+REMAKE_OOF = "remake it with `alldetect ensemble RUN... --oof`"
 
 
 @dataclass
@@ -52,14 +54,14 @@ class EnsembleResult:
     folder: Path
     members: list[str]
     oof: pd.DataFrame  # path, label, fold, prob_all, pred (its decisions, threshold as `ensemble` chose), subject
-    meta: dict
+    meta: EnsembleRecord
 
 
 @dataclass
 class Findings:
     archs: list[ArchResult]
     ensembles: list[EnsembleResult]
-    held_out: dict[str, dict]  # name -> metrics.json of `ensemble --name` on labelled images
+    held_out: dict[str, EnsembleRecord]  # name -> metrics.json of `ensemble --name` on labelled images
     missing: list[str]  # what could not be used, and why
 
     def note(self, message: str, logged: bool = False) -> None:
@@ -202,12 +204,15 @@ def collect_ensembles(submissions: Path, archs: dict[str, ArchResult], findings:
             findings.note(f"{folder}: no metrics.json and oof.csv; left out (rerun `alldetect ensemble RUN... --oof`)")
             continue
         try:
-            meta = json.loads(metrics_file.read_text(encoding="utf-8"))
+            meta = read_ensemble_record(metrics_file, REMAKE_OOF)
             oof = pd.read_csv(oof_file, dtype={"path": str, "subject": str})
-        except Exception as e:
-            findings.note(f"{folder}: cannot read its metrics.json or oof.csv ({str(e)[:120]}); left out")
+        except UserError as e:
+            findings.note(f"{e}; left out")
             continue
-        members = meta.get("members", [])
+        except Exception as e:
+            findings.note(f"{folder}: cannot read its oof.csv ({str(e)[:120]}); left out")
+            continue
+        members = meta.members
         problem = _ensemble_problem(members, oof, archs)
         if problem:
             findings.note(f"{folder}: {problem}; left out")
@@ -237,19 +242,19 @@ def _ensemble_problem(members: list[str], oof: pd.DataFrame, archs: dict[str, Ar
     return ""
 
 
-def collect_held_out(submissions: Path, findings: Findings) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+def collect_held_out(submissions: Path, findings: Findings) -> dict[str, EnsembleRecord]:
+    out: dict[str, EnsembleRecord] = {}
     if not submissions.is_dir():
         return out
     for metrics_file in sorted(submissions.glob("*/metrics.json")):
         if metrics_file.parent.name.startswith("oof_"):
             continue
         try:
-            meta = json.loads(metrics_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            findings.note(f"{metrics_file}: not valid JSON ({e}); left out")
+            meta = read_ensemble_record(metrics_file, "remake it with the same `alldetect ensemble RUN... --name NAME`")
+        except UserError as e:
+            findings.note(f"{e}; left out")
             continue
-        if meta.get("mode") == "held-out" and meta.get("scores"):
+        if meta.mode == "held-out" and meta.scores:
             out[metrics_file.parent.name] = meta
     return out
 
