@@ -22,7 +22,7 @@ def test_split_real_sample_no_subject_in_two_folds(sample_root, tmp_path):
         assert set(g["label"]) == {0, 1}
     meta = json.loads((tmp_path / "f.json").read_text())
     assert meta["data_root"] == str(sample_root.resolve()) and meta["k"] == 3 and meta["seed"] == 42
-    assert meta["by"] == "subject" and len(meta["fingerprint"]) == 16 and ff.meta == meta
+    assert meta["by"] == "subject" and len(meta["fingerprint"]) == 16 and ff.meta.model_dump() == meta
 
 
 def test_split_is_byte_identical_for_same_seed(sample_root, tmp_path):
@@ -110,7 +110,7 @@ def test_skip_bad_lists_skipped_images_in_sidecar(tiny_demo, tmp_path):
         make_fold_file(data, tmp_path / "f.csv", k=3, seed=0)
     ff = make_fold_file(data, tmp_path / "f.csv", k=3, seed=0, skip_bad=True)
     assert "UID_1_9_9_all.bmp" not in " ".join(ff.table["path"])
-    assert ff.meta["skipped"][0].startswith("C-NMC_training_data/fold_0/all/UID_1_9_9_all.bmp")
+    assert ff.meta.skipped[0].startswith("C-NMC_training_data/fold_0/all/UID_1_9_9_all.bmp")
     assert load_fold_file(tmp_path / "f.csv").k == 3  # the skipped file is not an "extra" image
 
 
@@ -136,13 +136,34 @@ def test_damaged_sidecar_and_repeated_paths_are_clear_errors(tiny_demo, tmp_path
     sidecar = tmp_path / "f.json"
     good = sidecar.read_text()
     sidecar.write_text(good[: len(good) // 2])
-    with pytest.raises(UserError, match=r"sidecar .*f.json is damaged.*alldetect split"):
+    with pytest.raises(UserError, match=r"f.json is not valid JSON.*alldetect split"):
         load_fold_file(tmp_path / "f.csv")
     sidecar.write_text(good)
     table = pd.concat([ff.table, ff.table.iloc[:1]])
     table.to_csv(tmp_path / "f.csv", index=False)
     with pytest.raises(UserError, match=r"lists 1 image\(s\) more than once"):
         load_fold_file(tmp_path / "f.csv")
+
+
+def test_the_sidecar_is_typed_and_versioned(tiny_demo, tmp_path):
+    """The sidecar round-trips through its model; one from before versions reads as version 1; a newer version, a
+    key it does not know and a value of the wrong type are refused, naming the file and what to do."""
+    from alldetect.data.folds import SIDECAR_VERSION, FoldSidecar
+
+    ff = make_fold_file(tiny_demo, tmp_path / "f.csv", k=3, seed=0)
+    sidecar = tmp_path / "f.json"
+    written = json.loads(sidecar.read_text())
+    assert written["version"] == SIDECAR_VERSION and FoldSidecar.model_validate(written) == ff.meta
+    assert load_fold_file(tmp_path / "f.csv").meta == ff.meta and ff.meta.k == 3 and ff.meta.by == "subject"
+    del written["version"]  # as alldetect wrote it before versions
+    sidecar.write_text(json.dumps(written))
+    assert load_fold_file(tmp_path / "f.csv").meta == ff.meta
+    for change, refusal in (({"version": SIDECAR_VERSION + 1}, r"is a version 2 record, written by a newer"),
+                            ({"k": "three"}, r"is not a fold file's sidecar `alldetect split` writes: k: Input should"),
+                            ({"colour": "red"}, r"is not a fold file's sidecar .*: colour: Extra inputs")):
+        sidecar.write_text(json.dumps({**written, **change}))
+        with pytest.raises(UserError, match=rf"f.json {refusal}.*alldetect split DATA_ROOT"):
+            load_fold_file(tmp_path / "f.csv")
 
 
 def test_fold_folders_behind_symbolic_links_are_read(tiny_demo, tmp_path):

@@ -67,7 +67,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_to_the_same_weights(t
     with pytest.raises(StopRequested, match=r"stopped by SIGTERM in epoch 2 after batch 3.*resume=true"):
         fit_fold(_cfg(tiny_demo, "runs_dir=b", *extra), 0, folds)
     state = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
-    assert state.meta.progress.epoch == 0 and state.meta.partial["epoch"] == 1 and state.meta.partial["steps"] == 3
+    assert state.meta.progress.epoch == 0 and state.meta.partial.epoch == 1 and state.meta.partial.steps == 3
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", torch.nn.CrossEntropyLoss)
     fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
     assert _same_weights(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
@@ -132,8 +132,8 @@ def test_sigterm_to_a_real_process_with_loader_workers(tiny_demo, workdir):
     inside = re.search(r"stopped by SIGTERM in epoch (\d+) after batch (\d+)", err)
     if inside:  # the half-done epoch is kept, to be finished on resume
         assert state.meta.partial is not None
-        assert (state.meta.partial["epoch"] + 1, state.meta.partial["steps"]) == tuple(map(int, inside.groups()))
-        assert state.meta.partial["epoch"] == done + 1
+        assert (state.meta.partial.epoch + 1, state.meta.partial.steps) == tuple(map(int, inside.groups()))
+        assert state.meta.partial.epoch == done + 1
     else:
         assert re.search(rf"stopped by SIGTERM after epoch {done + 1}\b", err) and state.meta.partial is None
 

@@ -49,7 +49,7 @@ def test_checkpoint_alone_rebuilds_the_model(tiny_demo, workdir):
     model = create_model(cfg.arch, dropout=cfg.dropout, input_size=cfg.input_size)
     model.load_state_dict(state.model)  # strict: every weight, nothing else
     history = pd.read_csv(workdir / "runs/proposed/fold0/history.csv")
-    assert state.meta.fold_fingerprint == load_fold_file(state.meta.fold_file).meta["fingerprint"]
+    assert state.meta.fold_fingerprint == load_fold_file(state.meta.fold_file).meta.fingerprint
     assert state.meta.metrics["f1"] == pytest.approx(history.loc[state.meta.progress.epoch, "f1"], abs=1e-6)
     assert state.optimizer is None and state.ema is None  # best.pt keeps the weights it chose, no training state
 

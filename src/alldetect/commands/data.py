@@ -54,8 +54,8 @@ def split_command(root: str, k: int, seed: int, by: str, out: str | None, folds_
     path = Path(out) if out else default_fold_path(folds_dir, root, k, seed, by)
     folds = make_fold_file(root, path, k, seed, by, skip_bad)
     crossing = (folds.table.groupby("subject")["fold"].nunique() > 1).sum()
-    lines = [f"wrote {path} and {path.with_suffix('.json').name} ({folds.meta['layout']}, split by {by}, "
-             f"fingerprint {folds.meta['fingerprint']})", "", fold_summary(folds.table).to_string(), ""]
+    lines = [f"wrote {path} and {path.with_suffix('.json').name} ({folds.meta.layout}, split by {by}, "
+             f"fingerprint {folds.meta.fingerprint})", "", fold_summary(folds.table).to_string(), ""]
     if by == "image":
         lines.append(f"warning: leaky split by image: {crossing} subject(s) have images in more than one fold")
     else:

@@ -4,7 +4,6 @@ traceable, and checked against the data on disk whenever they are loaded."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from alldetect import __version__
@@ -21,10 +21,41 @@ from alldetect.data.layouts import build_manifest, dataset_name
 from alldetect.errors import UserError, short_list
 from alldetect.locks import exclusive
 from alldetect.options import SPLIT_BY
+from alldetect.records import read_record
 
 log = logging.getLogger("alldetect")
 
 FOLD_COLUMNS = ["path", "label", "subject", "fold", "bytes"]
+SIDECAR_VERSION = 1  # of a fold file's JSON sidecar; sidecars from before versions were recorded read as 1
+REMAKE = "make the fold file again with `alldetect split DATA_ROOT`"
+
+
+class FoldSidecar(BaseModel):
+    """<fold file>.json: what `alldetect split` made the fold file from. Every field may be absent from a sidecar
+    written by hand (a fold file without one needs data.root=); a key it does not know, a value of the wrong type and
+    a newer version are refused (records.read_record)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = SIDECAR_VERSION
+    dataset: str = ""
+    data_root: str = ""
+    layout: str = ""
+    by: str = "subject"  # one of options.SPLIT_BY
+    k: int | None = None
+    seed: int | None = None
+    images: int | None = None
+    subjects: int | None = None
+    fingerprint: str = ""  # of the images it lists (data/images.fingerprint)
+    skipped: list[str] = []  # unreadable images left out (split --skip-bad): "path: problem"
+    made_by: str = ""
+
+
+def read_sidecar(fold_file: Path) -> FoldSidecar | None:
+    """The fold file's sidecar, None when it has none."""
+    path = sidecar_path(fold_file)
+    if not path.is_file():
+        return None
+    return read_record(path, FoldSidecar, SIDECAR_VERSION, "a fold file's sidecar `alldetect split` writes", REMAKE)
 
 
 @dataclass
@@ -33,7 +64,7 @@ class FoldFile:
 
     path: Path
     table: pd.DataFrame
-    meta: dict
+    meta: FoldSidecar
     data_root: Path
 
     @property
@@ -42,7 +73,7 @@ class FoldFile:
 
     @property
     def leaky(self) -> bool:
-        return self.meta.get("by") == "image"
+        return self.meta.by == "image"
 
     @cached_property  # every checkpoint records it: sort and hash the table once, not each epoch
     def assignment(self) -> str:
@@ -112,10 +143,10 @@ def _check_not_other_data(path: Path, data_root: Path, digest: str) -> None:
     if not (path.is_file() and sidecar.is_file()):
         return
     try:
-        meta = json.loads(sidecar.read_text())
-        theirs, made_from = meta.get("fingerprint"), meta.get("data_root")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        meta = read_sidecar(path)
+    except UserError:
         return  # a damaged sidecar: nothing to protect
+    theirs, made_from = (meta.fingerprint, meta.data_root) if meta is not None else ("", "")
     if theirs and theirs != digest:
         raise UserError(f"{path} holds a split of other images (made from {made_from}, data fingerprint {theirs}; "
                         f"{data_root} has {digest}), and runs trained on it need it as it is. Write this split "
@@ -135,21 +166,12 @@ def _make_fold_file(data_root: Path, out: Path, k: int, seed: int, by: str, skip
     if by == "image" and _subjects_crossing(table):
         log.warning("--by image reproduces the report's leaky split: %d subject(s) have images in more than one "
                     "fold, so validation scores are optimistic", _subjects_crossing(table))
-    meta = {
-        "dataset": dataset_name(data_root),
-        "data_root": str(data_root),
-        "layout": str(manifest["source_layout"].iloc[0]),
-        "by": by,
-        "k": int(table["fold"].max()) + 1,
-        "seed": seed,
-        "images": len(table),
-        "subjects": int(table["subject"].nunique()),
-        "fingerprint": digest,
-        "skipped": [f"{r.path}: {r.problem}" for r in bad.itertuples()],
-        "made_by": f"alldetect {__version__}",
-    }
+    meta = FoldSidecar(dataset=dataset_name(data_root), data_root=str(data_root),
+                       layout=str(manifest["source_layout"].iloc[0]), by=by, k=int(table["fold"].max()) + 1, seed=seed,
+                       images=len(table), subjects=int(table["subject"].nunique()), fingerprint=digest,
+                       skipped=[f"{r.path}: {r.problem}" for r in bad.itertuples()], made_by=f"alldetect {__version__}")
     write_csv(out, table)
-    write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
+    write_text(sidecar_path(out), meta.model_dump_json(indent=2) + "\n")
     return FoldFile(out, table, meta, data_root)
 
 
@@ -160,9 +182,10 @@ def sidecar_path(fold_file: str | Path) -> Path:
 def fold_file_root(fold_file: str | Path) -> str:
     """The data root a fold file's sidecar records ('' when there is none to read: load_fold_file says why)."""
     try:
-        return str(json.loads(sidecar_path(fold_file).read_text()).get("data_root") or "")
-    except (OSError, ValueError, AttributeError):
+        meta = read_sidecar(Path(fold_file))
+    except (UserError, OSError):
         return ""
+    return meta.data_root if meta is not None else ""
 
 
 def _subjects_crossing(table: pd.DataFrame) -> int:
@@ -203,13 +226,8 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
     if not path.is_file():
         raise UserError(f"fold file {path} does not exist; make one with `alldetect split DATA_ROOT`")
     meta_file = sidecar_path(path)
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"the fold file's sidecar {meta_file} is damaged ({e}); make the fold file again with "
-                        "`alldetect split DATA_ROOT`") from None
+    sidecar = read_sidecar(path)
+    meta = sidecar if sidecar is not None else FoldSidecar()
     try:
         table = pd.read_csv(path, dtype={"subject": str, "path": str})
     except Exception as e:
@@ -219,8 +237,8 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
         raise UserError(f"fold file {path} lacks column(s) {', '.join(sorted(missing_cols))}; "
                         f"expected {','.join(FOLD_COLUMNS)}")
     _check_fold_numbers(table, path, meta)
-    root = Path(data_root or meta.get("data_root") or "")
-    if not data_root and not meta.get("data_root"):
+    root = Path(data_root or meta.data_root)
+    if not data_root and not meta.data_root:
         raise UserError(f"fold file {path} has no sidecar {meta_file.name}: say where its data are (data.root=...)")
     _check_paths_stay_inside(table, path)
     repeated = table["path"][table["path"].duplicated()].tolist()
@@ -229,7 +247,7 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
                         "each image belongs to exactly one fold")
     _check_against_disk(table, root.resolve(), path, meta)
     crossing = _subjects_crossing(table)
-    if crossing and meta.get("by") != "image":
+    if crossing and meta.by != "image":
         raise UserError(f"fold file {path}: {crossing} subject(s) appear in more than one fold. Subjects must not "
                         "cross folds; make the file with `alldetect split` (or --by image for the leaky protocol)")
     if crossing and not allow_leaky:
@@ -237,18 +255,18 @@ def load_fold_file(path: str | Path, data_root: str | Path | None = None, allow_
     return FoldFile(path, table, meta, root.resolve())
 
 
-def _check_fold_numbers(table: pd.DataFrame, path: Path, meta: dict) -> None:
+def _check_fold_numbers(table: pd.DataFrame, path: Path, meta: FoldSidecar) -> None:
     """Folds are 0..k-1, each holding images, k as the sidecar says (a hand-edited number would make a tiny fold)."""
     folds = pd.to_numeric(table["fold"], errors="coerce")
     if folds.isna().any() or (folds % 1 != 0).any() or (folds < 0).any():
         bad = table.loc[folds.isna() | (folds % 1 != 0) | (folds < 0), "path"].tolist()
         raise UserError(f"fold file {path}: the fold of {short_list(bad)} is not a whole number 0 or more")
     present = sorted(set(folds.astype(int)))
-    k = int(meta.get("k") or len(present))
+    k = int(meta.k or len(present))
     if present != list(range(k)):
         counts = folds.astype(int).value_counts().sort_index()
         detail = ", ".join(f"fold{f}: {n} image(s)" for f, n in counts.items())
-        raise UserError(f"fold file {path} should hold folds 0..{k - 1} (k={k}{' in its sidecar' if meta.get('k') else ''}), "
+        raise UserError(f"fold file {path} should hold folds 0..{k - 1} (k={k}{' in its sidecar' if meta.k else ''}), "
                         f"each with images, but holds {detail}. Was it edited by hand? Make it again with "
                         "`alldetect split`")
     table["fold"] = folds.astype(int)
@@ -261,12 +279,12 @@ def _check_paths_stay_inside(table: pd.DataFrame, path: Path) -> None:
                         f"{short_list(bad)}; paths must be relative to the data root")
 
 
-def _check_against_disk(table: pd.DataFrame, root: Path, path: Path, meta: dict) -> None:
+def _check_against_disk(table: pd.DataFrame, root: Path, path: Path, meta: FoldSidecar) -> None:
     if not root.is_dir():
         raise UserError(f"fold file {path} refers to data folder {root}, which does not exist; "
                         "pass data.root=PATH (or set ALLDETECT_DATA) to where the data are now")
     on_disk = build_manifest(root)
-    skipped = {s.split(": ", 1)[0] for s in meta.get("skipped", [])}
+    skipped = {s.split(": ", 1)[0] for s in meta.skipped}
     disk = on_disk[~on_disk["path"].isin(skipped)].set_index("path")
     listed = table.set_index("path")
     missing = sorted(set(listed.index) - set(disk.index))
@@ -298,7 +316,7 @@ def _check_against_disk(table: pd.DataFrame, root: Path, path: Path, meta: dict)
     if problems:
         raise UserError(f"fold file {path} does not match the data in {root}: " + "; ".join(problems)
                         + ". Re-make it with `alldetect split` (or point data.root at the data it was made from)")
-    recorded_digest = meta.get("fingerprint")
+    recorded_digest = meta.fingerprint
     if recorded_digest and recorded_digest != digest:  # every checkpoint records it: it must be these images'
         raise UserError(f"fold file {path}: its sidecar {sidecar_path(path).name} records data fingerprint "
                         f"{recorded_digest}, but the images the fold file lists (names and sizes) have {digest}. Was "

@@ -103,6 +103,22 @@ class Progress(BaseModel):
     wandb_id: str | None = None
 
 
+class PartialEpoch(BaseModel):
+    """last.pt of a run stopped inside an epoch: the epoch, the training steps it finished and their sums, so that
+    a resume continues the epoch where it stopped (engine/loop.train_one_epoch's `carry`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epoch: int
+    steps: int
+    loss_sum: float
+    images: int
+    seconds: float
+    wait: float
+
+    def carry(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"epoch"})
+
+
 class RunMeta(BaseModel):
     """What a checkpoint says besides its tensors: how the run was trained, on which split, how far it got."""
 
@@ -120,7 +136,7 @@ class RunMeta(BaseModel):
     world: int | None = None  # processes that trained it (None: not recorded, older checkpoints)
     updates_per_epoch: int | None = None
     train_images: int = 0
-    partial: dict[str, Any] | None = None  # last.pt of a stopped run: the half-done epoch's step count and sums
+    partial: PartialEpoch | None = None  # last.pt of a run stopped inside an epoch
     saved_at: float = Field(default_factory=time.time)  # when the checkpoint was made: predictions name it
 
     @property

@@ -99,7 +99,7 @@ def restore(state: Checkpoint, cfg: Config, model: Model, optimizer, updater: Up
         updater.scaler.load_state_dict(state.scaler)
     progress = state.meta.progress.model_copy()
     partial = state.meta.partial
-    where = f"epoch {progress.epoch + 2}" + (f", batch {partial['steps'] + 1}" if partial else "")
+    where = f"epoch {progress.epoch + 2}" + (f", batch {partial.steps + 1}" if partial else "")
     so_far = (f"best selection score {progress.best:.4f} at epoch {progress.best_epoch + 1}"
               if progress.best is not None else f"{progress.epoch + 1} epoch(s) done")
     if progress.epoch + 1 >= cfg.epochs and not partial:

@@ -28,7 +28,15 @@ from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, Updater, predict_probs, train_one_epoch
 from alldetect.engine.optim import set_frozen
 from alldetect.engine.rundir import run_name
-from alldetect.engine.runfiles import Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.engine.runfiles import (
+    Checkpoint,
+    PartialEpoch,
+    Progress,
+    RunDir,
+    RunMeta,
+    load_checkpoint,
+    save_checkpoint,
+)
 from alldetect.engine.select import SelectionPolicy
 from alldetect.engine.setup import Model
 from alldetect.engine.stopping import StopFlag, StopRequested, stop_on_signals
@@ -74,7 +82,7 @@ class FoldState:
 
     progress: Progress = field(default_factory=Progress)
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
-    partial: dict | None = None
+    partial: PartialEpoch | None = None
     ahead: Iterator | None = None
     stopped_early: bool = False
 
@@ -135,7 +143,7 @@ class FoldTrainer:
         cfg, data, state = self.cfg, self.data, self.state
         if cfg.freeze_epochs:
             set_frozen(self.model.module, epoch < cfg.freeze_epochs)
-        carry = state.partial if state.partial is not None and state.partial["epoch"] == epoch else None
+        carry = state.partial.carry() if state.partial is not None and state.partial.epoch == epoch else None
         if state.ahead is None:  # the run's first epoch (the only one a resume can carry): start it here
             data.sampler.set_epoch(epoch, skip=carry["steps"] * data.batch if carry else 0)
             state.ahead = iter(data.train_loader)
@@ -148,7 +156,7 @@ class FoldTrainer:
                                 desc=f"{cfg.arch} {run_name(self.fold)} epoch {epoch + 1}/{cfg.epochs}")
         if not stats["completed"]:  # a signal: keep the half-done epoch so that resume continues it
             if self.d.main:
-                save_checkpoint(self.run_dir.last, self.checkpoint(None, partial={"epoch": epoch, **stats["carry"]}))
+                save_checkpoint(self.run_dir.last, self.checkpoint(None, PartialEpoch(epoch=epoch, **stats["carry"])))
             raise StopRequested(
                 f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch {stats['carry']['steps']}; "
                 f"{self.run_dir.last} holds it: continue with the same command and resume=true")
@@ -214,11 +222,11 @@ class FoldTrainer:
         if self.on_epoch is not None and "outer" in scores:
             self.on_epoch(epoch, scores["outer"].metrics)
 
-    def checkpoint(self, metrics: dict | None, partial: dict | None = None) -> Checkpoint:
+    def checkpoint(self, metrics: dict | None, partial: PartialEpoch | None = None) -> Checkpoint:
         """last.pt as it stands now (best.pt: the same with the kept weights)."""
         folds, model = self.folds, self.model
         meta = RunMeta(config=self.cfg, run=run_name(self.fold), progress=self.state.progress.model_copy(),
-                       metrics=metrics, fold_file=str(folds.path), fold_fingerprint=folds.meta.get("fingerprint", ""),
+                       metrics=metrics, fold_file=str(folds.path), fold_fingerprint=folds.meta.fingerprint,
                        fold_k=folds.k, fold_assignment=folds.assignment, leaky_split=folds.leaky, world=self.d.world,
                        updates_per_epoch=self.updater.schedule.updates_per_epoch,
                        train_images=self.data.train_images, partial=partial)
