@@ -22,8 +22,8 @@ from torch import nn
 
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.engine.loop import DeviceBatch, predict_probs
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import find_fold_runs
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.find import find_fold_runs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shift import mix_weights, scored  # noqa: E402  (bench/shift.py: the balanced mix's sample weights)

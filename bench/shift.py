@@ -23,7 +23,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score
 
 from alldetect.atomic import write_csv
-from alldetect.engine.runs import find_fold_runs, group_members
+from alldetect.engine.rundir.find import find_fold_runs, group_members
 from alldetect.ensemble.predictions import load_oof
 from alldetect.ensemble.prior import adjust, bbse_prior, em_prior, joint_confusion
 from alldetect.errors import UserError

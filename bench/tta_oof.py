@@ -17,8 +17,8 @@ import pandas as pd
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.engine.loop import DeviceBatch, predict_probs, resolve_device
 from alldetect.engine.predict import TTA_MODES, tta_views
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import find_fold_runs
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.find import find_fold_runs
 from alldetect.metrics import score
 
 

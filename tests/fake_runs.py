@@ -9,7 +9,7 @@ import torch
 
 from alldetect.atomic import write_csv
 from alldetect.config import load_config
-from alldetect.engine.runfiles import (
+from alldetect.engine.rundir.files import (
     Checkpoint,
     PredictionRecord,
     Progress,

@@ -117,7 +117,7 @@ def test_an_override_that_is_not_valid_yaml_is_a_clear_error():
 
 def test_each_question_about_a_setting_is_answered_by_its_role():
     """Resume, a study's workers and a search space all read the roles on the config's fields."""
-    from alldetect.engine.rundir import RESUMABLE_CHANGES
+    from alldetect.engine.rundir.prepare import RESUMABLE_CHANGES
     from alldetect.search_space import NOT_SEARCHABLE
     from alldetect.tune import RUNTIME_KEYS
 

@@ -10,7 +10,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score,
 from alldetect.cli import main
 from alldetect.commands.ensemble import ensemble_command
 from alldetect.commands.evaluate import evaluate_command
-from alldetect.engine.runs import find_fold_runs, group_members
+from alldetect.engine.rundir.find import find_fold_runs, group_members
 from alldetect.ensemble.combine import fit_weights
 from alldetect.ensemble.isbi import isbi_lines
 from alldetect.errors import UserError
@@ -422,7 +422,7 @@ def test_a_prediction_whose_record_is_not_its_own_is_refused(two_members, workdi
 def test_prediction_records_are_typed_and_versioned(two_members, workdir):
     """pred_<NAME>.json round-trips through its model; a record from before versions reads as version 1; a newer
     version, a key it does not know and a value of the wrong type are refused, naming the file."""
-    from alldetect.engine.runfiles import PRED_VERSION, PredictionRecord, RunDir
+    from alldetect.engine.rundir.files import PRED_VERSION, PredictionRecord, RunDir
 
     run = two_members[0] / "fold0"
     write_predictions(run, "t", ["1.bmp", "2.bmp"], [0.2, 0.9], tta="d8")
@@ -443,7 +443,7 @@ def test_prediction_records_are_typed_and_versioned(two_members, workdir):
 
 
 def test_predict_killed_between_its_files_leaves_nothing_an_ensemble_would_combine(two_members, workdir, monkeypatch):
-    import alldetect.engine.runfiles as runfiles
+    import alldetect.engine.rundir.files as runfiles
 
     a, b = two_members
     names = [f"{i}.bmp" for i in range(1, 5)]
@@ -488,7 +488,7 @@ def test_a_rerun_submission_leaves_nothing_of_the_earlier_one(two_members, workd
 
 
 def test_features_that_are_not_numbers_or_not_of_this_prediction_are_refused(two_members, workdir):
-    from alldetect.engine.runfiles import PredictionRecord, RunDir
+    from alldetect.engine.rundir.files import PredictionRecord, RunDir
 
     a, _ = two_members
     paths = [f"{i}.bmp" for i in range(1, 5)]

@@ -155,7 +155,7 @@ def test_export_out_that_is_no_folder_names_out(workdir, capsys):
 
 
 def test_damaged_checkpoints_are_refused_by_export_with_the_checkpoint_blamed(workdir, capsys):
-    from alldetect.engine.runfiles import Checkpoint, load_checkpoint, save_checkpoint
+    from alldetect.engine.rundir.files import Checkpoint, load_checkpoint, save_checkpoint
 
     run = make_run(workdir / "runs/proposed/fold0", weights=True)
     state = load_checkpoint(run / "best.pt")

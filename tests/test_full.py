@@ -9,7 +9,7 @@ import torch
 
 from alldetect.cli import main
 from alldetect.commands.train import train_command
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.errors import UserError
 
 from conftest import FAST, write_image

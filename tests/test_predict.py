@@ -13,7 +13,7 @@ from alldetect.data.images import preprocess, read_rgb
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from alldetect.engine.loop import DeviceBatch, predict_probs
 from alldetect.engine.predict import tta_views
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.errors import UserError
 
 from conftest import write_image
@@ -317,7 +317,7 @@ def test_non_finite_weights_are_refused_before_anything_is_written(runs, workdir
     key = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 10)
     weights[key] = weights[key].clone()
     weights[key].view(-1)[0] = float("nan")
-    from alldetect.engine.runfiles import Checkpoint, save_checkpoint
+    from alldetect.engine.rundir.files import Checkpoint, save_checkpoint
 
     save_checkpoint(runs / "fold1/best.pt", Checkpoint(state.meta, weights))
     assert main(["predict", "runs/proposed", "--data", str(data), "--name", "n", *FAST]) == 2

@@ -13,7 +13,7 @@ from PIL import Image
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.errors import UserError
 from alldetect.models import create_model, packaged
 

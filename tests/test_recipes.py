@@ -9,7 +9,7 @@ from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
 from alldetect.engine.optim import Schedule, create_optimizer
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.errors import UserError
 from alldetect.models import create_model
 

@@ -17,7 +17,7 @@ from alldetect.atomic import write_csv, write_text
 from alldetect.config import load_config, read_yaml
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
-from alldetect.engine.runfiles import Checkpoint, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.engine.rundir.files import Checkpoint, RunMeta, load_checkpoint, save_checkpoint
 from alldetect.engine.stopping import StopRequested
 from alldetect.errors import UserError
 
@@ -248,7 +248,7 @@ def test_out_of_memory_names_a_batch_size_to_try(tiny_demo, workdir, monkeypatch
 
 
 def test_full_disk_fails_before_training(tiny_demo, workdir, monkeypatch):
-    import alldetect.engine.rundir as rundir
+    import alldetect.engine.rundir.prepare as rundir
     import alldetect.engine.trainer as trainer
 
     usage = namedtuple("usage", "total used free")
@@ -297,7 +297,7 @@ def test_an_image_that_goes_bad_after_the_split_is_a_clean_error_with_loader_wor
 def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(tiny_demo, workdir, monkeypatch):
     """A full disk or a file-size limit (ulimit -f) at epoch 2: a clear error, last.pt and history.csv of epoch 1,
     and resume=true finishes the run."""
-    import alldetect.engine.runfiles as checkpoint
+    import alldetect.engine.rundir.files as checkpoint
 
     real_save, calls = torch.save, {"n": 0}
 

@@ -19,7 +19,7 @@ from alldetect.commands.ensemble import ensemble_command
 from alldetect.commands.report import report_command
 from alldetect.data.images import fingerprint
 from alldetect.data.layouts import build_manifest
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.errors import UserError
 
 from fake_runs import edit_checkpoint, make_run, write_predictions

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from alldetect.config import load_config
-from alldetect.engine.rundir import check_resume
-from alldetect.engine.runfiles import SCHEMA_VERSION, Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.engine.rundir.files import SCHEMA_VERSION, Checkpoint, Progress, RunDir, RunMeta, load_checkpoint, save_checkpoint
+from alldetect.engine.rundir.prepare import check_resume
 from alldetect.errors import UserError
 
 WEIGHTS = {"w": torch.arange(3.0)}

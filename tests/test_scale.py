@@ -16,7 +16,7 @@ from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset
 from alldetect.data.folds import make_fold_file
 from alldetect.engine.gpu_augment import BatchAugment
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 
 from conftest import FAST
 

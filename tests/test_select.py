@@ -10,7 +10,7 @@ from alldetect.commands.train import train_command
 from alldetect.config import load_config
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.engine.select import carve_inner
 from alldetect.errors import UserError
 from alldetect.metrics import score

@@ -11,7 +11,7 @@ from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
 from alldetect.engine.loop import DeviceBatch, train_one_epoch
 from alldetect.engine.optim import Schedule, create_optimizer
-from alldetect.engine.runfiles import load_checkpoint
+from alldetect.engine.rundir.files import load_checkpoint
 from alldetect.engine.setup import Model, build_updater
 from alldetect.errors import UserError
 from alldetect.models import create_model

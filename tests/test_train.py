@@ -11,7 +11,7 @@ from alldetect.config import load_config
 from alldetect.data.folds import load_fold_file
 from alldetect.data.prepare import resolve_folds
 from alldetect.engine.fit import fit_fold
-from alldetect.engine.runfiles import RunDir, load_checkpoint
+from alldetect.engine.rundir.files import RunDir, load_checkpoint
 from alldetect.errors import UserError
 from alldetect.models import create_model
 

@@ -24,7 +24,7 @@ from alldetect import __version__
 from alldetect.atomic import replace_folder, temporary_folder
 from alldetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from alldetect.engine.loop import logits_of
-from alldetect.engine.runfiles import RunDir, RunMeta
+from alldetect.engine.rundir.files import RunDir, RunMeta
 from alldetect.errors import UserError, short_list
 from alldetect.options import EXPORT_FORMATS
 

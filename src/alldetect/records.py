@@ -4,10 +4,10 @@ A reader gets the model or a UserError that names the file, what is wrong and wh
 that is not the record it should be (an unknown key, a wrong type), or one written by a newer alldetect is never
 read as defaults. A file from before versions were recorded reads as version 1 (the fields were the same).
 
-  pred_<NAME>.json        engine/runfiles.PredictionRecord   (RunDir.read_pred_meta)
+  pred_<NAME>.json        engine/rundir/files.PredictionRecord   (RunDir.read_pred_meta)
   <fold file>.json        data/folds.FoldSidecar             (load_fold_file)
   metrics.json, ensemble.json of `ensemble`   ensemble/record.EnsembleRecord   (report, evaluate)
-  last.pt's half-done epoch                   engine/runfiles.PartialEpoch     (inside the checkpoint's RunMeta)
+  last.pt's half-done epoch                   engine/rundir/files.PartialEpoch     (inside the checkpoint's RunMeta)
 """
 
 from __future__ import annotations

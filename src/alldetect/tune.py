@@ -37,7 +37,7 @@ from alldetect.config import (
 from alldetect.data.folds import FoldFile
 from alldetect.data.prepare import data_line, resolve_folds
 from alldetect.engine.fit import fit_fold
-from alldetect.engine.runfiles import RunDir
+from alldetect.engine.rundir.files import RunDir
 from alldetect.engine.train import resolve_config
 from alldetect.errors import UserError
 from alldetect.options import PRUNERS

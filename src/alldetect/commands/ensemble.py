@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from alldetect.atomic import check_writable, safe_name
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import FOLD_DIR_RE, Member, find_fold_runs, group_members
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.find import FOLD_DIR_RE, Member, find_fold_runs, group_members
 from alldetect.ensemble.core import OPTIONS, oof_report, submission
 from alldetect.errors import UserError
 from alldetect.options import parse_options, split_options

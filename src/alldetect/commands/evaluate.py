@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alldetect.data.layouts import read_labels_file
-from alldetect.engine.runfiles import read_checked_csv
+from alldetect.engine.rundir.files import read_checked_csv
 from alldetect.ensemble.record import read_ensemble_record
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 from alldetect.atomic import check_writable
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import find_fold_runs
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.find import find_fold_runs
 from alldetect.errors import UserError
 from alldetect.export import FORMATS, export_folder, export_run, replace_problem
 

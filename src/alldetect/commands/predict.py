@@ -10,8 +10,8 @@ import pandas as pd
 from alldetect.atomic import check_writable
 from alldetect.engine.loop import resolve_device
 from alldetect.engine.predict import OOF_NAME, OPTIONS, check_name, load_held_out, own_validation_images, predict_run
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import find_fold_runs
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.find import find_fold_runs
 from alldetect.errors import UserError
 from alldetect.options import parse_options, split_options
 

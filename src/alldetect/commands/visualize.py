@@ -10,8 +10,8 @@ import torch
 from alldetect.atomic import check_writable, safe_name
 from alldetect.data.images import preprocess
 from alldetect.engine.loop import DeviceBatch, resolve_device
-from alldetect.engine.runfiles import RunDir
-from alldetect.engine.runs import find_fold_runs
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.find import find_fold_runs
 from alldetect.errors import UserError
 from alldetect.page import Page, Paragraph, to_html, to_markdown
 from alldetect.visualize import MAX_CHANNELS, MIN_CAM_SIDE, check_images, conv_blocks, unique_stems, visualize_image

@@ -24,8 +24,8 @@ from alldetect.engine.folddata import fold_data
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, resolve_device
 from alldetect.engine.optim import Schedule, create_optimizer
-from alldetect.engine.rundir import check_free_space, check_resume, prepare_run_dir, run_dir_for, run_name
-from alldetect.engine.runfiles import RunDir
+from alldetect.engine.rundir.files import RunDir
+from alldetect.engine.rundir.prepare import check_free_space, check_resume, prepare_run_dir, run_dir_for, run_name
 from alldetect.engine.select import selection_policy
 from alldetect.engine.setup import build_model, build_updater, check_same_updates, restore
 from alldetect.engine.trainer import FitResult, FoldState, FoldTrainer, TrainingDiverged

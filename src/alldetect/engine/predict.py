@@ -36,7 +36,7 @@ from alldetect.engine.accel import compiled
 from alldetect.engine.features import FeatureTap
 from alldetect.engine.gpu_augment import rotate
 from alldetect.engine.loop import DeviceBatch, predict_probs
-from alldetect.engine.runfiles import PredictionRecord, RunDir, RunMeta
+from alldetect.engine.rundir.files import PredictionRecord, RunDir, RunMeta
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score
 from alldetect.options import PREDICT_OPTIONS, TTA_VIEWS

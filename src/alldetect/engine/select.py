@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from alldetect.config import Config
-from alldetect.engine.runfiles import Progress
+from alldetect.engine.rundir.files import Progress
 from alldetect.errors import UserError
 
 OPTIMISTIC = "OPTIMISTIC: the epoch was chosen on the very images it is scored on (select=outer)"

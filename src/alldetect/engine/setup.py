@@ -16,7 +16,7 @@ from alldetect.engine.accel import compiled
 from alldetect.engine.distributed import Dist
 from alldetect.engine.loop import DeviceBatch, Updater
 from alldetect.engine.optim import Schedule
-from alldetect.engine.runfiles import Checkpoint, Progress, RunDir, RunMeta
+from alldetect.engine.rundir.files import Checkpoint, Progress, RunDir, RunMeta
 from alldetect.errors import UserError
 from alldetect.models import create_model
 

@@ -27,8 +27,7 @@ from alldetect.engine.folddata import EvalSet, FoldData
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, Updater, predict_probs, train_one_epoch
 from alldetect.engine.optim import set_frozen
-from alldetect.engine.rundir import run_name
-from alldetect.engine.runfiles import (
+from alldetect.engine.rundir.files import (
     Checkpoint,
     PartialEpoch,
     Progress,
@@ -37,6 +36,7 @@ from alldetect.engine.runfiles import (
     load_checkpoint,
     save_checkpoint,
 )
+from alldetect.engine.rundir.prepare import run_name
 from alldetect.engine.select import SelectionPolicy
 from alldetect.engine.setup import Model
 from alldetect.engine.stopping import StopFlag, StopRequested, stop_on_signals

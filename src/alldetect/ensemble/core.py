@@ -23,7 +23,7 @@ import pandas as pd
 
 from alldetect import __version__
 from alldetect.atomic import write_csv
-from alldetect.engine.runs import Member, find_fold_runs
+from alldetect.engine.rundir.find import Member, find_fold_runs
 from alldetect.ensemble.combine import (
     Combiner,
     Inputs,

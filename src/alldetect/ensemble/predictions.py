@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alldetect.engine.runfiles import PredictionRecord, RunDir, RunMeta, predict_command_for
-from alldetect.engine.runs import Member
+from alldetect.engine.rundir.files import PredictionRecord, RunDir, RunMeta, predict_command_for
+from alldetect.engine.rundir.find import Member
 from alldetect.engine.select import selection_label
 from alldetect.ensemble.combine import KNN_K
 from alldetect.ensemble.neighbours import neighbour_means

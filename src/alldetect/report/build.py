@@ -30,7 +30,7 @@ from alldetect.data.demo import is_demo_data
 from alldetect.data.folds import fold_file_root
 from alldetect.data.images import center_crop, fingerprint, read_rgb
 from alldetect.engine.loop import resolve_device
-from alldetect.engine.runs import fold_of
+from alldetect.engine.rundir.find import fold_of
 from alldetect.engine.select import selection_label, selection_text
 from alldetect.errors import UserError, short_list
 from alldetect.metrics import score

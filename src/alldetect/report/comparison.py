@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from alldetect.engine.runs import fold_of
+from alldetect.engine.rundir.find import fold_of
 from alldetect.engine.select import selection_label
 from alldetect.ensemble.record import EnsembleRecord
 from alldetect.metrics import METRIC_NAMES, per_person, score

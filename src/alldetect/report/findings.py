@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from alldetect.config import Config
-from alldetect.engine.runfiles import Checkpoint, RunDir, RunMeta
-from alldetect.engine.runs import Member, fold_dirs, fold_of
+from alldetect.engine.rundir.files import Checkpoint, RunDir, RunMeta
+from alldetect.engine.rundir.find import Member, fold_dirs, fold_of
 from alldetect.ensemble.predictions import load_oof
 from alldetect.ensemble.record import EnsembleRecord, read_ensemble_record
 from alldetect.errors import UserError

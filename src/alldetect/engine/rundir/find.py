@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from alldetect.engine.runfiles import RunDir
+from alldetect.engine.rundir.files import RunDir
 from alldetect.errors import UserError, short_list
 
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")

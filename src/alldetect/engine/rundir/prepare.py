@@ -13,7 +13,7 @@ from alldetect.atomic import check_writable
 from alldetect.config import RESUMABLE_ROLES, Config, flatten, keys_with_role
 from alldetect.data.folds import FoldFile
 from alldetect.engine.distributed import Dist
-from alldetect.engine.runfiles import Checkpoint, RunDir, load_checkpoint
+from alldetect.engine.rundir.files import Checkpoint, RunDir, load_checkpoint
 from alldetect.errors import UserError
 
 log = logging.getLogger("alldetect")
