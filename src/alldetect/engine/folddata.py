@@ -80,20 +80,11 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size // d.world < 2:
         raise UserError(f"batch_size={cfg.batch_size} on {d.world} processes is one image a process, and mixup/cutmix "
                         f"mix pairs of a process's images: use batch_size={2 * d.world} or more, or mixup=0 cutmix=0")
-    counts = np.bincount(labels, minlength=2).astype(float)
-    class_weights = sample_weights = None
-    if cfg.class_balance == "loss":
-        class_weights = torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32)
-    elif cfg.class_balance == "sampler":
-        sample_weights = 1.0 / counts[labels]
+    class_weights, sample_weights = balance(cfg.class_balance, labels)
     cache = None
     if cfg.data.cache:
         paths = folds.table["path"].tolist() + (extra["path"].tolist() if extra is not None else [])
-        if d.main:  # one rank builds it, the others open it once it is there
-            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
-        d.barrier()
-        if not d.main:
-            cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
+        cache = _shared_cache(cfg, folds, paths, size, d)
     pin, batch = device.type == "cuda", cfg.batch_size // d.world
 
     def dataset(rows: pd.DataFrame, transform=None) -> CellDataset:
@@ -113,6 +104,24 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
                     drop_last=len(train_ds) > cfg.batch_size), train_sampler,
         eval_set(val_rows) if fold is not None else None, eval_set(inner_rows) if inner_rows is not None else None,
         class_weights, batch, len(train_rows), aug)
+
+
+def balance(mode: str, labels: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray | None]:
+    """class_balance=: (the loss's class weights, or each training image's sampling weight), inverse to the
+    class's count; (None, None) for none."""
+    counts = np.bincount(labels, minlength=2).astype(float)
+    if mode == "loss":
+        return torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32), None
+    if mode == "sampler":
+        return None, 1.0 / counts[labels]
+    return None, None
+
+
+def _shared_cache(cfg: Config, folds: FoldFile, paths: list[str], size: int, d: Dist):
+    """data.cache: one rank builds the decoded-image cache, the others open it once it is there."""
+    cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir) if d.main else None
+    d.barrier()
+    return cache if cache is not None else image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
 
 
 def resolve_border(cfg: Config, folds: FoldFile, train_rows: pd.DataFrame) -> AugConfig:

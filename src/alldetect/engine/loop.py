@@ -193,49 +193,62 @@ def train_one_epoch(model: nn.Module, loader, updater: Updater, dev: DeviceBatch
     updater.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, initial=first, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None)
-    for step, (x, y, _) in enumerate(dev.ahead(loader if batches is None else batches), start=first):
-        if step >= n_batches:
-            step -= 1
-            break
-        wait += time.perf_counter() - tick
-        step_seed = sample_seed(seed, epoch, step, rank)
-        torch.manual_seed(step_seed)  # dropout, GPU augmentation, mixup: functions of (seed, epoch, step, process)
-        x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
-        x, target = updater.targets(x, y, step_seed)
-        dev.step_begin()
-        group_end = min(step - step % accum + accum, n_batches)
-        boundary = step + 1 == group_end
-        no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: no all-reduce inside an accumulation
-        sync = no_sync() if callable(no_sync) and not boundary else nullcontext()
-        with sync:
-            with dev.autocast():
-                loss = updater.loss_fn(logits_of(model(x)), target)
-            scaled = loss / (group_end - (step - step % accum))
-            (updater.scaler.scale(scaled) if updater.scaler is not None else scaled).backward()
-        if boundary:
-            updater.step(epoch * updates_per_epoch + step // accum)
-        loss_sum += loss.detach().double() * len(y)
-        images += len(y)
-        check = boundary and ((step // accum + 1) % CHECK_EVERY == 0 or step + 1 == n_batches)
-        stopping = stop is not None and boundary and (
-            bool(stop) if reduce is None else check and reduce(float(bool(stop))) > 0)
-        if check or stopping:
-            total_loss = loss_sum.item() if reduce is None else reduce(loss_sum.item())
-            if not math.isfinite(total_loss):
-                bar.close()
-                raise NonFiniteLoss(f"the training loss became {total_loss} at epoch {epoch + 1} "
-                                    f"(by batch {step + 1})")
-            bar.set_postfix(loss=f"{total_loss / images:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
-        bar.update()
-        tick = time.perf_counter()
-        if stopping and step + 1 < n_batches:
-            completed = False
-            break
-    bar.close()
+    with bar:  # closed also when a non-finite loss raises
+        for step, (x, y, _) in enumerate(dev.ahead(loader if batches is None else batches), start=first):
+            if step >= n_batches:
+                step -= 1
+                break
+            wait += time.perf_counter() - tick
+            step_seed = sample_seed(seed, epoch, step, rank)
+            torch.manual_seed(step_seed)  # dropout, GPU augmentation, mixup: functions of (seed, epoch, step, process)
+            x, y = dev.images(x, augment_batch, step_seed), y.to(dev.device, non_blocking=True)
+            x, target = updater.targets(x, y, step_seed)
+            dev.step_begin()
+            group_end = min(step - step % accum + accum, n_batches)
+            boundary = step + 1 == group_end
+            loss = _backward(model, updater, dev, x, target, group_end - (step - step % accum), boundary)
+            if boundary:
+                updater.step(epoch * updates_per_epoch + step // accum)
+            loss_sum += loss.detach().double() * len(y)
+            images += len(y)
+            check = boundary and ((step // accum + 1) % CHECK_EVERY == 0 or step + 1 == n_batches)
+            stopping = stop is not None and boundary and (
+                bool(stop) if reduce is None else check and reduce(float(bool(stop))) > 0)
+            if check or stopping:
+                total_loss = _finite_sum(loss_sum, reduce, epoch, step)
+                bar.set_postfix(loss=f"{total_loss / images:.4f}",
+                                img_s=f"{images / (time.perf_counter() - start):.1f}")
+            bar.update()
+            tick = time.perf_counter()
+            if stopping and step + 1 < n_batches:
+                completed = False
+                break
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds,
             "data_wait": wait / seconds if seconds else 0.0, "completed": completed,
             "carry": {"steps": step + 1, "loss_sum": total_loss, "images": images, "seconds": seconds, "wait": wait}}
+
+
+def _backward(model: nn.Module, updater: Updater, dev: DeviceBatch, x, target, share: int,
+              boundary: bool) -> torch.Tensor:
+    """One batch's loss and gradients, `1 / share` of its accumulation group's update. Under
+    DistributedDataParallel the gradients are all-reduced only at the group's end (`boundary`)."""
+    no_sync = getattr(model, "no_sync", None)
+    sync = no_sync() if callable(no_sync) and not boundary else nullcontext()
+    with sync:
+        with dev.autocast():
+            loss = updater.loss_fn(logits_of(model(x)), target)
+        scaled = loss / share
+        (updater.scaler.scale(scaled) if updater.scaler is not None else scaled).backward()
+    return loss
+
+
+def _finite_sum(loss_sum: torch.Tensor, reduce, epoch: int, step: int) -> float:
+    """The epoch's summed loss so far (over every rank), read from the device; NonFiniteLoss when NaN or inf."""
+    total = loss_sum.item() if reduce is None else reduce(loss_sum.item())
+    if not math.isfinite(total):
+        raise NonFiniteLoss(f"the training loss became {total} at epoch {epoch + 1} (by batch {step + 1})")
+    return total
 
 
 @torch.inference_mode()

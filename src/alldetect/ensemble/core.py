@@ -90,12 +90,8 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> Outcome:
     have_features = method.correct == "knn" or all_have_features(members, "oof")
     inputs = Inputs(oof.probs, oof_neighbours(members, oof) if have_features else None)
     plain = Method(threshold=method.threshold)
-    scores, columns = {}, {}
+    scores, columns = _member_scores(oof, labels, folds, plain)
     selection = oof.info["selection"]
-    for i, name in enumerate(oof.members):
-        p, t, per_fold = cross_fitted(Inputs(oof.probs[:, [i]]), labels, folds, plain)
-        scores[name] = {**_scored(labels, p, t, per_fold, oof.subjects), "selection": selection[name]}
-        columns[f"prob_{name}"] = oof.probs[:, i].round(6)
     if method != plain:
         p, t, per_fold = cross_fitted(inputs, labels, folds, plain)
         scores["equal weights"] = _scored(labels, p, t, per_fold, oof.subjects)
@@ -135,19 +131,59 @@ def oof_report(members: list[Member], opts: dict, out_dir: Path) -> Outcome:
                           for f, c in per_fold.items() if c.estimate is not None)
         said.append(f"prior={method.prior}: each fold's share of `all` taken from its own images' probabilities, the "
               f"training mix and the rest fitted on the other folds: {shown}")
-    if compared:
-        said.append(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
-              f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
-    left_out = [m.label for m in others if m.label not in compared]
-    if left_out:
-        said.append(f"\nnot compared: {', '.join(left_out)} (they fit something on the out-of-fold predictions, so they "
-              "need out-of-fold predictions of two or more folds)")
-    if optimistic:
-        said.append(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
-              "(select=outer); retrain with select=last (the default) or select=inner for scores that are not")
+    said += _comparison_lines(compared, [m.label for m in others if m.label not in compared], optimistic)
     said += _combiner_lines(final, oof.members, bool(per_fold))
     said.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'oof.csv'}")
     return Outcome(result, said)
+
+
+def _member_scores(oof, labels: np.ndarray, folds: np.ndarray, plain: Method) -> tuple[dict, dict]:
+    """Each member scored alone, cross-fitted as the ensemble is (with how its runs chose their weights), and
+    its probability column for oof.csv."""
+    scores, columns = {}, {}
+    for i, name in enumerate(oof.members):
+        p, t, per_fold = cross_fitted(Inputs(oof.probs[:, [i]]), labels, folds, plain)
+        scores[name] = {**_scored(labels, p, t, per_fold, oof.subjects), "selection": oof.info["selection"][name]}
+        columns[f"prob_{name}"] = oof.probs[:, i].round(6)
+    return scores, columns
+
+
+def _comparison_lines(compared: dict, left_out: list[str], optimistic: list[str]) -> list[str]:
+    """The other ways of combining, scored alike; those that could not be; members whose scores flatter."""
+    said = []
+    if compared:
+        said.append(f"\nthe ensemble made other ways (each cross-fitted like the one above):\n"
+                    f"{metrics_table(compared).drop(columns=['confusion']).to_string(index=False)}")
+    if left_out:
+        said.append(f"\nnot compared: {', '.join(left_out)} (they fit something on the out-of-fold predictions, so "
+                    "they need out-of-fold predictions of two or more folds)")
+    if optimistic:
+        said.append(f"OPTIMISTIC: {', '.join(optimistic)} chose each fold's epoch on the images it is scored on "
+                    "(select=outer); retrain with select=last (the default) or select=inner for scores that are not")
+    return said
+
+
+def _fit_on_oof(members: list[Member], method: Method, m: int, said: list[str]) -> tuple[Combiner, list[float]]:
+    """How the members are combined, and each member's own threshold, fitted on all their out-of-fold
+    predictions (equal weights at the given threshold when nothing is fitted)."""
+    if not method.fitted:
+        combiner = Combiner.equal(method, m)
+        return combiner, [combiner.threshold] * m
+    fold_members = _with_folds_for_full(members, said.append)
+    oof = load_oof(fold_members)
+    assert oof.labels is not None, "out-of-fold predictions are labelled"
+    knn = method.correct == "knn"
+    combiner = fit(method, Inputs(oof.probs, oof_neighbours(fold_members, oof) if knn else None), oof.labels)
+    alone = Method(threshold=method.threshold)
+    return combiner, [fit(alone, Inputs(oof.probs[:, [i]]), oof.labels).threshold for i in range(m)]
+
+
+def _held_out_scores(held, member_thresholds: list[float], prob: np.ndarray, threshold: float) -> dict:
+    """Labelled held-out images: each member at its own threshold, and the ensemble."""
+    scores = {n: {**score(held.labels, held.probs[:, i], t, subjects=held.subjects), "threshold": t}
+              for i, (n, t) in enumerate(zip(held.members, member_thresholds))}
+    scores["ensemble"] = {**score(held.labels, prob, threshold, subjects=held.subjects), "threshold": threshold}
+    return scores
 
 
 def _fitted_record(c: Combiner, members: list[str]) -> dict:
@@ -252,16 +288,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> O
     m = len(held.members)
     knn = method.correct == "knn"
     inputs = Inputs(held.probs, held_out_neighbours(members, name, held.frame) if knn else None)
-    if method.fitted:
-        fold_members = _with_folds_for_full(members, said.append)
-        oof = load_oof(fold_members)
-        assert oof.labels is not None, "out-of-fold predictions are labelled"
-        combiner = fit(method, Inputs(oof.probs, oof_neighbours(fold_members, oof) if knn else None), oof.labels)
-        member_thresholds = [fit(Method(threshold=method.threshold), Inputs(oof.probs[:, [i]]), oof.labels).threshold
-                             for i in range(m)]
-    else:
-        combiner = Combiner.equal(method, m)
-        member_thresholds = [combiner.threshold] * m
+    combiner, member_thresholds = _fit_on_oof(members, method, m, said)
     prob = combiner.probs(inputs)
     pred = (prob >= combiner.threshold).astype(int)
     if method.prior != "none":
@@ -292,10 +319,7 @@ def submission(members: list[Member], name: str, opts: dict, out_dir: Path) -> O
     else:
         said.append(f"no isbi_valid.predict: {why}")
     if held.labels is not None:
-        scores = {n: {**score(held.labels, held.probs[:, i], t, subjects=held.subjects), "threshold": t}
-                  for i, (n, t) in enumerate(zip(held.members, member_thresholds))}
-        scores["ensemble"] = {**score(held.labels, prob, combiner.threshold, subjects=held.subjects),
-                              "threshold": combiner.threshold}
+        scores = _held_out_scores(held, member_thresholds, prob, combiner.threshold)
         record["scores"] = scores
         persons = None if held.subjects is None else per_person(held.labels, prob, pred, held.subjects)
         if persons is not None:
