@@ -179,7 +179,7 @@ class Config(_Section):
     def resolved_input_size(self) -> int:
         """The input size in pixels: input_size, else the architecture's natural one (proposed 300, inception_v3
         299, timm models their pretrained configuration's)."""
-        from alldetect.models import default_input_size
+        from alldetect.models.names import default_input_size
 
         return self.input_size or default_input_size(self.arch)
 

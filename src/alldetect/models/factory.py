@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,25 +10,11 @@ from torch import nn
 
 from alldetect.errors import UserError
 from alldetect.models import packaged
+from alldetect.models.names import MIN_INPUT, check_timm_name, default_input_size
 from alldetect.models.proposed import ProposedCNN, conv_group_matcher
 
 if TYPE_CHECKING:
     from alldetect.config import Config
-
-# The report's five and their natural input sizes (the report resized all of them to fit its GPU).
-REPORT_ARCHS = {"proposed": 300, "alexnet": 224, "vgg16": 224, "resnet50": 224, "inception_v3": 299}
-MIN_INPUT = {"inception_v3": 75, "alexnet": 63}
-
-
-def default_input_size(name: str) -> int:
-    if name in REPORT_ARCHS:
-        return REPORT_ARCHS[name]
-    import timm
-
-    _check_timm_name(name)
-    cfg = timm.get_pretrained_cfg(name)
-    return int(cfg.input_size[-1]) if cfg is not None else 224
-
 
 def create_model(name: str, num_classes: int = 2, dropout: float = 0.5, pretrained: bool = False,
                  pretrained_path: str | None = None, input_size: int | None = None,
@@ -95,7 +80,7 @@ def _alexnet(num_classes, dropout, pretrained, pretrained_path):
 def _timm(name, num_classes, dropout, pretrained, pretrained_path):
     import timm
 
-    _check_timm_name(name)
+    check_timm_name(name)
     if packaged.has_packaged_weights(name) and (pretrained or pretrained_path):
         path = Path(pretrained_path) if pretrained_path else packaged.packaged_weights_file(name)
         state = _load_weights_file(str(path))
@@ -117,16 +102,6 @@ def _timm(name, num_classes, dropout, pretrained, pretrained_path):
         if pretrained and not pretrained_path:
             raise _offline_error(name, e) from None
         raise UserError(f"cannot build {name}{' from ' + str(pretrained_path) if pretrained_path else ''}: {e}") from None
-
-
-def _check_timm_name(name: str) -> None:
-    import timm
-
-    if name not in REPORT_ARCHS and not timm.is_model(name):
-        close = difflib.get_close_matches(name, list(dict.fromkeys([*REPORT_ARCHS, *timm.list_models()])), n=5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise UserError(f"unknown architecture '{name}'. Use one of {', '.join(REPORT_ARCHS)} or any timm model "
-                        f"name (see `alldetect models`).{hint}")
 
 
 def _offline_error(name: str, err: Exception) -> UserError:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from alldetect.models.factory import REPORT_ARCHS, count_parameters, create_model, default_input_size
+from alldetect.models.factory import count_parameters, create_model
+from alldetect.models.names import REPORT_ARCHS, default_input_size
 
 
 def models_table(names: list[str] | None = None) -> pd.DataFrame:
