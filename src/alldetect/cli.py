@@ -33,6 +33,12 @@ def _train(a):
     train_command(a.arch, a.fold, a.overrides, a.config)
 
 
+def _pretrain(a):
+    from alldetect.commands.pretrain import pretrain_command
+
+    pretrain_command(a.arch, a.fold, a.overrides, a.config)
+
+
 def _models(a):
     from alldetect.models.table import models_table
 
@@ -154,6 +160,15 @@ def _train_commands(sub) -> None:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 epochs=20")
     _config_files(s)
     s.set_defaults(func=_train)
+
+    s = sub.add_parser("pretrain", help="self-supervised pretraining (SimCLR, no labels read) of ARCH's encoder "
+                       "into pretrained/<arch>/<fold>/encoder.pth, for train ... pretrained_path=")
+    s.add_argument("arch", help="a timm network, e.g. resnet18, efficientnet_lite0, resnet50")
+    s.add_argument("fold", help="fold<k>: the images of every other fold (the honest start for fold k); each: every "
+                   "fold in turn; all: every image, the scored people's too (transductive)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input_size=96 epochs=10")
+    _config_files(s)
+    s.set_defaults(func=_pretrain)
 
     s = sub.add_parser("models", help="list the architectures with input sizes and parameter counts")
     s.add_argument("names", nargs="*", help="architectures to list (default: the report's five)")

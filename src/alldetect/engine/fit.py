@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,27 +21,40 @@ from alldetect.atomic import check_writable
 from alldetect.config import Config, save_config
 from alldetect.data.folds import FoldFile
 from alldetect.engine.distributed import Dist, init_distributed
-from alldetect.engine.folddata import fold_data
+from alldetect.engine.folddata import FoldData, fold_data
 from alldetect.engine.gpu_augment import BatchAugment
 from alldetect.engine.loop import DeviceBatch, NonFiniteLoss, resolve_device
 from alldetect.engine.optim import Schedule, create_optimizer
 from alldetect.engine.rundir.files import RunDir
 from alldetect.engine.rundir.prepare import check_free_space, check_resume, prepare_run_dir, run_dir_for, run_name
 from alldetect.engine.select import selection_policy
-from alldetect.engine.setup import build_model, build_updater, check_same_updates, restore
+from alldetect.engine.setup import Model, build_model, build_updater, check_same_updates, restore
 from alldetect.engine.trainer import FitResult, FoldState, FoldTrainer, TrainingDiverged
 from alldetect.errors import UserError
 from alldetect.locks import exclusive
 from alldetect.tracking import Tracker, start_tracker
 
-__all__ = ["FULL", "FitResult", "TrainingDiverged", "fit_fold", "run_dir_for"]
+__all__ = ["CLASSIFY", "FULL", "FitResult", "Task", "TrainingDiverged", "fit_fold", "run_dir_for"]
 
 FULL = None  # the "fold" of a final model trained on every image, with nothing held out (runs/<arch>/full)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a run trains: its images (training loader and what is evaluated), its network, and its loss (None:
+    the classification loss of the config). Classification is CLASSIFY; pretraining is engine/pretrain.PRETRAIN."""
+
+    data: Callable[[Config, FoldFile, int | None, int, torch.device, Dist], FoldData] = fold_data
+    model: Callable[[Config, int, torch.device, Dist, DeviceBatch], Model] = build_model
+    loss: Callable[[], nn.Module] | None = None
+
+
+CLASSIFY = Task()
+
+
 def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | RunDir | None = None,
              on_epoch: Callable[[int, dict], None] | None = None, wandb_name: str | None = None,
-             job_type: str = "train") -> FitResult:
+             job_type: str = "train", task: Task = CLASSIFY) -> FitResult:
     """Train `cfg.arch` on every fold but `fold`, validate on `fold`. `on_epoch(epoch, metrics)` (the validation
     fold's scores) may raise to stop early (Optuna pruning). `wandb_name` names the W&B run (default
     <arch>-fold<k>). Under torchrun every rank calls this; only rank 0 writes. fold FULL trains on every image and
@@ -60,12 +74,12 @@ def fit_fold(cfg: Config, fold: int | None, folds: FoldFile, run_dir: Path | Run
         check_writable(files.path, "the run folder")
     lock = exclusive(files.path / ".lock", f"the run folder {files}") if d.main else contextlib.nullcontext()
     with lock:
-        return _fit_locked(cfg, fold, folds, files, d, on_epoch, wandb_name, job_type)
+        return _fit_locked(cfg, fold, folds, files, d, on_epoch, wandb_name, job_type, task)
 
 
 def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir, d: Dist, on_epoch, wandb_name,
-                job_type) -> FitResult:
-    trainer = _build_trainer(cfg, fold, folds, run_dir, d, on_epoch)
+                job_type, task: Task) -> FitResult:
+    trainer = _build_trainer(cfg, fold, folds, run_dir, d, on_epoch, task)
     if d.main:
         trainer.tracker = start_tracker(
             cfg.wandb, run_dir.path, name=wandb_name or f"{cfg.arch}-{run_name(fold)}", group=cfg.study,
@@ -90,7 +104,7 @@ def _fit_locked(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir,
 
 
 def _build_trainer(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunDir, d: Dist,
-                   on_epoch: Callable[[int, dict], None] | None) -> FoldTrainer:
+                   on_epoch: Callable[[int, dict], None] | None, task: Task) -> FoldTrainer:
     """What the fold trains with, restored from last.pt when the run resumes."""
     resume_state = prepare_run_dir(cfg, run_dir, d)
     if resume_state is not None:
@@ -102,8 +116,8 @@ def _build_trainer(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunD
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest kernels for fixed shapes; CPU runs stay deterministic
     size = cfg.resolved_input_size
-    data = fold_data(cfg, folds, fold, size, device, d)
-    model = build_model(cfg, size, device, d, dev)
+    data = task.data(cfg, folds, fold, size, device, d)
+    model = task.model(cfg, size, device, d, dev)
     compiling = cfg.compile and device.type == "cuda"
     dev.graphs = compiling and cfg.compile_mode == "reduce-overhead"
     optimizer = create_optimizer(cfg, model.module)
@@ -112,7 +126,7 @@ def _build_trainer(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunD
     batches = min(len(data.train_loader), cfg.max_batches) if cfg.max_batches else len(data.train_loader)
     updates_per_epoch = -(-batches // cfg.accum_steps)
     updater = build_updater(cfg, model, optimizer, Schedule(cfg, optimizer, updates_per_epoch), data.class_weights,
-                            device, dev)
+                            device, dev, task.loss() if task.loss is not None else None)
     state = FoldState()
     if resume_state is not None:
         check_same_updates(resume_state.meta, d.world, updates_per_epoch, run_dir)

@@ -75,7 +75,9 @@ def build_model(cfg: Config, size: int, device: torch.device, d: Dist, dev: Devi
     return model
 
 
-def build_updater(cfg: Config, model: Model, optimizer, schedule: Schedule, class_weights, device, dev) -> Updater:
+def build_updater(cfg: Config, model: Model, optimizer, schedule: Schedule, class_weights, device, dev,
+                  loss_fn: nn.Module | None = None) -> Updater:
+    """The step maker; `loss_fn` replaces the classification loss (pretraining's contrastive one)."""
     mixup = None
     if cfg.mixup or cfg.cutmix:
         from timm.data import Mixup
@@ -84,7 +86,8 @@ def build_updater(cfg: Config, model: Model, optimizer, schedule: Schedule, clas
                       label_smoothing=cfg.label_smoothing, num_classes=2)
     weight = class_weights.to(device) if class_weights is not None else None
     # With mixup the targets arrive smoothed already (timm's Mixup applies label_smoothing to them).
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.0 if mixup else cfg.label_smoothing)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.0 if mixup else cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if dev.needs_scaler else None
     return Updater(model.module, optimizer, schedule, loss_fn, scaler, cfg.accum_steps, cfg.clip_grad, model.ema,
                    mixup)

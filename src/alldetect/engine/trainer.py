@@ -279,6 +279,6 @@ def epoch_line(cfg: Config, fold: int | None, row: dict, chosen: bool) -> str:
     inner = f"  inner f1 {row['inner_f1']:.4f}" if "inner_f1" in row else ""
     star = " *" if chosen and cfg.select in ("inner", "outer") else ""
     val = (f"val_loss {row['val_loss']:.4f}  f1 {row['f1']:.4f}  acc {row['accuracy']:.4f}  auc {row['roc_auc']:.4f}"
-           if "f1" in row else "(no validation: every image trains)")
+           if "f1" in row else "(nothing validated)")
     return (f"{cfg.arch} {run_name(fold)} epoch {row['epoch'] + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
             f"{val}{inner}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  wait {row['data_wait']:.0%}{star}")
