@@ -99,6 +99,8 @@ def test_pretrain_refuses_networks_pretrained_path_cannot_load_and_bad_folds(tin
         pretrain_command("proposed", "fold0", [*PRE, f"data.root={tiny_data}"])
     with pytest.raises(UserError, match=r"'fold' is not what pretrain takes: fold<k>"):
         pretrain_command("resnet18", "fold", [*PRE, f"data.root={tiny_data}"])
+    with pytest.raises(UserError, match=r"'fold3' is not a fold of .*: use fold0 .. fold2, each, or all"):
+        pretrain_command("resnet18", "fold3", [*PRE, f"data.root={tiny_data}"])
 
 
 def _one_process():

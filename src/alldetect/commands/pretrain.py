@@ -28,6 +28,9 @@ def pretrain_command(arch: str, fold_spec: str, overrides: list[str], files: lis
     print(data_line(cfg, folds), flush=True)
     if cfg.data.root is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(folds.data_root)})})
+    m = re.fullmatch(r"fold(\d+)", fold_spec)
+    if m and int(m.group(1)) >= folds.k:
+        raise UserError(f"'{fold_spec}' is not a fold of {folds.path}: use fold0 .. fold{folds.k - 1}, each, or all")
     wanted = parse_fold_spec({"each": "all", "all": "full"}.get(fold_spec, fold_spec), folds.k)
     encoders = []
     for fold in wanted:
