@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from alldetect.data.prepare import data_line, resolve_folds
-from alldetect.engine.pretrain import FORCED, pretrain_fold
+from alldetect.engine.pretrain import FORCED, check_pretrainable, pretrain_fold
 from alldetect.engine.train import parse_fold_spec, resolve_config
 from alldetect.errors import UserError
 from alldetect.models import default_input_size
@@ -20,6 +20,7 @@ def pretrain_command(arch: str, fold_spec: str, overrides: list[str], files: lis
     """FOLD: fold<k> (every other fold's images: the honest start for fold k's run), each (every fold in turn), or
     all (every image, the scored people's included: transductive). Returns the encoder files."""
     default_input_size(arch)
+    check_pretrainable(arch)
     if fold_spec not in ("each", "all") and not re.fullmatch(r"fold\d+", fold_spec):
         raise UserError(f"'{fold_spec}' is not what pretrain takes: fold<k> (the images of every other fold, the "
                         "honest start for fold k), each (every fold in turn), or all (every image, transductive)")

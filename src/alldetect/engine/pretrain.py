@@ -66,10 +66,14 @@ class Contrastive(nn.Module):
         return self.head(self.encoder(x))
 
 
-def contrastive_model(cfg: Config, size: int) -> Contrastive:
-    if cfg.arch in ("proposed", "alexnet"):
-        raise UserError(f"pretrain builds encoders that pretrained_path= loads, which {cfg.arch} does not take: "
+def check_pretrainable(arch: str) -> None:
+    if arch in ("proposed", "alexnet"):
+        raise UserError(f"pretrain builds encoders that pretrained_path= loads, which {arch} does not take: "
                         "pretrain a timm network (e.g. resnet18, efficientnet_lite0, resnet50)")
+
+
+def contrastive_model(cfg: Config, size: int) -> Contrastive:
+    check_pretrainable(cfg.arch)
     torch.manual_seed(cfg.seed)
     network = create_model(cfg.arch, num_classes=2, dropout=0.0, pretrained=cfg.pretrained,
                            pretrained_path=cfg.pretrained_path, input_size=size)
