@@ -3,7 +3,6 @@ encoder, then the command that fine-tunes from it."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -13,15 +12,14 @@ from alldetect.engine.train import parse_fold_spec, resolve_config
 from alldetect.errors import UserError
 from alldetect.models import default_input_size
 
-log = logging.getLogger("alldetect")
-
 
 def pretrain_command(arch: str, fold_spec: str, overrides: list[str], files: list[str] | None = None) -> list[Path]:
     """FOLD: fold<k> (every other fold's images: the honest start for fold k's run), each (every fold in turn), or
     all (every image, the scored people's included: transductive). Returns the encoder files."""
     default_input_size(arch)
     check_pretrainable(arch)
-    if fold_spec not in ("each", "all") and not re.fullmatch(r"fold\d+", fold_spec):
+    number = re.fullmatch(r"fold(\d+)", fold_spec)
+    if fold_spec not in ("each", "all") and not number:
         raise UserError(f"'{fold_spec}' is not what pretrain takes: fold<k> (the images of every other fold, the "
                         "honest start for fold k), each (every fold in turn), or all (every image, transductive)")
     cfg, _ = resolve_config(arch, [*overrides, *FORCED], files or [])
@@ -29,8 +27,7 @@ def pretrain_command(arch: str, fold_spec: str, overrides: list[str], files: lis
     print(data_line(cfg, folds), flush=True)
     if cfg.data.root is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(folds.data_root)})})
-    m = re.fullmatch(r"fold(\d+)", fold_spec)
-    if m and int(m.group(1)) >= folds.k:
+    if number and int(number.group(1)) >= folds.k:
         raise UserError(f"'{fold_spec}' is not a fold of {folds.path}: use fold0 .. fold{folds.k - 1}, each, or all")
     wanted = parse_fold_spec({"each": "all", "all": "full"}.get(fold_spec, fold_spec), folds.k)
     encoders = []
@@ -41,8 +38,6 @@ def pretrain_command(arch: str, fold_spec: str, overrides: list[str], files: lis
               f"epoch(s): {encoder}")
         encoders.append(encoder)
     size = cfg.resolved_input_size
-    if not encoders:
-        raise UserError("nothing was pretrained")
     for fold, encoder in zip(wanted, encoders):
         target = "all" if fold is None else f"fold{fold}"
         print(f"fine-tune from it: alldetect train {arch} {target} input_size={size} pretrained_path={encoder}"

@@ -84,7 +84,7 @@ def fold_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, device:
     cache = None
     if cfg.data.cache:
         paths = folds.table["path"].tolist() + (extra["path"].tolist() if extra is not None else [])
-        cache = _shared_cache(cfg, folds, paths, size, d)
+        cache = shared_cache(cfg, folds, paths, size, d)
     pin, batch = device.type == "cuda", cfg.batch_size // d.world
 
     def dataset(rows: pd.DataFrame, transform=None) -> CellDataset:
@@ -117,7 +117,7 @@ def balance(mode: str, labels: np.ndarray) -> tuple[torch.Tensor | None, np.ndar
     return None, None
 
 
-def _shared_cache(cfg: Config, folds: FoldFile, paths: list[str], size: int, d: Dist):
+def shared_cache(cfg: Config, folds: FoldFile, paths: list[str], size: int, d: Dist):
     """data.cache: one rank builds the decoded-image cache, the others open it once it is there."""
     cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir) if d.main else None
     d.barrier()

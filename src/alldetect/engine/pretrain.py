@@ -31,7 +31,6 @@ from torch.utils.data import get_worker_info
 
 from alldetect.atomic import atomic_path
 from alldetect.config import Config
-from alldetect.data.cache import image_cache
 from alldetect.data.dataset import CellDataset, EpochSampler, make_loader
 from alldetect.data.extra import extra_rows
 from alldetect.data.folds import FoldFile
@@ -39,7 +38,7 @@ from alldetect.data.transforms import Augment, sample_seed
 from alldetect.engine.accel import compiled
 from alldetect.engine.distributed import Dist
 from alldetect.engine.fit import FULL, FitResult, Task, fit_fold
-from alldetect.engine.folddata import FoldData, resolve_border
+from alldetect.engine.folddata import FoldData, resolve_border, shared_cache
 from alldetect.engine.loop import DeviceBatch
 from alldetect.engine.setup import Model
 from alldetect.errors import UserError
@@ -135,7 +134,7 @@ def pretrain_data(cfg: Config, folds: FoldFile, fold: int | None, size: int, dev
     cache = None
     if cfg.data.cache:  # the same cache as the classification runs of this data and size
         paths = folds.table["path"].tolist() + (extra["path"].tolist() if extra is not None else [])
-        cache = image_cache(folds.data_root, paths, cfg.data.crop, size, cfg.data.cache_dir)
+        cache = shared_cache(cfg, folds, paths, size, d)
     if len(rows) < 2 * max(2, cfg.batch_size // 4):
         raise UserError(f"pretrain{'' if fold is None else f' fold{fold}'} has {len(rows)} image(s): contrastive "
                         "learning needs a batch of several images; give it more data")

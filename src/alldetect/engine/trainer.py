@@ -128,7 +128,7 @@ class FoldTrainer:
                 chosen = self.select(epoch, scores)
                 row = self.record(epoch, stats, scores, chosen)
                 self.persist(epoch, scores, chosen)
-                self.report(epoch, row, scores, chosen)
+                self.report(epoch, stats, row, scores, chosen)
         return self.finish()
 
     def check_stop(self, stop: StopFlag, where: str) -> None:
@@ -211,13 +211,13 @@ class FoldTrainer:
             raise UserError(f"training stopped in epoch {epoch + 1}: {e}. Make room (or raise the limit) and continue "
                             "with the same command and resume=true, from the last epoch last.pt holds") from None
 
-    def report(self, epoch: int, row: dict, scores: dict[str, Scored], chosen: bool) -> None:
+    def report(self, epoch: int, stats: dict, row: dict, scores: dict[str, Scored], chosen: bool) -> None:
         """Stage 5: the epoch's line and W&B (rank 0); then `on_epoch` (Optuna's pruning), which may raise."""
         if self.d.main:
             logged = {f"{'val' if name == 'outer' else name}/{k}": v
                       for name, s in scores.items() for k, v in s.metrics.items() if k != "confusion"}
-            self.tracker.log({**logged, "train/loss": row["train_loss"], "train/images_per_s": row["images_per_s"],
-                              "train/data_wait": row["data_wait"], "lr": row["lr"]}, step=epoch + 1)
+            self.tracker.log({**logged, "train/loss": stats["loss"], "train/images_per_s": row["images_per_s"],
+                              "train/data_wait": stats["data_wait"], "lr": row["lr"]}, step=epoch + 1)
             tqdm.write(epoch_line(self.cfg, self.fold, row, chosen))
         if self.on_epoch is not None and "outer" in scores:
             self.on_epoch(epoch, scores["outer"].metrics)
