@@ -52,6 +52,14 @@ def test_pretraining_reads_no_label_and_its_encoder_starts_a_training_run(tiny_d
     assert str(encoder) == "pretrained/resnet18/fold0/encoder.pth" and f"pretrained_path={encoder}" in out
     history = pd.read_csv(encoder.parent / "history.csv")
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all() and "f1" not in history
+    kept = encoder.read_bytes()
+    with pytest.raises(UserError, match=r"pretrained/resnet18/fold0 already holds a run .*resume=true"):
+        pretrain_command("resnet18", "fold0", [*PRE, f"data.root={tiny_data}"])  # another run's folder: untouched
+    assert encoder.read_bytes() == kept
+    (encoder.parent / "last.pt").write_bytes(b"PK\x03\x04 cut short")  # a damaged checkpoint, resumed
+    with pytest.raises(UserError, match=r"cannot read checkpoint pretrained/resnet18/fold0/last.pt: damaged"):
+        pretrain_command("resnet18", "fold0", [*PRE, f"data.root={tiny_data}", "resume=true"])
+    assert encoder.read_bytes() == kept
     # the same run with every label hidden writes the same encoder: no label was read
     cfg = _cfg(tiny_data)
     folds = resolve_folds(cfg)
