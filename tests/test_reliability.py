@@ -21,13 +21,13 @@ from alldetect.engine.rundir.files import Checkpoint, RunMeta, load_checkpoint, 
 from alldetect.engine.stopping import StopRequested
 from alldetect.errors import UserError
 
-from conftest import FAST
+from conftest import FAST, TINY
 
 HISTORY_STABLE = ["epoch", "train_loss", "val_loss", "f1", "accuracy", "precision", "recall", "roc_auc", "lr"]
 
 
 def _cfg(root, *extra):
-    return load_config("proposed", [*FAST, f"data.root={root}", *extra])
+    return load_config(TINY, [*FAST, f"data.root={root}", *extra])
 
 
 def _same_weights(a_dir, b_dir):
@@ -66,17 +66,50 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_to_the_same_weights(t
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", SignalAt)
     with pytest.raises(StopRequested, match=r"stopped by SIGTERM in epoch 2 after batch 3.*resume=true"):
         fit_fold(_cfg(tiny_demo, "runs_dir=b", *extra), 0, folds)
-    state = load_checkpoint(workdir / "b/proposed/fold0/last.pt")
+    state = load_checkpoint(workdir / "b" / TINY / "fold0/last.pt")
     assert state.meta.progress.epoch == 0 and state.meta.partial.epoch == 1 and state.meta.partial.steps == 3
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", torch.nn.CrossEntropyLoss)
     fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
-    assert _same_weights(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
-    _same_history(workdir / "a/proposed/fold0", workdir / "b/proposed/fold0")
+    assert _same_weights(workdir / "a" / TINY / "fold0", workdir / "b" / TINY / "fold0")
+    _same_history(workdir / "a" / TINY / "fold0", workdir / "b" / TINY / "fold0")
+
+
+class Killed(BaseException):
+    """What a SIGKILL leaves: nothing after the point where it lands runs."""
+
+
+@pytest.mark.slow
+def test_a_kill_between_last_pt_and_history_csv_loses_no_history_row(tiny_demo, workdir, monkeypatch):
+    """last.pt is written before history.csv; a kill between the two left history.csv an epoch behind last.pt,
+    and the resumed run's history went on without that epoch's row. last.pt now holds the history."""
+    extra = ["epochs=3", "batch_size=4"]
+    folds = resolve_folds(_cfg(tiny_demo, *extra))
+    fit_fold(_cfg(tiny_demo, "runs_dir=a", *extra), 0, folds)
+
+    import alldetect.engine.trainer as trainer
+
+    writes = []
+
+    def killed_at_second_history(path, table):
+        writes.append(path)
+        if len(writes) == 2:  # epoch 2's history.csv: its last.pt is on the disk already
+            raise Killed
+        write_csv(path, table)
+
+    monkeypatch.setattr(trainer, "write_csv", killed_at_second_history)
+    with pytest.raises(Killed):
+        fit_fold(_cfg(tiny_demo, "runs_dir=b", *extra), 0, folds)
+    run = workdir / "b" / TINY / "fold0"
+    assert load_checkpoint(run / "last.pt").meta.progress.epoch == 1 and len(pd.read_csv(run / "history.csv")) == 1
+    monkeypatch.setattr(trainer, "write_csv", write_csv)
+    fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
+    _same_history(workdir / "a" / TINY / "fold0", run)
+    assert _same_weights(workdir / "a" / TINY / "fold0", run)
 
 
 def _train_cmd(root, runs, *extra):
-    return [sys.executable, "-m", "alldetect", "train", "proposed", "fold0", *FAST, f"data.root={root}",
-            f"runs_dir={runs}", "epochs=12", "batch_size=4", "scheduler=cosine", *extra]
+    return [sys.executable, "-m", "alldetect", "train", TINY, "fold0", *FAST, f"data.root={root}",
+            f"runs_dir={runs}", "epochs=16", "batch_size=4", "scheduler=cosine", *extra]
 
 
 @pytest.mark.slow
@@ -90,10 +123,10 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_result(tiny_demo,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if kills < 3:
             # After the first epoch this launch finishes, at a random point of what follows (an epoch of this
-            # tiny run takes about 0.2 s: three launches use at most about 9 of the 12 epochs, so the run
+            # tiny run takes about 0.1 s: three launches use at most about 12 of the 16 epochs, so the run
             # cannot finish before its third kill).
             for line in proc.stdout:
-                if "proposed fold0 epoch" in line:
+                if f"{TINY} fold0 epoch" in line:
                     time.sleep(rng.uniform(0.0, 0.25))
                     break
             if proc.poll() is None:
@@ -105,16 +138,16 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_result(tiny_demo,
         assert proc.returncode == 0, out[-2000:]
         break
     assert kills == 3
-    assert _same_weights(workdir / "ref/proposed/fold0", workdir / "killed/proposed/fold0")
-    _same_history(workdir / "ref/proposed/fold0", workdir / "killed/proposed/fold0")
-    assert not list((workdir / "killed/proposed/fold0").glob(".*.tmp"))  # no temporary file left behind
+    assert _same_weights(workdir / "ref" / TINY / "fold0", workdir / "killed" / TINY / "fold0")
+    _same_history(workdir / "ref" / TINY / "fold0", workdir / "killed" / TINY / "fold0")
+    assert not list((workdir / "killed" / TINY / "fold0").glob(".*.tmp"))  # no temporary file left behind
 
 
 @pytest.mark.slow
 def test_sigterm_to_a_real_process_with_loader_workers(tiny_demo, workdir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["data.num_workers=2", "epochs=40"]
-    run = workdir / "t/proposed/fold0"
+    run = workdir / "t" / TINY / "fold0"
     with open(workdir / "err.txt", "w") as err_file:
         proc = subprocess.Popen(_train_cmd(tiny_demo, "t", *extra), cwd=workdir, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err_file, text=True)

@@ -28,7 +28,7 @@ from alldetect.engine.optim import Schedule, create_optimizer
 from alldetect.engine.rundir.files import RunDir
 from alldetect.engine.rundir.prepare import check_free_space, check_resume, prepare_run_dir, run_dir_for, run_name
 from alldetect.engine.select import selection_policy
-from alldetect.engine.setup import Model, build_model, build_updater, check_same_updates, restore
+from alldetect.engine.setup import Model, build_model, build_updater, check_same_updates, restore, resumed_history
 from alldetect.engine.trainer import FitResult, FoldState, FoldTrainer, TrainingDiverged
 from alldetect.errors import UserError
 from alldetect.locks import exclusive
@@ -132,8 +132,7 @@ def _build_trainer(cfg: Config, fold: int | None, folds: FoldFile, run_dir: RunD
         check_same_updates(resume_state.meta, d.world, updates_per_epoch, run_dir)
         state.progress = restore(resume_state, cfg, model, optimizer, updater, run_dir)
         state.partial = resume_state.meta.partial  # a half-done epoch to finish
-        if run_dir.history.is_file():
-            state.history = run_dir.read_history().query(f"epoch <= {state.progress.epoch}")
+        state.history = resumed_history(resume_state, run_dir, d.main)
     # The validation loss is the plain (class-weighted) cross-entropy, comparable across training settings.
     val_loss_fn = nn.CrossEntropyLoss(weight=data.class_weights.to(device) if data.class_weights is not None else None)
     return FoldTrainer(cfg, fold, folds, run_dir, d, data, model, optimizer, updater, dev, selection_policy(cfg),

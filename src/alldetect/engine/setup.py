@@ -7,10 +7,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from alldetect.atomic import write_csv
 from alldetect.config import Config
 from alldetect.engine.accel import compiled
 from alldetect.engine.distributed import Dist
@@ -114,6 +116,19 @@ def restore(state: Checkpoint, cfg: Config, model: Model, optimizer, updater: Up
         log.warning("epochs %s -> %d: the %s schedule now spans %d epochs and continues from where the run is",
                     saved_epochs, cfg.epochs, cfg.scheduler, cfg.epochs)
     return progress
+
+
+def resumed_history(state: Checkpoint, run_dir: RunDir, main: bool) -> pd.DataFrame:
+    """The history as last.pt left it, written again to history.csv (which a kill may have left an epoch behind);
+    a checkpoint from before last.pt held its history: history.csv's rows up to last.pt's epoch."""
+    if state.meta.history is not None:
+        history = pd.DataFrame(state.meta.history)
+        if main:
+            write_csv(run_dir.history, history)
+        return history
+    if run_dir.history.is_file():
+        return run_dir.read_history().query(f"epoch <= {state.meta.progress.epoch}")
+    return pd.DataFrame()
 
 
 def check_same_updates(meta: RunMeta, world: int, updates_per_epoch: int, run_dir: RunDir) -> None:

@@ -193,8 +193,9 @@ class FoldTrainer:
         return row
 
     def persist(self, epoch: int, scores: dict[str, Scored], chosen: bool) -> None:
-        """Stage 4 (rank 0): checkpoints first, so history.csv is never ahead of last.pt; a chosen epoch also
-        writes best.pt and the kept model's predictions of each evaluation (oof.csv, inner.csv)."""
+        """Stage 4 (rank 0): checkpoints first, so history.csv is never ahead of last.pt (which holds the history
+        too: a kill before history.csv is written loses no row); a chosen epoch also writes best.pt and the kept
+        model's predictions of each evaluation (oof.csv, inner.csv)."""
         if not self.d.main:
             return
         try:
@@ -229,7 +230,8 @@ class FoldTrainer:
                        metrics=metrics, fold_file=str(folds.path), fold_fingerprint=folds.meta.fingerprint,
                        fold_k=folds.k, fold_assignment=folds.assignment, leaky_split=folds.leaky, world=self.d.world,
                        updates_per_epoch=self.updater.schedule.updates_per_epoch,
-                       train_images=self.data.train_images, partial=partial)
+                       train_images=self.data.train_images, partial=partial,
+                       history=self.state.history.to_dict("records"))
         return Checkpoint(meta, model.module.state_dict(), self.optimizer.state_dict(),
                           model.ema.module.state_dict() if model.ema is not None else None,
                           self.updater.scaler.state_dict() if self.updater.scaler is not None else None)

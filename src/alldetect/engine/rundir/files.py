@@ -137,6 +137,9 @@ class RunMeta(BaseModel):
     updates_per_epoch: int | None = None
     train_images: int = 0
     partial: PartialEpoch | None = None  # last.pt of a run stopped inside an epoch
+    # history.csv's rows up to this checkpoint: a resume rebuilds history.csv from them, so a kill between writing
+    # last.pt and history.csv loses no row (None: older checkpoints, whose resume reads history.csv)
+    history: list[dict[str, Any]] | None = None
     saved_at: float = Field(default_factory=time.time)  # when the checkpoint was made: predictions name it
 
     @property
