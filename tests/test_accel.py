@@ -72,13 +72,31 @@ def test_training_with_compile_follows_the_eager_run(tiny_demo, workdir, monkeyp
     np.testing.assert_allclose(oof[1], oof[0], atol=1e-4)
 
 
-def test_fused_optimiser_steps_only_for_weights_on_a_gpu():
+def test_fused_optimiser_steps_on_a_gpu_and_the_cpu_for_torchs_own_optimisers():
     assert accel.fused_args("adamw", torch.device("cuda")) == {"fused": True}
     assert accel.fused_args("momentum", torch.device("cuda")) == {"fused": True}
     assert accel.fused_args("lamb", torch.device("cuda")) == {}  # timm's own optimisers have no fused kernel
-    assert accel.fused_args("adamw", torch.device("cpu")) == {}
+    assert accel.fused_args("adamw", torch.device("cpu")) == {"fused": True}
+    assert accel.fused_args("adamw", torch.device("meta")) == {}
     opt = create_optimizer(load_config("resnet50"), create_model("resnet18", input_size=32))
-    assert not opt.defaults.get("fused")
+    assert opt.defaults.get("fused") is True
+
+
+def test_a_run_started_unfused_resumes_unfused_with_the_same_state(monkeypatch):
+    """last.pt of a run from before the CPU steps were fused: its optimiser state loads into the fused optimiser,
+    which then keeps the run's own (unfused) setting, so the resumed run follows the same arithmetic."""
+    import alldetect.engine.optim as optim
+
+    model = create_model("resnet18", input_size=32)
+    with monkeypatch.context() as m:
+        m.setattr(optim, "fused_args", lambda name, device: {})  # as alldetect built it on the CPU before
+        before = create_optimizer(load_config("resnet50"), model)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    before.step()
+    now = create_optimizer(load_config("resnet50"), model)
+    now.load_state_dict(before.state_dict())
+    assert not now.param_groups[0]["fused"]
+    assert all(torch.equal(now.state[p]["exp_avg"], before.state[p]["exp_avg"]) for p in model.parameters())
 
 
 def test_predict_compiles_only_large_sets_on_a_gpu_for_runs_that_compile():

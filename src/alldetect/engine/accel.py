@@ -1,6 +1,6 @@
 """How a network runs on a GPU: torch.compile (its compiled kernels kept between runs), CUDA graphs through
-compile's `reduce-overhead` mode, and fused optimiser steps. Everything here applies on CUDA only: on the CPU a
-network runs eager and the optimiser unfused, exactly as without this module.
+compile's `reduce-overhead` mode, and fused optimiser steps. Compiling applies on CUDA only: on the CPU a network
+runs eager, exactly as without this module. Fused optimiser steps apply on both (bench/optimizer.py).
 
 Each architecture's config records what measured fastest for it (bench/gpu.sh; the README's Performance section):
 `compile`, `compile_mode`, `channels_last` and `amp`."""
@@ -20,7 +20,7 @@ from alldetect.config import Config
 log = logging.getLogger("alldetect")
 
 COMPILE_MODES: tuple[str, ...] = get_args(Config.model_fields["compile_mode"].annotation)  # as the config allows
-FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")  # torch's own Adam/AdamW/SGD have a fused CUDA kernel
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")  # torch's own Adam/AdamW/SGD have fused CUDA and CPU kernels
 
 
 def compile_cache_dir() -> Path:
@@ -59,10 +59,12 @@ def compiled(module: nn.Module, mode: str = "default", device: torch.device | No
 
 
 def fused_args(optimizer: str, device: torch.device) -> dict:
-    """`fused=True` for torch's Adam, AdamW and SGD when the weights are on a GPU: one kernel for the whole update
-    instead of one per tensor group. Same arithmetic as the default (foreach) implementation up to rounding; the
-    optimiser's state_dict is the same, so a run resumes either way."""
-    return {"fused": True} if device.type == "cuda" and optimizer in FUSED_OPTIMIZERS else {}
+    """`fused=True` for torch's Adam, AdamW and SGD on a GPU or the CPU: one kernel for the whole update instead of
+    one per tensor group (GPU) or a dozen passes over every weight (CPU: AdamW's step several times faster, see
+    bench/optimizer.py). Same arithmetic as the default implementation up to rounding; the optimiser's state_dict
+    is the same, so a run resumes either way (and a run started unfused goes on unfused: the setting is restored
+    with the state)."""
+    return {"fused": True} if device.type in ("cuda", "cpu") and optimizer in FUSED_OPTIMIZERS else {}
 
 
 def pad_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:

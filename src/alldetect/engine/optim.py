@@ -34,7 +34,7 @@ def create_optimizer(cfg: Config, model: nn.Module):
     # timm's "sgd" is Nesterov SGD; the report's (Keras') SGD and `momentum` here are plain
     name = "momentum" if cfg.optimizer == "sgd" else cfg.optimizer
     first = next(model.parameters(), None)
-    if first is not None:  # on a GPU: one fused kernel per update (engine/accel.py)
+    if first is not None:  # one fused update (engine/accel.py)
         extra.update(fused_args(name, first.device))
     if cfg.lr_stages:
         return create_optimizer_v2(stage_groups(model, cfg.lr_stages, cfg.weight_decay), name, lr=cfg.lr,
