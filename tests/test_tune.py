@@ -20,7 +20,7 @@ from alldetect.errors import UserError
 from alldetect.search_space import load_search_space, nest
 from alldetect.tune import TrialSeededSampler, driver_url, open_storage
 
-from conftest import FAST, REPO
+from conftest import FAST, REPO, TINY
 
 POSTGRES = os.environ.get("ALLDETECT_TEST_POSTGRES")
 STORAGES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
@@ -45,32 +45,33 @@ def _load(name: str, url: str) -> optuna.Study:
 
 
 def _tune(root, trials, *extra, **options):
-    return tune_command("proposed", [*FAST, f"data.root={root}", *extra], trials=trials, **options)
+    """A study of TINY's trials (timm's tiny test network, with the search space of configs/search/default.yaml)."""
+    return tune_command(TINY, [*FAST, f"data.root={root}", *extra], trials=trials, **options)
 
 
 @pytest.mark.slow
 def test_trials_are_real_runs_and_the_best_becomes_the_tuned_config(tiny_data, workdir, configs, capsys):
     study = _tune(tiny_data, 2, folds="fold0,fold1")
-    assert (workdir / "studies/proposed.db").is_file()
+    assert (workdir / f"studies/{TINY}.db").is_file()
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     for t in study.trials:
         for fold in (0, 1):
-            run = workdir / f"runs/tune/proposed/trial{t.number}/fold{fold}"
+            run = workdir / f"runs/tune/{TINY}/trial{t.number}/fold{fold}"
             assert {"config.yaml", "history.csv", "best.pt", "oof.csv"} <= {p.name for p in run.iterdir()}
             saved = yaml.safe_load((run / "config.yaml").read_text())
             assert saved["lr"] == t.params["lr"] and saved["batch_size"] == t.params["batch_size"]
-            assert saved["study"] == "proposed"  # the W&B group
+            assert saved["study"] == TINY  # the W&B group
         assert t.value == pytest.approx((t.user_attrs["fold0_f1"] + t.user_attrs["fold1_f1"]) / 2)
         # validation weighted F1 after every epoch; fold1's epochs follow fold0's
         assert sorted(t.intermediate_values) == [0, 1, 2, 3]
     best = max(study.trials, key=lambda t: (t.value, -t.number))
-    tuned = configs / "tuned/proposed.yaml"
+    tuned = configs / f"tuned/{TINY}.yaml"
     text = tuned.read_text()
-    assert "study 'proposed'" in text and f"trial {best.number}, mean weighted F1 {best.value:.4f}" in text
+    assert f"study '{TINY}'" in text and f"trial {best.number}, mean weighted F1 {best.value:.4f}" in text
     assert yaml.safe_load(text) == best.params
     out = capsys.readouterr().out
     assert f"best: trial {best.number}" in out and "tuned=true" in out
-    cfg = load_config("proposed", ["tuned=true"])
+    cfg = load_config(TINY, ["tuned=true"])
     assert (cfg.lr, cfg.batch_size, cfg.dropout) == (best.params["lr"], best.params["batch_size"],
                                                      best.params["dropout"])
 
@@ -102,11 +103,11 @@ def test_pruned_trials_stop_early_and_the_study_goes_on(tiny_data, workdir, conf
     monkeypatch.setattr(tune, "make_pruner", lambda name: optuna.pruners.ThresholdPruner(lower=1.1))
     study = _tune(tiny_data, 2, "epochs=3")
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
-    history = pd.read_csv(workdir / "runs/tune/proposed/trial0/fold0/history.csv")
+    history = pd.read_csv(workdir / f"runs/tune/{TINY}/trial0/fold0/history.csv")
     assert len(history) == 1  # stopped after the first epoch's report
     out = capsys.readouterr().out
     assert "trial 1 pruned" in out and "at fold0 epoch 1" in out and "no trial has completed yet" in out
-    assert not (configs / "tuned/proposed.yaml").exists()
+    assert not (configs / f"tuned/{TINY}.yaml").exists()
 
 
 @pytest.mark.slow
@@ -221,14 +222,14 @@ def test_a_worker_that_loses_the_table_creation_race_uses_the_winners_tables(wor
 @pytest.mark.slow
 def test_a_study_refuses_another_search_space_or_recipe(tiny_data, workdir, configs, capsys):
     _tune(tiny_data, 1)
-    base = ["tune", "proposed", "--trials", "1", *FAST, f"data.root={tiny_data}"]
+    base = ["tune", TINY, "--trials", "1", *FAST, f"data.root={tiny_data}"]
     assert main([*base, "epochs=3"]) == 2
     assert "was made with other settings (epochs: 2 -> 3)" in capsys.readouterr().err
-    space = configs / "search/proposed.yaml"
-    space.write_text(space.read_text().replace("high: 0.7", "high: 0.6"))
+    space = configs / "search/default.yaml"  # TINY has no search space of its own
+    space.write_text(space.read_text().replace("high: 0.5", "high: 0.4"))
     assert main(base) == 2
     err = capsys.readouterr().err
-    assert "study 'proposed' in sqlite:///studies/proposed.db has a different search space" in err
+    assert f"study '{TINY}' in sqlite:///studies/{TINY}.db has a different search space" in err
     assert "dropout:" in err and "lr:" not in err
     assert main([*base, "--study", "another"]) == 0  # a new study may use the new space
 
@@ -248,7 +249,7 @@ TINY_TRIAL = ["epochs=1", "optimizer=adamw"]  # adamw: scores that differ betwee
 
 
 def _worker(workdir, root, url, name, trials, *extra):
-    cmd = [sys.executable, "-m", "alldetect", "tune", "proposed", "--trials", str(trials), "--study", name,
+    cmd = [sys.executable, "-m", "alldetect", "tune", TINY, "--trials", str(trials), "--study", name,
            "--storage", url, *FAST, f"data.root={root}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers on two cores: no oversubscribed threads
     return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -258,7 +259,7 @@ def _worker(workdir, root, url, name, trials, *extra):
 @pytest.mark.parametrize("kind", STORAGES)
 def test_two_workers_share_one_study(kind, tiny_data, workdir, configs, capsys):
     url, name = _storage_url(kind, workdir), f"shared-{uuid.uuid4().hex[:8]}"
-    resolve_folds(load_config("proposed", [*FAST, f"data.root={tiny_data}"]))  # the fold file, made once
+    resolve_folds(load_config(TINY, [*FAST, f"data.root={tiny_data}"]))  # the fold file, made once
     workers = [_worker(workdir, tiny_data, url, name, 3, *TINY_TRIAL) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
@@ -272,11 +273,11 @@ def test_two_workers_share_one_study(kind, tiny_data, workdir, configs, capsys):
     complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.number)
 
     # A report-only run names the best trial and writes its settings.
-    tune_command("proposed", [*FAST, f"data.root={tiny_data}", *TINY_TRIAL], trials=0, study=name, storage=url)
+    tune_command(TINY, [*FAST, f"data.root={tiny_data}", *TINY_TRIAL], trials=0, study=name, storage=url)
     top = max(t.value for t in complete)
     best = next(t for t in complete if t.value == top)  # the earliest of the best: ties go to the first
     assert f"best: trial {best.number}, mean weighted F1 {best.value:.4f}" in capsys.readouterr().out
-    assert yaml.safe_load((configs / "tuned/proposed.yaml").read_text()) == best.params
+    assert yaml.safe_load((configs / f"tuned/{TINY}.yaml").read_text()) == best.params
 
 
 def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
@@ -301,7 +302,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("kind", STORAGES)
 def test_a_killed_workers_trial_is_marked_failed(kind, tiny_data, workdir, configs):
     url, name = _storage_url(kind, workdir), f"killed-{uuid.uuid4().hex[:8]}"
-    args = ["tune", "proposed", "--trials", "1", "--study", name, "--storage", url, "--heartbeat", "1",
+    args = ["tune", TINY, "--trials", "1", "--study", name, "--storage", url, "--heartbeat", "1",
             *FAST, f"data.root={tiny_data}"]
     worker = subprocess.Popen([sys.executable, "-c", SLEEPING_WORKER, *args], cwd=workdir,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -328,22 +329,27 @@ def test_a_killed_workers_trial_is_marked_failed(kind, tiny_data, workdir, confi
         worker.wait()
     assert [t.state.name for t in _load(name, url).trials] == ["RUNNING"]  # what a killed worker leaves
     _wait_for(lambda: bool(stale._get_stale_trial_ids(study_id())), "the grace period of two heartbeats to pass")
-    study = tune_command("proposed", [*FAST, f"data.root={tiny_data}"], trials=1, study=name, storage=url,
+    study = tune_command(TINY, [*FAST, f"data.root={tiny_data}"], trials=1, study=name, storage=url,
                          heartbeat=1)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
 
 
 @pytest.mark.slow
-def test_tune_on_the_demo_data_and_again(workdir, configs, capsys):
-    """`alldetect tune proposed --trials N` with no data configured, twice: one study grows."""
+def test_tune_on_the_demo_data_and_again(workdir, configs, capsys, monkeypatch):
+    """`alldetect tune ARCH --trials N` with no data configured, twice: one study grows."""
+    import alldetect.data.prepare as prepare
+    from alldetect.data.demo import make_demo_data
+
+    # the demo data as ./train.sh makes them, with fewer people and images (600 images take longer than the trials)
+    monkeypatch.setattr(prepare, "make_demo_data", lambda out: make_demo_data(out, subjects=14, per_subject=2))
     fast = ["input_size=32", "epochs=1", "max_batches=2", "data.num_workers=0", "wandb=off"]
-    assert main(["tune", "proposed", "--trials", "1", *fast]) == 0
-    assert main(["tune", "proposed", "--trials", "1", *fast]) == 0
+    assert main(["tune", TINY, "--trials", "1", *fast]) == 0
+    assert main(["tune", TINY, "--trials", "1", *fast]) == 0
     out = capsys.readouterr().out
-    assert "SYNTHETIC demo data" in out and "study 'proposed-demo' in sqlite:///studies/proposed-demo.db" in out
+    assert "SYNTHETIC demo data" in out and f"study '{TINY}-demo' in sqlite:///studies/{TINY}-demo.db" in out
     assert "demo-tune.yaml after the demo profile (epochs=1)" in out  # the command line still wins
-    assert len(_load("proposed-demo", "sqlite:///studies/proposed-demo.db").trials) == 2
-    assert "of the SYNTHETIC demo data" in (configs / "tuned/proposed.yaml").read_text()
+    assert len(_load(f"{TINY}-demo", f"sqlite:///studies/{TINY}-demo.db").trials) == 2
+    assert "of the SYNTHETIC demo data" in (configs / f"tuned/{TINY}.yaml").read_text()
 
 
 def test_a_worker_joining_while_the_first_records_the_study_sees_all_of_it_or_none():
