@@ -15,11 +15,11 @@ from alldetect.engine.rundir.files import RunDir, load_checkpoint
 from alldetect.errors import UserError
 from alldetect.models import create_model
 
-from conftest import FAST, lock_held_elsewhere
+from conftest import FAST, TINY, lock_held_elsewhere
 
 
 def _cfg(root, *extra):
-    return load_config("proposed", [*FAST, f"data.root={root}", *extra])
+    return load_config(TINY, [*FAST, f"data.root={root}", *extra])
 
 
 def test_train_one_fold_writes_the_run_folder(tiny_demo, workdir, capsys):
@@ -92,8 +92,8 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_demo, workdir,
     with caplog.at_level("WARNING", logger="alldetect"):
         fit_fold(_cfg(tiny_demo, "epochs=4", "resume=true", *extra), 0, folds)
     assert "epochs 2 -> 4: the cosine schedule now spans 4 epochs" in caplog.text
-    resumed = pd.read_csv(workdir / "runs/proposed/fold0/history.csv")
-    planned = pd.read_csv(workdir / "long/proposed/fold0/history.csv")
+    resumed = pd.read_csv(workdir / "runs" / TINY / "fold0/history.csv")
+    planned = pd.read_csv(workdir / "long" / TINY / "fold0/history.csv")
     assert list(resumed["epoch"]) == [0, 1, 2, 3]
     assert resumed["lr"].iloc[1] < 0.001  # the 2-epoch cosine ended near zero
     assert resumed["lr"].iloc[2:].tolist() == pytest.approx(planned["lr"].iloc[2:].tolist())
@@ -117,7 +117,7 @@ def test_resume_on_another_split_is_refused(tiny_demo, workdir):
         fit_fold(again, 0, resolve_folds(again))
     advised = _cfg(tiny_demo, "epochs=2", "resume=true", f"data.fold_file={kept}")  # what the error says to do
     fit_fold(advised, 0, resolve_folds(advised))
-    assert len(pd.read_csv(workdir / "runs/proposed/fold0/history.csv")) == 2
+    assert len(pd.read_csv(workdir / "runs" / TINY / "fold0/history.csv")) == 2
 
 
 def test_runs_know_their_fold_files_fold_count(tiny_demo, workdir):
@@ -126,16 +126,16 @@ def test_runs_know_their_fold_files_fold_count(tiny_demo, workdir):
     folds = resolve_folds(cfg)
     assert folds.k == 3
     fit_fold(cfg, 2, folds)
-    assert RunDir(workdir / "runs/proposed/fold2").meta().k == 3
+    assert RunDir(workdir / "runs" / TINY / "fold2").meta().k == 3
 
 
 @pytest.mark.slow
 def test_overwrite_removes_the_old_models_predictions(tiny_demo, workdir):
     cfg = _cfg(tiny_demo, "epochs=1")
     fit_fold(cfg, 0, resolve_folds(cfg))
-    (workdir / "runs/proposed/fold0/pred_test.csv").write_text("path,prob_all\n")
+    (workdir / "runs" / TINY / "fold0/pred_test.csv").write_text("path,prob_all\n")
     fit_fold(_cfg(tiny_demo, "epochs=1", "overwrite=true"), 0, resolve_folds(cfg))
-    assert not (workdir / "runs/proposed/fold0/pred_test.csv").exists()
+    assert not (workdir / "runs" / TINY / "fold0/pred_test.csv").exists()
 
 
 @pytest.mark.slow
@@ -149,15 +149,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, workdi
     cut = _cfg(tiny_demo, "runs_dir=b", *extra)
     with pytest.raises(Interrupt):
         fit_fold(cut, 0, folds, on_epoch=_stop_after(1))
-    assert load_checkpoint(workdir / "b/proposed/fold0/last.pt").meta.progress.epoch == 1
+    assert load_checkpoint(workdir / "b" / TINY / "fold0/last.pt").meta.progress.epoch == 1
     with pytest.raises(UserError, match="resume=true"):
         fit_fold(cut, 0, folds)
     fit_fold(_cfg(tiny_demo, "runs_dir=b", "resume=true", *extra), 0, folds)
-    a = load_checkpoint(workdir / "a/proposed/fold0/last.pt").model
-    b = load_checkpoint(workdir / "b/proposed/fold0/last.pt").model
+    a = load_checkpoint(workdir / "a" / TINY / "fold0/last.pt").model
+    b = load_checkpoint(workdir / "b" / TINY / "fold0/last.pt").model
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ha = pd.read_csv(workdir / "a/proposed/fold0/history.csv")
-    hb = pd.read_csv(workdir / "b/proposed/fold0/history.csv")
+    ha = pd.read_csv(workdir / "a" / TINY / "fold0/history.csv")
+    hb = pd.read_csv(workdir / "b" / TINY / "fold0/history.csv")
     pd.testing.assert_frame_equal(ha.drop(columns=["seconds", "images_per_s", "data_wait"]),
                                   hb.drop(columns=["seconds", "images_per_s", "data_wait"]))
 
@@ -174,7 +174,7 @@ def test_overwrite_starts_over(tiny_demo, workdir):
     folds = resolve_folds(_cfg(tiny_demo))
     fit_fold(_cfg(tiny_demo, "epochs=2"), 0, folds)
     fit_fold(_cfg(tiny_demo, "epochs=1", "overwrite=true"), 0, folds)
-    assert len(pd.read_csv(workdir / "runs/proposed/fold0/history.csv")) == 1
+    assert len(pd.read_csv(workdir / "runs" / TINY / "fold0/history.csv")) == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_demo, workdir, monkeypatch):
@@ -191,26 +191,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_demo, workdir, monke
     monkeypatch.setattr(fit.nn, "CrossEntropyLoss", PoisonedLoss)
     with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last.pt keeps the last good epoch \(1\)"):
         fit_fold(_cfg(tiny_demo, "epochs=3"), 0, resolve_folds(_cfg(tiny_demo)))
-    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt").meta.progress.epoch == 0
+    assert load_checkpoint(workdir / "runs" / TINY / "fold0/last.pt").meta.progress.epoch == 0
     calls["n"] = 5  # from the first step: no epoch finishes, and the message must not claim a checkpoint
     with pytest.raises(UserError, match=r"loss became nan at epoch 1.*no epoch finished, so no checkpoint was "
                                         r"written") as error:
         fit_fold(_cfg(tiny_demo, "epochs=3", "runs_dir=b"), 0, resolve_folds(_cfg(tiny_demo)))
-    assert "last.pt" not in str(error.value) and not (workdir / "b/proposed/fold0/last.pt").exists()
+    assert "last.pt" not in str(error.value) and not (workdir / "b" / TINY / "fold0/last.pt").exists()
 
 
 @pytest.mark.slow
 def test_wandb_offline_writes_a_run(tiny_demo, workdir):
-    [result] = train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", "wandb=offline", "epochs=1"])
-    runs = glob.glob(str(workdir / "runs/proposed/fold0/wandb/offline-run-*/run-*.wandb"))
+    [result] = train_command(TINY, "fold0", [*FAST, f"data.root={tiny_demo}", "wandb=offline", "epochs=1"])
+    runs = glob.glob(str(workdir / "runs" / TINY / "fold0/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    assert load_checkpoint(workdir / "runs/proposed/fold0/last.pt").meta.progress.wandb_id in runs[0]
+    assert load_checkpoint(workdir / "runs" / TINY / "fold0/last.pt").meta.progress.wandb_id in runs[0]
 
 
 def test_bad_fold_and_override_are_clear_errors(tiny_demo, workdir, capsys):
-    assert main(["train", "proposed", "fold7", *FAST, f"data.root={tiny_demo}"]) == 2
+    assert main(["train", TINY, "fold7", *FAST, f"data.root={tiny_demo}"]) == 2
     assert "'fold7' is not a fold: use fold0 .. fold2, all (every fold), or full" in capsys.readouterr().err
-    assert main(["train", "proposed", "fold0", "lr=fast", f"data.root={tiny_demo}"]) == 2
+    assert main(["train", TINY, "fold0", "lr=fast", f"data.root={tiny_demo}"]) == 2
     assert "lr='fast'" in capsys.readouterr().err
 
 
@@ -225,12 +225,12 @@ def test_mistyped_names_fail_before_any_demo_data_are_built(workdir, capsys):
 def test_unwritable_run_folder_fails_at_start(tiny_demo, workdir):
     (workdir / "a_file").write_text("not a folder")
     with pytest.raises(UserError, match="cannot write to the run folder"):
-        train_command("proposed", "fold0", [*FAST, f"data.root={tiny_demo}", f"runs_dir={workdir / 'a_file'}"])
+        train_command(TINY, "fold0", [*FAST, f"data.root={tiny_demo}", f"runs_dir={workdir / 'a_file'}"])
 
 
 @pytest.mark.slow
 def test_no_data_configured_uses_the_demo_data(workdir, capsys):
-    [result] = train_command("proposed", "fold0", [*FAST, "epochs=1", "max_batches=2"])
+    [result] = train_command(TINY, "fold0", [*FAST, "epochs=1", "max_batches=2"])
     out = capsys.readouterr().out
     assert "SYNTHETIC demo data" in out
     assert (workdir / "data/demo/README.md").read_text().startswith("# Synthetic demo data")
@@ -243,9 +243,9 @@ def test_a_fold_file_alone_names_its_data(tiny_demo, workdir):
     from alldetect.data.folds import make_fold_file
 
     make_fold_file(tiny_demo, workdir / "mine.csv", k=3, seed=1)
-    [result] = train_command("proposed", "fold2", [*FAST, "epochs=1", f"data.fold_file={workdir / 'mine.csv'}"])
-    oof = pd.read_csv(workdir / "runs/proposed/fold2/oof.csv")
-    assert len(oof) and load_checkpoint(workdir / "runs/proposed/fold2/best.pt").meta.config.data.root == str(
+    [result] = train_command(TINY, "fold2", [*FAST, "epochs=1", f"data.fold_file={workdir / 'mine.csv'}"])
+    oof = pd.read_csv(workdir / "runs" / TINY / "fold2/oof.csv")
+    assert len(oof) and load_checkpoint(workdir / "runs" / TINY / "fold2/best.pt").meta.config.data.root == str(
         tiny_demo.resolve())
 
 
@@ -253,7 +253,7 @@ def test_any_result_of_a_run_guards_its_folder(tiny_demo, workdir):
     """Deleting last.pt (to save disk) must not let a plain rerun replace best.pt, oof.csv and history.csv."""
     folds = resolve_folds(_cfg(tiny_demo))
     fit_fold(_cfg(tiny_demo, "epochs=1"), 0, folds)
-    run = workdir / "runs/proposed/fold0"
+    run = workdir / "runs" / TINY / "fold0"
     (run / "last.pt").unlink()
     (run / "pred_test.csv").write_text("path,prob_all\n")
     before = (run / "oof.csv").read_text()
@@ -267,9 +267,9 @@ def test_any_result_of_a_run_guards_its_folder(tiny_demo, workdir):
 
 
 def test_a_run_folder_takes_one_training_at_a_time(tiny_demo, workdir):
-    run = workdir / "runs/proposed/fold0"
+    run = workdir / "runs" / TINY / "fold0"
     with lock_held_elsewhere(run / ".lock") as pid:
-        with pytest.raises(UserError, match=rf"the run folder runs/proposed/fold0 is in use by another process "
+        with pytest.raises(UserError, match=rf"the run folder runs/{TINY}/fold0 is in use by another process "
                                             rf"\(pid {pid}\)"):
             fit_fold(_cfg(tiny_demo, "epochs=1"), 0, resolve_folds(_cfg(tiny_demo)))
         assert not (run / "config.yaml").exists()  # refused before it touched anything
@@ -280,7 +280,7 @@ def test_a_run_folder_takes_one_training_at_a_time(tiny_demo, workdir):
 def test_a_data_root_that_is_a_file_says_so_before_naming_a_fold_file(workdir, monkeypatch, capsys):
     (workdir / "images.zip").write_bytes(b"PK")
     monkeypatch.setenv("ALLDETECT_DATA", str(workdir / "images.zip"))
-    assert main(["train", "proposed", "fold0", *FAST]) == 2
+    assert main(["train", TINY, "fold0", *FAST]) == 2
     captured = capsys.readouterr()
     assert "images.zip is a file, not a folder" in captured.err and "fold file" not in captured.err + captured.out
     assert not (workdir / "folds").exists()
