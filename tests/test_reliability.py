@@ -346,7 +346,7 @@ def test_a_checkpoint_write_that_fails_mid_run_stops_with_a_message_and_resumes(
     with pytest.raises(UserError, match=r"training stopped in epoch 2: could not write .*(best|last).pt "
                                         r"\(.*failed writing file\).*resume=true"):
         fit_fold(_cfg(tiny_demo, "epochs=3", "select=outer"), 0, resolve_folds(_cfg(tiny_demo)))
-    run = workdir / "runs/proposed/fold0"
+    run = workdir / "runs" / TINY / "fold0"
     assert load_checkpoint(run / "last.pt").meta.progress.epoch == 0
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0]
     assert not list(run.glob(".*.tmp"))
@@ -389,6 +389,6 @@ def test_impossible_output_places_are_clear_errors_before_any_work(tiny_demo, wo
 def test_one_image_a_batch_on_a_1x1_feature_map_says_what_to_change(tiny_demo, workdir):
     """BatchNorm in training on a 1 x 1 map of one image was a raw ValueError traceback."""
     cfg = _cfg(tiny_demo, "batch_size=1", "epochs=1", "max_batches=1")
-    with pytest.raises(UserError, match=r"proposed at input_size=32 .*1 x 1 feature map.*batch_size=2 or more.*"
+    with pytest.raises(UserError, match=rf"{TINY} at input_size=32 .*1 x 1 feature map.*batch_size=2 or more.*"
                                         r"input_size=64"):
         fit_fold(cfg, 0, resolve_folds(cfg))
