@@ -17,7 +17,7 @@ from alldetect.errors import UserError
 from alldetect.metrics import best_threshold, score, weighted_f1_by_threshold
 from alldetect.plots import probability_text
 
-from conftest import FAST
+from conftest import FAST, TINY
 from fake_runs import make_run, oof_frame, write_predictions
 
 SUBJECTS = ["1", "2", "3", "H1", "H2", "H3"]  # two subjects of each class per fold, 4 images each
@@ -83,7 +83,7 @@ def test_threshold_curve_matches_scikit_learn_and_best_threshold_is_its_maximum(
 def test_fitted_weights_never_score_worse_on_oof_than_equal_weights():
     rng = np.random.default_rng(0)
     moved = 0
-    for _ in range(40):
+    for _ in range(24):
         n = int(rng.integers(20, 200))
         labels = rng.integers(0, 2, n)
         quality = rng.uniform(-0.3, 0.6, 3)  # members from anti-informative to good
@@ -100,7 +100,7 @@ def test_fitted_weights_never_score_worse_on_oof_than_equal_weights():
             assert f1(w) >= f1(equal)
             assert log_loss(labels, probs @ w) <= log_loss(labels, probs @ equal) + 1e-9
             moved += not np.allclose(w, equal)
-    assert moved > 20  # the fit does move the weights when it helps
+    assert moved > 12  # the fit does move the weights when it helps
 
 
 def test_equal_weight_oof_ensemble_is_the_mean_of_members(two_members, workdir, capsys):
@@ -336,14 +336,15 @@ def test_cli_errors_and_option_order(two_members, workdir, capsys):
 
 @pytest.mark.slow
 def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, tmp_path_factory):
-    """Two architectures trained on every fold, then every step of the held-out pipeline through the CLI."""
+    """Two architectures trained on every fold (the proposed network and timm's tiny test network), then every step
+    of the held-out pipeline through the CLI."""
     from alldetect.data.demo import make_demo_data
 
-    for arch in ("proposed", "resnet10t"):
+    for arch in ("proposed", TINY):
         assert main(["train", arch, "all", *FAST, f"data.root={tiny_demo}"]) == 0
-    assert main(["ensemble", "runs/proposed", "runs/resnet10t", "--oof"]) == 0
+    assert main(["ensemble", "runs/proposed", f"runs/{TINY}", "--oof"]) == 0
     out = capsys.readouterr().out
-    assert "out-of-fold scores of 36 images" in out and "resnet10t" in out and "ensemble" in out
+    assert "out-of-fold scores of 36 images" in out and TINY in out and "ensemble" in out
 
     # a labelled test folder of other (synthetic) subjects, numbered like C-NMC's preliminary test
     other = make_demo_data(tmp_path_factory.mktemp("other") / "d", subjects=6, per_subject=2, seed=9)
@@ -355,9 +356,9 @@ def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, 
         rows.append(f"{path.name},{i}.bmp,{int(path.parent.name == 'all')}")
     labels = workdir / "prelim/C-NMC_test_prelim_phase_data_labels.csv"
     labels.write_text("Patient_ID,new_names,labels\n" + "\n".join(rows) + "\n")
-    assert main(["predict", "runs/proposed", "runs/resnet10t", "--data", str(test), "--name", "prelim",
+    assert main(["predict", "runs/proposed", f"runs/{TINY}", "--data", str(test), "--name", "prelim",
                  "tta=d8", "num_workers=0"]) == 0
-    assert main(["ensemble", "runs/proposed", "runs/resnet10t", "--name", "prelim", "weights=oof",
+    assert main(["ensemble", "runs/proposed", f"runs/{TINY}", "--name", "prelim", "weights=oof",
                  "threshold=oof"]) == 0
     assert main(["evaluate", "submissions/prelim.csv", "--labels", str(labels)]) == 0
     lines = (workdir / "submissions/prelim/isbi_valid.predict").read_text().splitlines()
@@ -365,21 +366,21 @@ def test_train_predict_ensemble_evaluate_end_to_end(tiny_demo, workdir, capsys, 
     metrics = json.loads((workdir / "submissions/prelim/metrics.json").read_text())
     evaluation = json.loads((workdir / "submissions/prelim/evaluation.json").read_text())
     assert evaluation["scores"]["submission"]["f1"] == pytest.approx(metrics["scores"]["ensemble"]["f1"])
-    assert metrics["tta"] == "d8" and set(metrics["weights"]) == {"proposed", "resnet10t"}
+    assert metrics["tta"] == "d8" and set(metrics["weights"]) == {"proposed", TINY}
 
     # The report of all of the above, and a look inside one network (tests/test_report.py checks the details).
     capsys.readouterr()
     assert main(["report", "--no-speed"]) == 0
     out = capsys.readouterr().out
-    assert "subject-grouped 3-fold" in out and "ensemble (proposed+resnet10t)" in out
-    readme = (workdir / "reports/proposed+resnet10t/README.md").read_text()
+    assert "subject-grouped 3-fold" in out and f"ensemble (proposed+{TINY})" in out
+    readme = (workdir / f"reports/proposed+{TINY}/README.md").read_text()
     assert "SYNTHETIC demo data" in readme and "## Held-out sets" in readme and "submissions/prelim.csv" in readme
     assert "## Missing or left out\n\nNothing" in readme
-    first = pd.read_csv(workdir / "runs/resnet10t/fold0/oof.csv").iloc[0]
+    first = pd.read_csv(workdir / "runs" / TINY / "fold0/oof.csv").iloc[0]
     image = tiny_demo / first["path"]
-    assert main(["visualize", "runs/resnet10t/fold0", str(image)]) == 0
+    assert main(["visualize", f"runs/{TINY}/fold0", str(image)]) == 0
     assert f"p(all) {probability_text(first['prob_all'])}" in capsys.readouterr().out  # as validation saw it
-    assert (workdir / f"reports/visualize/resnet10t_fold0/{image.stem}/gradcam.png").is_file()
+    assert (workdir / f"reports/visualize/{TINY}_fold0/{image.stem}/gradcam.png").is_file()
 
 
 def test_single_folds_never_replace_the_full_result_of_the_same_members(two_members, workdir, capsys):

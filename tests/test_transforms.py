@@ -5,6 +5,8 @@ from alldetect.cli import main
 from alldetect.config import AugConfig
 from alldetect.data.transforms import Augment, create_transform
 
+from conftest import TINY
+
 
 def _symmetries(img):
     """The 8 symmetries of the square, enumerated independently of the implementation: 4 rotations of the image
@@ -91,7 +93,7 @@ def test_read_only_cached_rows_are_not_modified():
 @pytest.mark.parametrize("kind", ["pipeline", "models"])
 def test_bench_commands_print_a_headline_ratio(kind, tiny_demo, workdir, capsys):
     args = ["--data", str(tiny_demo), "--images", "24", "--workers", "1"] if kind == "pipeline" else \
-        ["resnet18", "--max-batch", "2"]
+        [TINY, "--max-batch", "2"]
     assert main(["bench", kind, *args, "--out", str(workdir / "bench.txt")]) == 0
     out = capsys.readouterr().out
     assert "speedup:" in out and "naive" in out if kind == "pipeline" else "plain_train" in out and "train_x" in out
