@@ -18,7 +18,7 @@ from alldetect.engine.optim import create_optimizer
 from alldetect.engine.predict import COMPILE_MIN_VIEWS, _compiles
 from alldetect.models import create_model
 
-from conftest import FAST
+from conftest import FAST, TINY
 
 
 def _capture_only(module, mode="default", device=None, backend="inductor"):
@@ -60,15 +60,15 @@ def test_pad_batch_pads_with_zero_images_in_the_same_layout():
 
 def test_training_with_compile_follows_the_eager_run(tiny_demo, workdir, monkeypatch):
     common = [*FAST, f"data.root={tiny_demo}", "dropout=0"]
-    train_command("proposed", "fold0", [*common, "runs_dir=eager"])
+    train_command(TINY, "fold0", [*common, "runs_dir=eager"])
     calls = []
     monkeypatch.setattr(setup, "compiled", lambda *a, **k: calls.append(a[0]) or _capture_only(*a, **k))
-    train_command("proposed", "fold0", [*common, "runs_dir=compiled", "compile=true"])
+    train_command(TINY, "fold0", [*common, "runs_dir=compiled", "compile=true"])
     assert len(calls) == 2  # the network that trains and its moving average, which validates
-    eager, compiled = (pd.read_csv(workdir / f"{d}/proposed/fold0/history.csv") for d in ("eager", "compiled"))
+    eager, compiled = (pd.read_csv(workdir / f"{d}/{TINY}/fold0/history.csv") for d in ("eager", "compiled"))
     for column in ("train_loss", "val_loss", "f1", "roc_auc"):
         np.testing.assert_allclose(compiled[column], eager[column], atol=1e-4, err_msg=column)
-    oof = [pd.read_csv(workdir / f"{d}/proposed/fold0/oof.csv")["prob_all"] for d in ("eager", "compiled")]
+    oof = [pd.read_csv(workdir / f"{d}/{TINY}/fold0/oof.csv")["prob_all"] for d in ("eager", "compiled")]
     np.testing.assert_allclose(oof[1], oof[0], atol=1e-4)
 
 

@@ -20,11 +20,13 @@ from alldetect.engine.pretrain import FORCED, NTXent, pretrain_data, pretrain_fo
 from alldetect.engine.stopping import StopRequested
 from alldetect.errors import UserError
 
+from conftest import TINY
+
 PRE = ["input_size=32", "epochs=2", "batch_size=8", "data.num_workers=0", "wandb=off", "data.k=3", "aug.stain=0"]
 
 
 def _cfg(root, *extra):
-    return load_config("resnet18", [*PRE, f"data.root={root}", *extra, *FORCED])
+    return load_config(TINY, [*PRE, f"data.root={root}", *extra, *FORCED])
 
 
 def _same(a, b) -> bool:
@@ -47,18 +49,18 @@ def test_each_batch_is_two_views_of_its_images_and_their_targets_are_the_images_
 
 @pytest.mark.slow
 def test_pretraining_reads_no_label_and_its_encoder_starts_a_training_run(tiny_data, workdir, monkeypatch, capsys):
-    [encoder] = pretrain_command("resnet18", "fold0", [*PRE, f"data.root={tiny_data}"])
+    [encoder] = pretrain_command(TINY, "fold0", [*PRE, f"data.root={tiny_data}"])
     out = capsys.readouterr().out
-    assert str(encoder) == "pretrained/resnet18/fold0/encoder.pth" and f"pretrained_path={encoder}" in out
+    assert str(encoder) == f"pretrained/{TINY}/fold0/encoder.pth" and f"pretrained_path={encoder}" in out
     history = pd.read_csv(encoder.parent / "history.csv")
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all() and "f1" not in history
     kept = encoder.read_bytes()
-    with pytest.raises(UserError, match=r"pretrained/resnet18/fold0 already holds a run .*resume=true"):
-        pretrain_command("resnet18", "fold0", [*PRE, f"data.root={tiny_data}"])  # another run's folder: untouched
+    with pytest.raises(UserError, match=rf"pretrained/{TINY}/fold0 already holds a run .*resume=true"):
+        pretrain_command(TINY, "fold0", [*PRE, f"data.root={tiny_data}"])  # another run's folder: untouched
     assert encoder.read_bytes() == kept
     (encoder.parent / "last.pt").write_bytes(b"PK\x03\x04 cut short")  # a damaged checkpoint, resumed
-    with pytest.raises(UserError, match=r"cannot read checkpoint pretrained/resnet18/fold0/last.pt: damaged"):
-        pretrain_command("resnet18", "fold0", [*PRE, f"data.root={tiny_data}", "resume=true"])
+    with pytest.raises(UserError, match=rf"cannot read checkpoint pretrained/{TINY}/fold0/last.pt: damaged"):
+        pretrain_command(TINY, "fold0", [*PRE, f"data.root={tiny_data}", "resume=true"])
     assert encoder.read_bytes() == kept
     # the same run with every label hidden writes the same encoder: no label was read
     cfg = _cfg(tiny_data)
@@ -69,9 +71,9 @@ def test_pretraining_reads_no_label_and_its_encoder_starts_a_training_run(tiny_d
     _, unseen = pretrain_fold(cfg, 0, blind)
     assert _same(workdir / encoder, unseen)
     monkeypatch.chdir(workdir)
-    train_command("resnet18", "fold0", [*PRE, "epochs=1", f"data.root={tiny_data}", f"pretrained_path={encoder}",
+    train_command(TINY, "fold0", [*PRE, "epochs=1", f"data.root={tiny_data}", f"pretrained_path={encoder}",
                                          "aug.stain=0"])
-    start = timm.create_model("resnet18", num_classes=2, pretrained=True,
+    start = timm.create_model(TINY, num_classes=2, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(encoder))).state_dict()
     saved = torch.load(encoder)
     assert all(torch.equal(start[k], v) for k, v in saved.items())  # every encoder weight loads, the head is new
@@ -106,9 +108,9 @@ def test_pretrain_refuses_networks_pretrained_path_cannot_load_and_bad_folds(tin
     with pytest.raises(UserError, match=r"pretrained_path= loads, which proposed does not take: pretrain a timm"):
         pretrain_command("proposed", "fold0", [*PRE, f"data.root={tiny_data}"])
     with pytest.raises(UserError, match=r"'fold' is not what pretrain takes: fold<k>"):
-        pretrain_command("resnet18", "fold", [*PRE, f"data.root={tiny_data}"])
+        pretrain_command(TINY, "fold", [*PRE, f"data.root={tiny_data}"])
     with pytest.raises(UserError, match=r"'fold3' is not a fold of .*: use fold0 .. fold2, each, or all"):
-        pretrain_command("resnet18", "fold3", [*PRE, f"data.root={tiny_data}"])
+        pretrain_command(TINY, "fold3", [*PRE, f"data.root={tiny_data}"])
 
 
 def _one_process():
