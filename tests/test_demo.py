@@ -68,7 +68,8 @@ def test_demo_data_command(tmp_path, capsys):
 
 
 def test_demo_data_built_by_several_runs_at_once_is_whole_and_built_once(tmp_path, monkeypatch):
-    """Runs started together on a fresh checkout: every one sees complete data, nothing half-written is left."""
+    """Runs started together on a fresh checkout: every one sees complete data, nothing half-written is left. (One
+    run removing the stopped build while another looked at it once made the other stop with an error.)"""
     import threading
 
     import alldetect.data.prepare as prepare
@@ -93,7 +94,7 @@ def test_demo_data_built_by_several_runs_at_once_is_whole_and_built_once(tmp_pat
         t.join()
     expected = _digest(make_demo_data(tmp_path / "direct", subjects=6, per_subject=2, seed=0))
     assert seen == [expected] * 3 and _digest(root) == expected
-    assert sorted(p.name for p in root.parent.iterdir()) == ["demo"]  # no temporary folder left
+    assert sorted(p.name for p in root.parent.iterdir()) == [".demo.lock", "demo"]  # no temporary folder left
     n = len(builds)
     prepare.ensure_demo_data(root)
     assert 1 <= n <= 3 and len(builds) == n  # once per run that started before it existed; never again
@@ -111,7 +112,7 @@ def test_a_users_folder_where_the_demo_data_go_is_never_removed(tmp_path, monkey
     with pytest.raises(UserError, match=r"data/demo exists and holds no demo data of alldetect's .* left as it is"):
         prepare.ensure_demo_data(root)
     assert mine.read_bytes() == b"my own cell"
-    assert sorted(p.name for p in root.parent.iterdir()) == ["demo"]  # no temporary folder left
+    assert sorted(p.name for p in root.parent.iterdir()) == [".demo.lock", "demo"]  # no temporary folder left
 
 
 @pytest.mark.acceptance

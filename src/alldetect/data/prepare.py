@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from alldetect.config import DATA_ENV, Config
 from alldetect.data.demo import is_demo_data, is_stopped_build, make_demo_data
 from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
@@ -25,6 +27,27 @@ DEMO_BANNER = """\
 =============================================================================="""
 
 
+def _put_in_place(building: Path, root: Path) -> None:
+    """Rename a finished build to `root`, one process (or thread) at a time: under a lock beside it, a complete set
+    already there wins, a stopped build is removed first, and anything else is left alone with an error. Without
+    the lock, one run removing a stopped build while another looked at it saw a half-removed folder and stopped
+    with an error, though both would have built the same data."""
+    with FileLock(str(root.parent / f".{root.name}.lock")):  # waits for the run ahead of it
+        if is_demo_data(root):  # another run finished first
+            return
+        if is_stopped_build(root):  # a killed `alldetect demo-data` left it; never a folder of the user's
+            shutil.rmtree(root)
+        try:
+            os.rename(building, root)  # onto nothing, or an empty folder
+        except OSError:
+            if root.exists():
+                raise UserError(f"{root} exists and holds no demo data of alldetect's (nor a stopped build of them): "
+                                "it is left as it is. Move it away to build the demo data there, or configure your "
+                                f"data set (data.root=DIR or {DATA_ENV})") from None
+            raise UserError(f"could not put the demo data in place at {root}: remove that folder and try again") \
+                from None
+
+
 def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
     """Build the demo set once; later calls reuse it.
 
@@ -40,21 +63,7 @@ def ensure_demo_data(root: Path = DEMO_ROOT) -> Path:
     building = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
     try:
         make_demo_data(building)
-        for _ in range(3):
-            if is_demo_data(root):  # another process finished first
-                break
-            try:
-                os.rename(building, root)  # atomic; refused while root exists and is not empty
-                break
-            except OSError:
-                if is_stopped_build(root):  # a killed `alldetect demo-data` left it; never a folder of the user's
-                    shutil.rmtree(root, ignore_errors=True)
-                elif root.exists() and not is_demo_data(root):
-                    raise UserError(f"{root} exists and holds no demo data of alldetect's (nor a stopped build of "
-                                    "them): it is left as it is. Move it away to build the demo data there, or "
-                                    f"configure your data set (data.root=DIR or {DATA_ENV})") from None
-        else:
-            raise UserError(f"could not put the demo data in place at {root}: remove that folder and try again")
+        _put_in_place(building, root)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return root
