@@ -15,11 +15,12 @@ from alldetect.errors import UserError
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path, what: str):
-    """Hold `lock_file` while the block runs; if another process holds it, a UserError names `what` and the pid."""
+def exclusive(lock_file: Path, what: str, wait: bool = False):
+    """Hold `lock_file` while the block runs; if another process holds it, a UserError names `what` and the pid
+    (wait=True: wait for it to finish instead)."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     owner = lock_file.with_name(lock_file.name + ".pid")
-    lock = FileLock(str(lock_file), timeout=0)
+    lock = FileLock(str(lock_file), timeout=-1 if wait else 0)
     try:
         lock.acquire()
     except Timeout:

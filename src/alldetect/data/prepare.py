@@ -8,13 +8,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from filelock import FileLock
-
 from alldetect.config import DATA_ENV, Config
 from alldetect.data.demo import is_demo_data, is_stopped_build, make_demo_data
 from alldetect.data.folds import FoldFile, default_fold_path, fold_summary, load_fold_file, make_fold_file
 from alldetect.data.layouts import build_manifest
 from alldetect.errors import UserError
+from alldetect.locks import exclusive
 
 log = logging.getLogger("alldetect")
 
@@ -32,7 +31,7 @@ def _put_in_place(building: Path, root: Path) -> None:
     already there wins, a stopped build is removed first, and anything else is left alone with an error. Without
     the lock, one run removing a stopped build while another looked at it saw a half-removed folder and stopped
     with an error, though both would have built the same data."""
-    with FileLock(str(root.parent / f".{root.name}.lock")):  # waits for the run ahead of it
+    with exclusive(root.parent / f".{root.name}.lock", f"the demo data folder {root}", wait=True):
         if is_demo_data(root):  # another run finished first
             return
         if is_stopped_build(root):  # a killed `alldetect demo-data` left it; never a folder of the user's
