@@ -42,7 +42,8 @@ def _unfused(cfg, model):
         optim.fused_args = saved
 
 
-def measure(arch: str, size: int, batch: int, optimizer: str, repeats: int, rounds: int) -> dict[str, float]:
+def measure(arch: str, size: int, batch: int, optimizer: str, repeats: int, rounds: int) -> tuple[dict[str, float], int]:
+    """Median seconds of each timing, and the network's number of weights."""
     cfg = load_config(arch, [f"input_size={size}", f"optimizer={optimizer}"])
     base = model_from_config(cfg)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
@@ -63,7 +64,7 @@ def measure(arch: str, size: int, batch: int, optimizer: str, repeats: int, roun
                 opt.zero_grad(set_to_none=True)
 
             times[f"train {tag}"].append(_timed(train_step, max(1, repeats // 4)))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, sum(p.numel() for p in base.parameters())
 
 
 def main() -> None:
@@ -81,8 +82,7 @@ def main() -> None:
     ratios = []
     for spec in args.archs.split(","):
         arch, size = spec.split(":")
-        t = measure(arch, int(size), args.batch, args.optimizer, args.repeats, args.rounds)
-        params = sum(p.numel() for p in model_from_config(load_config(arch, [f"input_size={size}"])).parameters())
+        t, params = measure(arch, int(size), args.batch, args.optimizer, args.repeats, args.rounds)
         step, train = t["step unfused"] / t["step fused"], t["train unfused"] / t["train fused"]
         ratios.append(train)
         print(f"{arch + ' ' + size + ' px':>28} {params / 1e6:6.1f}M {t['step unfused'] * 1e3:10.1f} ms "
