@@ -31,8 +31,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # ./test.sh runs two workers on two c
 def pytest_configure(config):
     """`pytest tests/x.py::test_y` names a test: run it even when it is marked slow or acceptance. pyproject's
     addopts (-m 'not slow and not acceptance', so that a bare `pytest` stays quick) would otherwise deselect it
-    without a word."""
-    if config.option.markexpr == "not slow and not acceptance" and any("::" in arg for arg in config.args):
+    without a word. The expression is read from addopts itself, so the two cannot drift apart."""
+    addopts = config.getini("addopts")
+    default = next((value for flag, value in zip(addopts, addopts[1:]) if flag == "-m"), None)
+    if default is not None and config.option.markexpr == default and any("::" in arg for arg in config.args):
         config.option.markexpr = ""
 
 

@@ -152,3 +152,15 @@ def test_overwrite_and_resume_remove_only_the_runs_own_files(tmp_path):
     run.remove_results()
     left = sorted(p.name for p in run.path.iterdir())
     assert left == sorted(users + [".best.pt.k2x_9q0z.tmp", ".pred_a.csv.abcdefgh.tmp"])
+
+
+@pytest.mark.parametrize("history", ["epoch,train_loss", [1, 2], [{"epoch": 0}, "a row"]])
+def test_a_history_of_the_wrong_shape_in_last_pt_is_damaged_metadata(tmp_path, history):
+    meta = RunMeta(config=load_config("proposed", ["input_size=32"]), history=[{"epoch": 0, "train_loss": 0.5}])
+    save_checkpoint(tmp_path / "last.pt", Checkpoint(meta, WEIGHTS))
+    assert load_checkpoint(tmp_path / "last.pt").meta.history == [{"epoch": 0, "train_loss": 0.5}]
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["meta"]["history"] = history
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(UserError, match=r"last.pt: damaged checkpoint metadata \(\d+ validation errors? for RunMeta"):
+        load_checkpoint(tmp_path / "last.pt")
