@@ -56,10 +56,12 @@ def main() -> None:
     p.add_argument("--seeds", default="42")
     a = p.parse_args()
     out = Path(a.out).resolve()
-    recipes = {r: RECIPES[r] for r in a.recipes.split(",") if r}
-    for t in a.tries:
-        name, _, items = t.partition("=")
-        recipes[name] = items.split(",")
+    tries = {name: items.split(",") for name, _, items in (t.partition("=") for t in a.tries)}
+    unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES and r not in tries]
+    if unknown:
+        p.error(f"unknown recipe {', '.join(unknown)}: --recipes takes {', '.join(RECIPES)} (or define one with "
+                "--try NAME=key=value,...; a --try recipe runs without being named in --recipes)")
+    recipes = {r: RECIPES[r] for r in a.recipes.split(",") if r and r not in tries} | tries
     fold_file = make_folds(Path(a.data_root), out, a.k)
     for arch in a.archs.split(","):
         for recipe, overrides in recipes.items():
@@ -94,11 +96,24 @@ def make_folds(data_root: Path, out: Path, k: int) -> Path:
 
 
 def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a, seed: int) -> float:
-    """Train every fold into `run` unless a finished run is there; returns the minutes it took (then or before)."""
-    done = run / "done.json"
+    """Train every fold into `run` unless a finished run is there; returns the minutes it took (then or before),
+    summed over every invocation: a run stopped and resumed counts the time before the stop too (elapsed.json)."""
+    done, elapsed = run / "done.json", run / "elapsed.json"
     if done.is_file():
         return json.loads(done.read_text())["minutes"]
+    run.mkdir(parents=True, exist_ok=True)
+    before = json.loads(elapsed.read_text())["minutes"] if elapsed.is_file() else 0.0
     start = time.time()
+    try:
+        _train(run, arch, overrides, fold_file, a, seed)
+    finally:  # also when stopped (Ctrl-C, an error): the next invocation adds its time to this
+        elapsed.write_text(json.dumps({"minutes": before + (time.time() - start) / 60}))
+    minutes = json.loads(elapsed.read_text())["minutes"]
+    done.write_text(json.dumps({"minutes": minutes}))
+    return minutes
+
+
+def _train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a, seed: int) -> None:
     common = [f"data.fold_file={fold_file}", f"input_size={a.size}", f"seed={seed}", "data.cache=true",
               f"data.cache_dir={run.parents[3] / 'cache'}", "wandb=off", "resume=true"]
     recipe = run.parents[1].name
@@ -118,9 +133,6 @@ def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a,
     for cmd in cmds:
         print(f"[real-cnmc] {arch} {recipe} seed {seed}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=where if recipe in PRETRAINED and cmd[3] == "pretrain" else None)
-    minutes = (time.time() - start) / 60
-    done.write_text(json.dumps({"minutes": minutes}))
-    return minutes
 
 
 def scores(run: Path) -> dict:
