@@ -35,11 +35,14 @@ RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.
     "finetune": ["recipe=finetune"],  # ImageNet weights fine-tuned: configs/recipes/finetune.yaml
     "finetune128": ["recipe=finetune", "input_size=128"],  # the same at 128 x 128 (after --size, so it wins)
     "simclr": [],  # the defaults from each fold's own SimCLR encoder (PRETRAINED below), fold by fold
+    "simclr_all": [],  # the transductive variant: one SimCLR encoder from every image, the scored ones included
     "reference": None,
 }
-# recipe -> `alldetect pretrain ARCH each` overrides: self-supervised pretraining on every other fold's images (no
-# labels, never the scored people), then each fold trains from its own encoder (pretrained_path=)
-PRETRAINED = {"simclr": ["epochs=10", "batch_size=64"]}
+# recipe -> (`alldetect pretrain ARCH WHICH`, its overrides): self-supervised pretraining, then each fold trains from
+# an encoder (pretrained_path=). each: fold k's encoder saw every other fold's images only (no labels, never the
+# scored people); all: one encoder saw every image, the scored people's included (no labels: transductive, reported
+# apart from the honest rows)
+PRETRAINED = {"simclr": ("each", ["epochs=10", "batch_size=64"]), "simclr_all": ("all", ["epochs=10", "batch_size=64"])}
 
 
 def main() -> None:
@@ -123,9 +126,11 @@ def _train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a
     elif recipe in PRETRAINED:  # encoders in <out>/pretrained/<recipe>-s<seed>/<arch>/fold<k>/ (pretrain's cwd)
         where = run.parents[3] / "pretrained" / f"{recipe}-s{seed}"
         where.mkdir(parents=True, exist_ok=True)
-        cmds = [[sys.executable, "-m", "alldetect", "pretrain", arch, "each", *common, *PRETRAINED[recipe]]]
+        which, pretrain_overrides = PRETRAINED[recipe]
+        cmds = [[sys.executable, "-m", "alldetect", "pretrain", arch, which, *common, *pretrain_overrides]]
         cmds += [[sys.executable, "-m", "alldetect", "train", arch, f"fold{k}", *common, f"epochs={a.epochs}",
-                  f"runs_dir={run.parent}", f"pretrained_path={where / 'pretrained' / arch / f'fold{k}'}/encoder.pth",
+                  f"runs_dir={run.parent}",
+                  f"pretrained_path={where / 'pretrained' / arch / ('all' if which == 'all' else f'fold{k}')}/encoder.pth",
                   *overrides] for k in range(a.k)]
     else:
         cmds = [[sys.executable, "-m", "alldetect", "train", arch, "all", *common, f"epochs={a.epochs}",
