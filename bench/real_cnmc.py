@@ -42,7 +42,8 @@ RECIPES = {  # name -> alldetect overrides ("reference" is bench/reference_timm.
 # an encoder (pretrained_path=). each: fold k's encoder saw every other fold's images only (no labels, never the
 # scored people); all: one encoder saw every image, the scored people's included (no labels: transductive, reported
 # apart from the honest rows)
-PRETRAINED = {"simclr": ("each", ["epochs=10", "batch_size=64"]), "simclr_all": ("all", ["epochs=10", "batch_size=64"])}
+SIMCLR = ["epochs=10", "batch_size=64"]
+PRETRAINED = {"simclr": ("each", SIMCLR), "simclr_all": ("all", SIMCLR)}
 
 
 def main() -> None:
@@ -110,8 +111,8 @@ def train(run: Path, arch: str, overrides: list[str] | None, fold_file: Path, a,
     try:
         _train(run, arch, overrides, fold_file, a, seed)
     finally:  # also when stopped (Ctrl-C, an error): the next invocation adds its time to this
-        elapsed.write_text(json.dumps({"minutes": before + (time.time() - start) / 60}))
-    minutes = json.loads(elapsed.read_text())["minutes"]
+        minutes = before + (time.time() - start) / 60
+        elapsed.write_text(json.dumps({"minutes": minutes}))
     done.write_text(json.dumps({"minutes": minutes}))
     return minutes
 
